@@ -1,0 +1,150 @@
+"""Weight files: safetensors by default, pickle only when asked; strict, shape-checked loading; atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+class WeightsError(ValueError):
+    """A weight file or state dict does not fit the model: missing, unexpected or mis-shaped keys, bad files."""
+
+
+def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a state dict from `.safetensors`; pickle files (`.ckpt`, `.bin`, `.pt`) only with `allow_pickle=True`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise WeightsError(
+                f"{path} is a pickle file ({suffix}): loading it can run arbitrary code. Convert it to .safetensors, "
+                "or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source."
+            )
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for bad pickles
+            raise WeightsError(f"could not read pickle checkpoint {path}: {e}") from e
+        if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
+            data = data["state_dict"]
+        if not isinstance(data, Mapping):
+            raise WeightsError(f"{path} does not hold a state dict (got {type(data).__name__})")
+        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if suffix != ".safetensors":
+        raise WeightsError(f"{path}: unknown weight format {suffix!r}; expected .safetensors (or {PICKLE_SUFFIXES})")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file atomically: a temporary file in the same folder, then `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    """Write JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON object, naming the file when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} must hold a JSON object")
+    return data
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` whole, on error it is removed.
+
+    Readers never see a half-written folder: the old folder stays until the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], *, what: str
+) -> None:
+    """Raise WeightsError naming every missing, unexpected or mis-shaped key (with both shapes)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k}: model {tuple(expected[k].shape)} vs file {tuple(given[k].shape)}"
+        for k in expected
+        if k in given and tuple(expected[k].shape) != tuple(given[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing key(s) {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected key(s) {_few(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch {_few(shapes)}")
+    if problems:
+        raise WeightsError(f"{what}: " + "; ".join(problems))
+
+
+def load_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Load `state_dict` into `module` strictly after checking every key and shape (errors name the key)."""
+    expected = module.state_dict()
+    check_state_dict(expected, state_dict, what=what)
+    module.load_state_dict(dict(state_dict), strict=True)
+
+
+def _few(items: list[str], n: int = 8) -> str:
+    shown = ", ".join(items[:n])
+    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)} in all)"

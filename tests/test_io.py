@@ -1,0 +1,81 @@
+import os
+
+import pytest
+import torch
+
+from pipelines.io import (
+    WeightsError,
+    atomic_directory,
+    load_state_dict,
+    load_weights,
+    read_json,
+    save_state_dict,
+    write_json,
+)
+
+
+def test_safetensors_round_trip_is_bit_exact(tmp_path):
+    sd = {"a": torch.randn(3, 4, dtype=torch.float64), "b": torch.arange(5), "c": torch.randn(2).half()}
+    save_state_dict(sd, tmp_path / "w.safetensors")
+    back = load_state_dict(tmp_path / "w.safetensors")
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype for k in sd)
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt"])
+def test_pickle_needs_explicit_permission(tmp_path, suffix):
+    path = tmp_path / f"w{suffix}"
+    torch.save({"state_dict": {"a": torch.ones(2)}}, path)
+    with pytest.raises(WeightsError, match="pickle file.*allow_pickle=True"):
+        load_state_dict(path)
+    assert torch.equal(load_state_dict(path, allow_pickle=True)["a"], torch.ones(2))
+
+
+def test_missing_corrupt_and_unknown_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_state_dict(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(WeightsError, match="corrupt or truncated"):
+        load_state_dict(bad)
+    odd = tmp_path / "w.npz"
+    odd.write_bytes(b"x")
+    with pytest.raises(WeightsError, match="unknown weight format"):
+        load_state_dict(odd)
+
+
+def test_truncated_safetensors_is_an_error(tmp_path):
+    save_state_dict({"a": torch.randn(100)}, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "w.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="corrupt or truncated"):
+        load_state_dict(tmp_path / "w.safetensors")
+
+
+def test_load_weights_names_missing_unexpected_and_misshaped_keys():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["1.weight"] = torch.zeros(2, 5)
+    sd["extra"] = torch.zeros(1)
+    del sd["0.bias"]
+    with pytest.raises(WeightsError) as e:
+        load_weights(model, sd, what="unet")
+    msg = str(e.value)
+    assert "unet" in msg and "missing key(s) [0.bias]" in msg and "unexpected key(s) [extra]" in msg
+    assert "1.weight: model (2, 4) vs file (2, 5)" in msg
+
+
+def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    with atomic_directory(target) as d:
+        write_json({"v": 1}, d / "a.json")
+    assert read_json(target / "a.json") == {"v": 1}
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as d:
+            write_json({"v": 2}, d / "a.json")
+            raise RuntimeError("crash while writing")
+    assert read_json(target / "a.json") == {"v": 1}  # the old folder is intact
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # and nothing half-written is left
+    with atomic_directory(target) as d:
+        write_json({"v": 3}, d / "b.json")
+    assert sorted(os.listdir(target)) == ["b.json"]
