@@ -62,3 +62,8 @@ def test_overrides_parse_yaml_scalars_and_nest():
     assert from_dict(Outer, out) == Outer(name="x", steps=5, seed=None, inner=Inner(lr=3e-4))
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["steps"])
+
+
+def test_yaml_reads_exponent_floats_without_a_dot(tmp_path):
+    (tmp_path / "c.yaml").write_text("name: x\ninner:\n  lr: 1e-4\n  betas: [9e-1, 0.999]\n")
+    assert load_config(Outer, tmp_path / "c.yaml").inner == Inner(lr=1e-4, betas=(0.9, 0.999))
