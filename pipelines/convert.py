@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from pipelines.io import WeightsError
+from ldm.io import WeightsError
 
 PrefixMap = list[tuple[str, str]]  # (ours, theirs)
 

@@ -16,7 +16,7 @@ from pipelines.convert import (
     vae_prefix_map,
     vae_to_compvis,
 )
-from pipelines.io import WeightsError
+from ldm.io import WeightsError
 
 UNET_CONFIGS = [
     dict(block_out_channels=(32, 64, 64), layers_per_block=2,

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from pipelines.io import (
+from ldm.io import (
     WeightsError,
     atomic_directory,
     load_state_dict,
