@@ -148,3 +148,43 @@ def load_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
 def _few(items: list[str], n: int = 8) -> str:
     shown = ", ".join(items[:n])
     return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
+
+
+def find_weights(folder: str | Path, names: tuple[str, ...], *, allow_pickle: bool = False) -> Path:
+    """The first existing weight file of `names` in `folder` (safetensors names first), with clear errors."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    for name in names:
+        if (folder / name).is_file():
+            path = folder / name
+            if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+                raise WeightsError(
+                    f"{path} is a pickle file and no safetensors file is present: loading it can run arbitrary code. "
+                    "Pass allow_pickle=True (CLI: --allow-pickle) if you trust its source."
+                )
+            return path
+    raise FileNotFoundError(f"no weight file in {folder}: expected one of {list(names)}")
+
+
+def save_model_folder(
+    folder: str | Path, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], weights_name: str
+) -> None:
+    """Write `config.json` and a safetensors weight file into `folder` (each file atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_state_dict(state_dict, folder / weights_name, metadata={"format": "pt"})
+    write_json(dict(config), folder / "config.json")
+
+
+def load_model_folder(
+    folder: str | Path, weight_names: tuple[str, ...], *, allow_pickle: bool = False
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read `config.json` and the first weight file found among `weight_names` in `folder`."""
+    folder = Path(folder)
+    weights = find_weights(folder, weight_names, allow_pickle=allow_pickle)
+    return read_json(folder / "config.json"), load_state_dict(weights, allow_pickle=allow_pickle)
+
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")

@@ -79,3 +79,21 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     with atomic_directory(target) as d:
         write_json({"v": 3}, d / "b.json")
     assert sorted(os.listdir(target)) == ["b.json"]
+
+
+def test_model_folder_round_trip_and_pickle_fallback(tmp_path):
+    from ldm.io import DIFFUSERS_WEIGHTS, load_model_folder, save_model_folder
+
+    sd = {"w": torch.randn(2, 3)}
+    save_model_folder(tmp_path / "unet", {"a": 1}, sd, DIFFUSERS_WEIGHTS[0])
+    config, back = load_model_folder(tmp_path / "unet", DIFFUSERS_WEIGHTS)
+    assert config == {"a": 1} and torch.equal(back["w"], sd["w"])
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    write_json({"a": 2}, legacy / "config.json")
+    torch.save(sd, legacy / "diffusion_pytorch_model.bin")
+    with pytest.raises(WeightsError, match="no safetensors file is present"):
+        load_model_folder(legacy, DIFFUSERS_WEIGHTS)
+    assert torch.equal(load_model_folder(legacy, DIFFUSERS_WEIGHTS, allow_pickle=True)[1]["w"], sd["w"])
+    with pytest.raises(FileNotFoundError, match="no weight file"):
+        load_model_folder(tmp_path, DIFFUSERS_WEIGHTS)
