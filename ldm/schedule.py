@@ -1,0 +1,280 @@
+"""Discrete VP noise schedules and every timestep / sigma construction, matching diffusers' schedulers exactly.
+
+A discrete VP schedule is betas (T,) -> alphā_t = prod_{s<=t} (1 - beta_s) (Ho et al. 2020, eq. 4). Samplers work in
+sigma space, x = x0 + sigma eps with sigma_t = sqrt((1 - alphā_t) / alphā_t) (Karras et al. 2022, sec. 2).
+
+Betas and alphā are computed in float32, exactly as diffusers does (the numbers the models were trained with);
+sigma tables and sampler schedules are returned in float64 (float32 values widened, so lookups stay exact).
+
+Zero terminal SNR (Lin et al. 2023): alphā_{T-1} = 0 gives sigma_max = inf, which no sampler can start from. Like
+diffusers' Euler and DPM-Solver schedulers we clamp that one value to alphā_{T-1} = 2**-24 (sigma_max ~ 4096) when
+building sigma tables; `NoiseSchedule.alphas_cumprod()` itself keeps the exact 0.
+
+Three flavors of inference timesteps exist in diffusers and are reproduced here:
+  "ddim"      DDIMScheduler / DDPMScheduler: integer timesteps ("linspace" rounded);
+  "euler"     Euler / Euler ancestral / Heun: float timesteps ("linspace" NOT rounded, sigma interpolated linearly);
+  "dpmsolver" DPMSolverMultistepScheduler: "linspace"/"leading" over n + 1 points with the last dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+
+from ldm.config import from_dict, to_dict
+
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+Spacing = Literal["leading", "trailing", "linspace"]
+Flavor = Literal["ddim", "euler", "dpmsolver"]
+FinalSigma = Literal["zero", "sigma_min"]
+Interpolation = Literal["log", "linear"]
+
+ZERO_SNR_ALPHA_BAR = 2.0**-24  # diffusers' clamp of alphā_{T-1} under zero terminal SNR
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# betas and alphā
+
+
+def betas_linear(num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """beta_t linear from beta_start to beta_end (Ho et al. 2020, sec. 4), float32."""
+    return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+
+
+def betas_scaled_linear(num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """sqrt(beta_t) linear, squared (Stable Diffusion / LDM, Rombach et al. 2022), float32."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+
+
+def betas_cosine(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """beta_t = min(1 - f(t+1)/f(t), max_beta), f(t) = cos^2((t/T + s)/(1 + s) pi/2), s = 0.008 (Nichol & Dhariwal
+    2021, eq. 17), float32."""
+
+    def f(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    T = num_train_timesteps
+    return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alphā) so that alphā_{T-1} = 0 and alphā_0 is kept (Lin et al. 2023, Algorithm 1)."""
+    sqrt_ab = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
+def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
+    """alphā_t = prod_{s<=t} (1 - beta_s)  (Ho et al. 2020, eq. 4)."""
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma = sqrt((1 - alphā) / alphā): the VE noise level of a VP marginal (Karras et al. 2022, table 1)."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def alphas_cumprod_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """alphā = 1 / (1 + sigma^2), the inverse of `sigmas_from_alphas_cumprod`."""
+    return 1 / (1 + sigmas**2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the config
+
+
+@dataclass
+class NoiseSchedule:
+    """A discrete VP schedule; mirrors the keys of a diffusers scheduler_config.json (defaults: DDPM, Ho et al.)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: BetaSchedule = "linear"
+    trained_betas: list[float] | None = None
+    rescale_betas_zero_snr: bool = False
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    timestep_spacing: Spacing = "leading"
+    steps_offset: int = 0
+    final_sigma: FinalSigma = "zero"  # diffusers: final_sigmas_type, or set_alpha_to_one=True -> "zero"
+    use_karras_sigmas: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
+            raise ValueError(
+                f"trained_betas has {len(self.trained_betas)} values, num_train_timesteps is {self.num_train_timesteps}"
+            )
+
+    def betas(self) -> torch.Tensor:
+        """beta_t, t = 0..T-1, float32 as in diffusers (zero-SNR rescaling applied if configured)."""
+        T = self.num_train_timesteps
+        if self.trained_betas is not None:
+            betas = torch.tensor(self.trained_betas, dtype=torch.float32)
+        elif self.beta_schedule == "linear":
+            betas = betas_linear(T, self.beta_start, self.beta_end)
+        elif self.beta_schedule == "scaled_linear":
+            betas = betas_scaled_linear(T, self.beta_start, self.beta_end)
+        elif self.beta_schedule == "squaredcos_cap_v2":
+            betas = betas_cosine(T)
+        else:
+            raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; valid: linear, scaled_linear, squaredcos_cap_v2")
+        return rescale_zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alphā_t (T,), float32; exactly 0 at t = T-1 under zero terminal SNR."""
+        return alphas_cumprod_from_betas(self.betas())
+
+    def sigmas(self) -> torch.Tensor:
+        """The training sigma table sigma_t, t = 0..T-1, increasing, float64; alphā_{T-1} clamped to 2**-24 under
+        zero terminal SNR (as diffusers' Euler and DPM-Solver do) so that sigma_max is finite."""
+        ab = self.alphas_cumprod()
+        if self.rescale_betas_zero_snr:
+            ab = ab.clone()
+            ab[-1] = ZERO_SNR_ALPHA_BAR
+        return sigmas_from_alphas_cumprod(ab).double()
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any]) -> NoiseSchedule:
+        """Build from a diffusers scheduler_config.json dict; keys we do not model are ignored."""
+        ours = {f.name for f in fields(cls)}
+        data = {k: v for k, v in config.items() if k in ours}
+        if "final_sigmas_type" in config:
+            data["final_sigma"] = config["final_sigmas_type"]
+        elif "set_alpha_to_one" in config:
+            data["final_sigma"] = "zero" if config["set_alpha_to_one"] else "sigma_min"
+        return from_dict(cls, data, where="scheduler_config")
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """A diffusers scheduler_config.json dict (both spellings of the final sigma are written)."""
+        data = to_dict(self)
+        final = data.pop("final_sigma")
+        data["final_sigmas_type"] = final
+        data["set_alpha_to_one"] = final == "zero"
+        return data
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inference timesteps and sigma schedules
+
+
+def inference_timesteps(
+    num_train_timesteps: int,
+    num_steps: int,
+    spacing: Spacing = "leading",
+    steps_offset: int = 0,
+    flavor: Flavor = "ddim",
+) -> torch.Tensor:
+    """The decreasing timesteps a diffusers scheduler of this flavor visits (float64; integers except "euler"
+    linspace). Leading/trailing/linspace: Lin et al. 2023, table 2."""
+    import numpy as np  # numpy's rounding (half to even) and float32 linspace are part of the reference behaviour
+
+    T, n = num_train_timesteps, num_steps
+    if not 1 <= n <= T:
+        raise ValueError(f"num_steps must be in [1, num_train_timesteps={T}], got {n}")
+    if flavor not in ("ddim", "euler", "dpmsolver"):
+        raise ValueError(f"unknown timestep flavor {flavor!r}; valid: ddim, euler, dpmsolver")
+    m = n + 1 if flavor == "dpmsolver" else n  # DPM-Solver places n + 1 points and drops the last
+    if spacing == "linspace":
+        if flavor == "euler":
+            ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].astype(np.float64)
+        else:
+            ts = np.linspace(0, T - 1, m).round()[::-1][:n]
+    elif spacing == "leading":
+        ratio = T // m
+        ts = (np.arange(0, m) * ratio).round()[::-1][:n] + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / n)) - 1
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}; valid: leading, trailing, linspace")
+    return torch.from_numpy(ts.astype(np.float64).copy())
+
+
+def t_to_sigma(t: torch.Tensor, train_sigmas: torch.Tensor, interpolation: Interpolation = "linear") -> torch.Tensor:
+    """sigma(t) for fractional t: linear in sigma (diffusers' np.interp) or linear in log sigma (k-diffusion)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    T = len(train_sigmas)
+    if ((t < 0) | (t > T - 1)).any():
+        raise ValueError(f"timesteps must lie in [0, {T - 1}], got min {t.min().item()} max {t.max().item()}")
+    low = t.floor().long().clamp(max=T - 2)
+    w = t - low
+    table = train_sigmas.double() if interpolation == "linear" else train_sigmas.double().log()
+    out = (1 - w) * table[low] + w * table[low + 1]
+    return out if interpolation == "linear" else out.exp()
+
+
+def sigma_to_t(
+    sigma: torch.Tensor,
+    train_sigmas: torch.Tensor,
+    interpolation: Interpolation = "log",
+    quantize: bool = False,
+) -> torch.Tensor:
+    """Fractional timestep of a noise level by inverse interpolation of the training table (the inverse of
+    `t_to_sigma`); a sigma equal to table entry k gives exactly t = k. "log" is diffusers' `_sigma_to_t` and
+    k-diffusion's; "linear" inverts diffusers' Euler interpolation. quantize rounds to the nearest integer t.
+    The lower bracket is the LAST table entry <= sigma, as in diffusers: the zero-SNR table is not monotone at its
+    end (sigma_998 > the clamped sigma_999 = 4096), and sigma = 4096 must still give t = 999."""
+    table = train_sigmas.to(torch.float64)
+    s = torch.as_tensor(sigma, dtype=torch.float64, device=table.device)
+    if interpolation == "log":
+        table, s = table.log(), s.clamp(min=1e-10).log()
+    elif interpolation != "linear":
+        raise ValueError(f"unknown interpolation {interpolation!r}; valid: log, linear")
+    below = table.reshape(1, -1) <= s.reshape(-1, 1)  # (N, T): the last True is the lower bracket
+    idx = torch.arange(1, len(table) + 1, device=table.device)
+    low = (below * idx).argmax(-1).clamp(max=len(table) - 2).reshape(s.shape)
+    lo, hi = table[low], table[low + 1]
+    w = ((s - lo) / (hi - lo)).clamp(0, 1)
+    t = low + w
+    return t.round() if quantize else t
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO) -> torch.Tensor:
+    """sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho (Karras et al. 2022, eq. 5);
+    n values, no final zero."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sampler_sigmas(
+    schedule: NoiseSchedule,
+    num_steps: int,
+    flavor: Flavor = "euler",
+    *,
+    spacing: Spacing | None = None,
+    karras: bool | None = None,
+    final_sigma: FinalSigma | None = None,
+) -> torch.Tensor:
+    """The (num_steps + 1,) float64 sigma schedule a sampler walks, ending in the final sigma: 0, or
+    "sigma_min" = sigma(alphā_0) (DDIM's set_alpha_to_one=False, diffusers' final_sigmas_type="sigma_min").
+
+    Sigmas are the training table interpolated linearly at the flavor's timesteps (as diffusers does), or Karras
+    sigmas between the ends diffusers uses for that flavor. Arguments left None come from `schedule`.
+    """
+    spacing = spacing or schedule.timestep_spacing
+    karras = schedule.use_karras_sigmas if karras is None else karras
+    final_sigma = final_sigma or schedule.final_sigma
+    table = schedule.sigmas()
+    ts = inference_timesteps(schedule.num_train_timesteps, num_steps, spacing, schedule.steps_offset, flavor)
+    if ts.max() > schedule.num_train_timesteps - 1:
+        raise ValueError(f"steps_offset {schedule.steps_offset} pushes a timestep past {schedule.num_train_timesteps - 1}")
+    sigmas = t_to_sigma(ts, table, "linear")
+    if karras:
+        ends = table if flavor == "dpmsolver" else sigmas  # diffusers: full table (DPM) or the interpolated ones
+        sigmas = karras_sigmas(num_steps, ends.min().item(), ends.max().item())
+    if final_sigma == "zero":
+        last = torch.zeros(1, dtype=torch.float64)
+    elif final_sigma == "sigma_min":
+        last = sigmas_from_alphas_cumprod(schedule.alphas_cumprod()[:1]).double()
+    else:
+        raise ValueError(f"unknown final_sigma {final_sigma!r}; valid: zero, sigma_min")
+    return torch.cat([sigmas, last])
