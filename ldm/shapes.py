@@ -159,6 +159,13 @@ class Prompt:
         return {"objects": [dataclasses.asdict(o) for o in self.objects], "background": self.background,
                 "relation": None if rel is None else {"subject": rel[0], "relation": rel[1], "object": rel[2]}}
 
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Prompt:
+        """Inverse of `to_dict` (e.g. the "prompt" column of an exported dataset)."""
+        rel = d.get("relation")
+        return Prompt(tuple(PromptObject(**o) for o in d["objects"]),
+                      None if rel is None else (rel["subject"], rel["relation"], rel["object"]), d.get("background"))
+
 
 def position_of(cx: float, cy: float, strict: bool = False) -> str | None:
     """Position label of a centre: "center" near the middle, else the dominant direction. Strict: None if ambiguous."""
