@@ -127,7 +127,7 @@ class Downsample2D(nn.Module):
             raise ValueError(f"Downsample2D expects {self.channels} channels, got {x.shape[1]}")
         if self.padding == 0:
             x = F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0)  # (B, C, H + 1, W + 1)
-        return self.conv(x)  # (B, C_out, ceil(H / 2), ceil(W / 2))
+        return self.conv(x)  # (B, C_out, ceil(H / 2), ceil(W / 2)); floor(H / 2) with padding 0
 
 
 class Upsample2D(nn.Module):
@@ -319,17 +319,14 @@ class Transformer2DModel(nn.Module):
         self.in_channels = in_channels
         self.use_linear_projection = use_linear_projection
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6, affine=True)
-        if use_linear_projection:
-            self.proj_in = nn.Linear(in_channels, inner)
-            self.proj_out = nn.Linear(inner, in_channels)
-        else:
-            self.proj_in = nn.Conv2d(in_channels, inner, kernel_size=1)
-            self.proj_out = nn.Conv2d(inner, in_channels, kernel_size=1)
+        proj = nn.Linear if use_linear_projection else lambda a, b: nn.Conv2d(a, b, kernel_size=1)
+        self.proj_in = proj(in_channels, inner)
         self.transformer_blocks = nn.ModuleList([
             BasicTransformerBlock(inner, num_attention_heads, attention_head_dim, cross_attention_dim,
                                   dropout=dropout, upcast_attention=upcast_attention)
             for _ in range(num_layers)
         ])
+        self.proj_out = proj(inner, in_channels)
 
     def forward(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         b, _, h, w = x.shape

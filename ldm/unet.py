@@ -158,11 +158,11 @@ class DownBlock(nn.Module):
     def __init__(self, cfg: UNetConfig, i: int, c_in: int, temb: int, final: bool):
         super().__init__()
         c_out, n = cfg.block_out_channels[i], _per_block(cfg.layers_per_block, len(cfg.block_out_channels))[i]
-        self.resnets = nn.ModuleList([_resnet(cfg, c_in if j == 0 else c_out, c_out, temb) for j in range(n)])
-        self.attentions = None
+        self.attentions = None  # registered before resnets, as diffusers does, so state-dict key order matches
         if cfg.down_block_types[i] == "CrossAttnDownBlock2D":
             depth = _per_block(cfg.transformer_layers_per_block, len(cfg.block_out_channels))[i]
             self.attentions = nn.ModuleList([_transformer(cfg, c_out, cfg.heads[i], depth) for _ in range(n)])
+        self.resnets = nn.ModuleList([_resnet(cfg, c_in if j == 0 else c_out, c_out, temb) for j in range(n)])
         self.downsamplers = None if final else nn.ModuleList([Downsample2D(c_out, c_out, cfg.downsample_padding)])
 
     def forward(self, x, temb, context, ckpt: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -185,8 +185,8 @@ class MidBlock(nn.Module):
         super().__init__()
         c = cfg.block_out_channels[-1]
         depth = _per_block(cfg.transformer_layers_per_block, len(cfg.block_out_channels))[-1]
-        self.resnets = nn.ModuleList([_resnet(cfg, c, c, temb, cfg.mid_block_scale_factor) for _ in range(2)])
         self.attentions = nn.ModuleList([_transformer(cfg, c, cfg.heads[-1], depth)])
+        self.resnets = nn.ModuleList([_resnet(cfg, c, c, temb, cfg.mid_block_scale_factor) for _ in range(2)])
 
     def forward(self, x, temb, context, ckpt: bool = False) -> torch.Tensor:
         x = _call(self.resnets[0], ckpt, x, temb)
@@ -208,11 +208,11 @@ class UpBlock(nn.Module):
         for j in range(n):
             c_skip = c_skip_in if j == n - 1 else c_out
             resnets.append(_resnet(cfg, (c_prev if j == 0 else c_out) + c_skip, c_out, temb))
-        self.resnets = nn.ModuleList(resnets)
         self.attentions = None
         if cfg.up_block_types[i] == "CrossAttnUpBlock2D":
             depth = _per_block(cfg.transformer_layers_per_block, n_blocks)[::-1][i]
             self.attentions = nn.ModuleList([_transformer(cfg, c_out, cfg.heads[::-1][i], depth) for _ in range(n)])
+        self.resnets = nn.ModuleList(resnets)
         self.upsamplers = None if final else nn.ModuleList([Upsample2D(c_out, c_out)])
 
     def forward(self, x, skips: list[torch.Tensor], temb, context, ckpt: bool = False, size=None) -> torch.Tensor:
@@ -242,8 +242,8 @@ class UNet(nn.Module):
         self.down_blocks = nn.ModuleList(
             [DownBlock(config, i, ch[max(i - 1, 0)], temb, i == len(ch) - 1) for i in range(len(ch))]
         )
-        self.mid_block = MidBlock(config, temb)
         self.up_blocks = nn.ModuleList([UpBlock(config, i, temb, i == len(ch) - 1) for i in range(len(ch))])
+        self.mid_block = MidBlock(config, temb)  # after up_blocks: diffusers' state-dict key order
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, kernel_size=3, padding=1)
