@@ -152,10 +152,11 @@ def _attribute_hits(p: S.PromptObject, d: Detection | None) -> dict[str, bool]:
 def check(prompt: S.Prompt | str, detections: list[Detection], max_detections: int = 8) -> dict[str, Any]:
     """GenEval-style per-attribute correctness of detections against a prompt (a Prompt or a caption).
 
-    The prompt's groups are expanded to single objects and assigned to distinct detections, choosing the assignment
-    that satisfies the most stated attributes. Then: shape / color / size / position are True when every object that
-    states that attribute got a detection satisfying it (None when no object states it); relation is True when the
-    assigned detections stand in the stated relation (`shapes.relation_of`, non-strict; None without a relation);
+    The prompt's groups are expanded to single objects and assigned to distinct detections (at most
+    `max_detections`, largest first), choosing the assignment that matches the most shapes, then among those the
+    most colours, sizes, positions, then the relation. Under it: shape / color / size / position are True when every
+    object stating that attribute got a detection satisfying it (None when no object states it); relation is True
+    when the assigned detections stand in the stated relation (`shapes.relation_of`, non-strict; None without one);
     count is True when the number of detections equals the number of objects the prompt names; all = every non-None.
     """
     if isinstance(prompt, str):
@@ -164,25 +165,24 @@ def check(prompt: S.Prompt | str, detections: list[Detection], max_detections: i
     dets = list(detections)[:max_detections]
     slots: list[Detection | None] = dets + [None] * max(0, len(objs) - len(dets))
 
-    def evaluate(assign: tuple[Detection | None, ...]) -> dict[str, bool | None]:
-        res: dict[str, bool | None] = {"shape": True, "color": None, "size": None, "position": None}
+    keys = ("shape", "color", "size", "position")
+
+    def evaluate(assign: tuple[Detection | None, ...]) -> tuple[tuple[int, ...], dict[str, bool | None]]:
+        res: dict[str, bool | None] = dict.fromkeys(keys)
+        n_hits = dict.fromkeys(keys, 0)
         for (_, p), d in zip(objs, assign):
             for key, ok in _attribute_hits(p, d).items():
-                res[key] = bool(res[key] if res[key] is not None else True) and ok
+                res[key] = (res[key] is not False) and ok
+                n_hits[key] += ok
         res["relation"] = None
         if prompt.relation is not None:
             i, rel, j = prompt.relation
             first = {g: d for (g, _), d in reversed(list(zip(objs, assign)))}
             a, b = first[i], first[j]
             res["relation"] = a is not None and b is not None and S.relation_of((a.cx, a.cy), (b.cx, b.cy)) == rel
-        return res
+        return (*(n_hits[k] for k in keys), int(res["relation"] is True)), res
 
-    best: dict[str, bool | None] | None = None
-    for assign in itertools.permutations(slots, len(objs)):
-        res = evaluate(assign)
-        if best is None or sum(v is True for v in res.values()) > sum(v is True for v in best.values()):
-            best = res
-    assert best is not None
+    best = max((evaluate(a) for a in itertools.permutations(slots, len(objs))), key=lambda sr: sr[0])[1]
     best["count"] = len(detections) == len(objs)
     best["all"] = all(v is not False for v in best.values())
     return best
