@@ -1,0 +1,213 @@
+"""Samplers: stateless functions walking a sigma schedule with a denoiser D(x, sigma) = E[x0 | x] (sigma space).
+
+Every sampler has the signature of docs/CONVENTIONS.md:
+
+    sample_<name>(model, x, sigmas, *, cond=None, generator=None, callback=None, **options) -> Tensor
+
+- model(x, sigma, **cond) -> x0_hat with sigma of shape (B,); x is (B, ...), the initial noise times sigmas[0].
+- sigmas: 1-D, strictly decreasing, >= 0 (from `ldm.schedule.sampler_sigmas`); the result is x at sigmas[-1].
+- generator: a torch.Generator or one per batch item (`ldm.random`); callback(i, sigma, x, x0_hat) after step i.
+
+`SAMPLERS` is a plain dict name -> function; add an entry to register a new sampler (ldm/sde.py adds "reverse_sde",
+"pc" and "langevin"). `sample(model, x, sigmas, sampler="euler", **options)` dispatches on it.
+
+The probability-flow ODE in sigma space is dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, eq. 4 with
+s = 1, sigma(t) = t). Model-evaluation counts (NFE) for n = len(sigmas) - 1 steps ending at 0: n for all samplers but
+heun (2n - 1). Noise draws (one standard normal of x's shape per step, after the model call, whenever eta > 0)
+follow diffusers' order, so the same seeded generator gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+
+from ldm.random import Generator, randn_like
+
+Denoiser = Callable[..., torch.Tensor]
+Callback = Callable[[int, float, torch.Tensor, torch.Tensor], None] | None
+
+
+def check_sigmas(sigmas: torch.Tensor) -> list[float]:
+    """Validate a sigma schedule (1-D, >= 2 values, finite, >= 0, strictly decreasing); return it as floats."""
+    if not isinstance(sigmas, torch.Tensor):
+        raise TypeError(f"sigmas must be a tensor, got {type(sigmas).__name__}")
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"sigmas must be 1-D with at least 2 values, got shape {tuple(sigmas.shape)}")
+    if not torch.isfinite(sigmas).all():
+        raise ValueError(f"sigmas contain NaN or inf: {sigmas.tolist()}")
+    if (sigmas < 0).any():
+        raise ValueError(f"sigmas must be >= 0, got min {sigmas.min().item()}")
+    if not (sigmas[1:] < sigmas[:-1]).all():
+        i = int((sigmas[1:] >= sigmas[:-1]).nonzero()[0])
+        raise ValueError(f"sigmas must be strictly decreasing; sigmas[{i}]={sigmas[i].item()} <= sigmas[{i + 1}]")
+    return sigmas.tolist()
+
+
+def _denoise(model: Denoiser, x: torch.Tensor, sigma: float, cond: dict[str, Any] | None, i: int) -> torch.Tensor:
+    """x0_hat = model(x, sigma * ones(B), **cond), with an error naming step i if it is not finite."""
+    denoised = model(x, x.new_full((x.shape[0],), sigma), **(cond or {}))
+    if denoised.shape != x.shape:
+        raise ValueError(f"step {i}: the model returned shape {tuple(denoised.shape)} for input {tuple(x.shape)}")
+    if not torch.isfinite(denoised).all():
+        raise FloatingPointError(f"step {i} (sigma={sigma:.6g}): the model output contains NaN or inf")
+    return denoised
+
+
+def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
+    """dx/dsigma = (x - D(x, sigma)) / sigma, the probability-flow ODE (Karras et al. 2022, eq. 4)."""
+    return (x - denoised) / sigma
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) with sigma_up = eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2) and
+    sigma_down^2 + sigma_up^2 = sigma_next^2: the DDIM step of Song et al. 2021 (eq. 12-16) in sigma space."""
+    if sigma_next == 0:
+        return 0.0, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - up**2), up
+
+
+@torch.no_grad()
+def sample_euler(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
+    generator: Generator = None, callback: Callback = None,
+) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE: x <- x + (sigma_next - sigma) d (Karras et al. 2022, alg. 1)."""
+    s = check_sigmas(sigmas)
+    for i in range(len(s) - 1):
+        denoised = _denoise(model, x, s[i], cond, i)
+        x = x + to_d(x, s[i], denoised) * (s[i + 1] - s[i])
+        if callback is not None:
+            callback(i, s[i], x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
+    generator: Generator = None, callback: Callback = None, eta: float = 1.0, s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Euler to sigma_down, then fresh noise of std sigma_up (`ancestral_step`); eta = 1 is diffusers'
+    EulerAncestralDiscreteScheduler and DDPM's posterior, eta = 0 is plain Euler."""
+    s = check_sigmas(sigmas)
+    for i in range(len(s) - 1):
+        denoised = _denoise(model, x, s[i], cond, i)
+        down, up = ancestral_step(s[i], s[i + 1], eta)
+        x = denoised + to_d(x, s[i], denoised) * down
+        if eta > 0:
+            x = x + randn_like(x, generator) * (s_noise * up)
+        if callback is not None:
+            callback(i, s[i], x, denoised)
+    return x
+
+
+def sample_ddim(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
+    generator: Generator = None, callback: Callback = None, eta: float = 0.0,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): x_prev = x0_hat + sqrt(sigma_next^2 - sigma_up^2) eps_hat + sigma_up z.
+
+    Divided by sqrt(alphā_prev), the VP update sqrt(ā_prev) x0 + sqrt(1 - ā_prev - std^2) eps + std z becomes exactly
+    this with sigma_up = std / sqrt(ā_prev) = eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2), i.e. the
+    ancestral Euler step with the same eta; eta = 0 is Euler's method on the probability-flow ODE.
+    """
+    return sample_euler_ancestral(model, x, sigmas, cond=cond, generator=generator, callback=callback, eta=eta)
+
+
+@torch.no_grad()
+def sample_ddpm(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
+    generator: Generator = None, callback: Callback = None, variance: Literal["small", "large"] = "small",
+) -> torch.Tensor:
+    """Ancestral sampling from the posterior q(x_prev | x, x0_hat) (Ho et al. 2020, eqs. 6-7), in sigma space:
+    mean = x0 + (sigma_next^2 / sigma^2)(x - x0); variance "small" = beta~ / ā_prev = sigma_next^2 (sigma^2 -
+    sigma_next^2) / sigma^2, "large" = beta / ā_prev = (sigma^2 - sigma_next^2)(1 + sigma_next^2) / (1 + sigma^2)."""
+    if variance not in ("small", "large"):
+        raise ValueError(f"unknown DDPM variance {variance!r}; valid: small, large")
+    s = check_sigmas(sigmas)
+    for i in range(len(s) - 1):
+        sig, nxt = s[i], s[i + 1]
+        denoised = _denoise(model, x, sig, cond, i)
+        mean = denoised + (nxt**2 / sig**2) * (x - denoised)
+        if variance == "small":
+            var = nxt**2 * (sig**2 - nxt**2) / sig**2
+        else:
+            var = (sig**2 - nxt**2) * (1 + nxt**2) / (1 + sig**2) if nxt > 0 else 0.0
+        x = mean + randn_like(x, generator) * math.sqrt(var)
+        if callback is not None:
+            callback(i, sig, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
+    generator: Generator = None, callback: Callback = None,
+) -> torch.Tensor:
+    """Heun's 2nd-order method (trapezoidal corrector; Karras et al. 2022, alg. 1); Euler on the last step to 0."""
+    s = check_sigmas(sigmas)
+    for i in range(len(s) - 1):
+        denoised = _denoise(model, x, s[i], cond, i)
+        d = to_d(x, s[i], denoised)
+        dt = s[i + 1] - s[i]
+        if s[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_pred = x + d * dt
+            d_next = to_d(x_pred, s[i + 1], _denoise(model, x_pred, s[i + 1], cond, i))
+            x = x + (d + d_next) / 2 * dt
+        if callback is not None:
+            callback(i, s[i], x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
+    generator: Generator = None, callback: Callback = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2) in sigma space, lambda = -log sigma, h = lambda_next - lambda:
+    x_next = (sigma_next / sigma) x - expm1(-h) D', D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1} / h;
+    first-order (D' = D_i) on the first step and on a final step to sigma = 0."""
+    s = check_sigmas(sigmas)
+    old_denoised, h_last = None, None
+    for i in range(len(s) - 1):
+        denoised = _denoise(model, x, s[i], cond, i)
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i] / s[i + 1])
+            if old_denoised is None:
+                d_prime = denoised
+            else:
+                r = h_last / h
+                d_prime = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d_prime
+            h_last = h
+        old_denoised = denoised
+        if callback is not None:
+            callback(i, s[i], x, denoised)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+
+
+def sample(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, sampler: str = "euler", **options: Any
+) -> torch.Tensor:
+    """Run the sampler registered under `sampler` in `SAMPLERS`; options go to it (cond, generator, eta, ...)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {sorted(SAMPLERS)}")
+    return SAMPLERS[sampler](model, x, sigmas, **options)
