@@ -239,3 +239,60 @@ def test_map_style_epoch_boundary_and_mismatch(tmp_path):
     assert [i for _, i in t] == s.order(3)
     with pytest.raises(ValueError, match="seed"):
         ResumableSampler(6, seed=2).load_state_dict(s.state_dict())
+
+
+def _sharded(cfg, batch_size, num_processes, num_workers=0):
+    """One prepared loader per simulated process (accelerate's own sharding, dispatch_batches=False)."""
+    from accelerate.data_loader import prepare_data_loader
+
+    out = []
+    for p in range(num_processes):
+        loader, pos = build_dataloader(cfg, batch_size, num_processes=num_processes, num_workers=num_workers)
+        out.append((prepare_data_loader(loader, num_processes=num_processes, process_index=p, put_on_device=False,
+                                        dispatch_batches=False), pos))
+    return out
+
+
+@pytest.mark.parametrize("streaming,workers", [(False, 0), (True, 0), (True, 2)])
+def test_resume_under_accelerate_sharding(tmp_path, streaming, workers):
+    """Two processes: step s gives global batches 2s and 2s+1; resume after 1 step sees exactly the rest."""
+    _images(tmp_path / "imgs", 12)
+    (tmp_path / "imgs" / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"img{i:02d}.png", "text": f"c{i}"}) + "\n" for i in range(12)))
+    cfg = _cfg(tmp_path, tmp_path / "imgs", shuffle=True, seed=11, streaming=streaming, shuffle_buffer=5)
+    single, pos = build_dataloader(cfg, batch_size=2)
+    pos.set_epoch(1)
+    reference = [b["captions"] for b in _all(single)]  # 6 global batches of 2
+    procs = _sharded(cfg, 2, 2, workers)
+    steps = []
+    for loader, _ in procs:
+        loader.set_epoch(1)
+        steps.append([b["captions"] for b in _all(loader)])
+    assert [steps[p][s] for s in range(3) for p in range(2)] == reference
+    # resume: each process consumed 1 step; the saved position is 1 * 2 * 2 records
+    procs = _sharded(cfg, 2, 2, workers)
+    state = None
+    for loader, p in procs:
+        loader.set_epoch(1)
+        next(iter(loader))
+        state = p.state_dict(samples_consumed(1, batch_size=2, num_processes=2))
+    assert state["index"] == 4
+    resumed = _sharded(cfg, 2, 2, workers)
+    rest = []
+    for loader, p in resumed:
+        p.load_state_dict(state)
+        loader.set_epoch(p.epoch)  # the prepared loader forwards it and keeps accelerate's counter in step
+        rest.append([b["captions"] for b in _all(loader)])
+    assert [rest[p][s] for s in range(2) for p in range(2)] == reference[2:]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_workers_keep_the_order_and_report_skips(tmp_path, streaming):
+    folder, _ = _folder(tmp_path, corrupt=True)
+    cfg = _cfg(tmp_path, folder, shuffle=True, seed=2, streaming=streaming, shuffle_buffer=3)
+    ref, _ = build_dataloader(cfg, batch_size=2)
+    par, _ = build_dataloader(cfg, batch_size=2, num_workers=2)
+    a, b = _all(ref), _all(par)
+    assert [x["captions"] for x in a] == [y["captions"] for y in b]
+    assert all(torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(a, b))
+    assert sum(int(y["num_skipped"]) for y in b) == 1  # counted in a worker, reported through the batch
