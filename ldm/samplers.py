@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 
 from ldm.random import Generator, randn_like
+from ldm.sde import sample_langevin, sample_pc, sample_reverse_sde
 
 Denoiser = Callable[..., torch.Tensor]
 Callback = Callable[[int, float, torch.Tensor, torch.Tensor], None] | None
@@ -201,6 +202,9 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler_ancestral": sample_euler_ancestral,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
+    "reverse_sde": sample_reverse_sde,
+    "pc": sample_pc,
+    "langevin": sample_langevin,
 }
 
 
