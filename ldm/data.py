@@ -21,7 +21,9 @@ Resuming, with or without accelerate (use `DataLoaderConfiguration(dispatch_batc
 Every process draws the same seeded order; accelerate gives process p the global batches p, p+P, ... (map-style:
 BatchSamplerShard; streaming: IterableDatasetShard, fed in whole global batches by `StreamingCaptionedImages`), so
 after s steps the first s * batch_size * P records of the epoch are consumed on all processes together, whatever
-`num_workers` is. Restore with the same batch size and number of processes (or any split at a step boundary).
+`num_workers` is. Restore with the same seed and data; the batch size and number of processes may change only if
+the saved index is a multiple of the new global batch. A streamed source has no known length, so a position saved at
+the very end of an epoch resumes into an empty remainder of that epoch and then goes on with the next one.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ Every dataset is built in tmp_path from seeded uint8 arrays; comparisons are exa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 import datasets
+from ldm.config import ConfigError, from_dict
 from ldm.data import (
     CaptionedImages,
     DataConfig,
@@ -137,6 +139,9 @@ def test_clear_errors(tmp_path, monkeypatch):
         load_records(_cfg(tmp_path, tmp_path / "missing.csv", source="csv"))
     with pytest.raises(ValueError, match="path is empty"):
         DataConfig()
+    with pytest.raises(ConfigError, match=r"DataConfig.crop: 'diagonal' is not one of \['center', 'random'\]"):
+        from_dict(DataConfig, {"path": "x", "crop": "diagonal"})
+    assert from_dict(DataConfig, {"path": "x", "max_samples": None, "crop": "random"}).crop == "random"
     # hub: force offline mode (read at import time by datasets and huggingface_hub, hence the patches)
     import huggingface_hub.constants
 
@@ -172,7 +177,7 @@ def test_random_crop_flip_seeded_and_valid(tmp_path):
     records, base = load_records(cfg)
     ds = CaptionedImages(records, cfg, base)
     again = CaptionedImages(records, cfg, base)
-    other = CaptionedImages(records, DataConfig(**{**cfg.__dict__, "seed": 8}), base)
+    other = CaptionedImages(records, dataclasses.replace(cfg, seed=8), base)
     name = "img03.png"  # 16x20 -> resized to 8x10: three vertical offsets, and flips
     i = [r["image"]["path"].endswith(name) for r in records].index(True)
     resized = np.asarray(T.Resize(RES)(imgs[name].convert("RGB")))  # (10, 8, 3)
