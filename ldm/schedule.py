@@ -269,8 +269,10 @@ def sampler_sigmas(
         raise ValueError(f"steps_offset {schedule.steps_offset} pushes a timestep past {schedule.num_train_timesteps - 1}")
     sigmas = t_to_sigma(ts, table, "linear")
     if karras:
-        ends = table if flavor == "dpmsolver" else sigmas  # diffusers: full table (DPM) or the interpolated ones
-        sigmas = karras_sigmas(num_steps, ends.min().item(), ends.max().item())
+        # diffusers' ends: sigma at the lowest and at the highest t, of the full table (DPM) or of the interpolated
+        # sigmas (Euler family); under zero SNR sigma_max is the clamped sigma_{T-1} = 4096, not the table's maximum
+        ends = table.flip(0) if flavor == "dpmsolver" else sigmas
+        sigmas = karras_sigmas(num_steps, ends[-1].item(), ends[0].item())
     if final_sigma == "zero":
         last = torch.zeros(1, dtype=torch.float64)
     elif final_sigma == "sigma_min":
