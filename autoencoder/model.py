@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autoencoder.distribution import DiagonalGaussian
+from ldm.io import PretrainedMixin
 from ldm.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from ldm.random import Generator
 
@@ -270,8 +271,10 @@ def tiled_apply(
     return torch.cat([torch.cat([t[:, :, :out_keep, :out_keep] for t in row], dim=3) for row in grid], dim=2)
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(PretrainedMixin, nn.Module):
     """Encoder -> quant_conv -> q(z|x) = DiagonalGaussian; z -> post_quant_conv -> Decoder (Rombach et al. 2022)."""
+
+    config_class = VAEConfig
 
     def __init__(self, config: VAEConfig | None = None) -> None:
         super().__init__()

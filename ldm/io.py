@@ -188,3 +188,32 @@ def load_model_folder(
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+class PretrainedMixin:
+    """`from_pretrained(folder)` / `save_pretrained(folder)` for a module built from a config with
+    `from_diffusers(dict)` / `to_diffusers()`: a diffusers-format `config.json` + safetensors weights."""
+
+    config_class: Any
+    weight_names: tuple[str, ...] = DIFFUSERS_WEIGHTS
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write `config.json` and safetensors weights into `folder` (atomic per file)."""
+        module: torch.nn.Module = self  # type: ignore[assignment]
+        save_model_folder(folder, self.config.to_diffusers(), module.state_dict(), self.weight_names[0])  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, *, allow_pickle: bool = False, dtype: torch.dtype | None = None
+    ) -> Any:
+        """Build from `folder/config.json` and load its weights strictly, with errors naming bad keys and shapes."""
+        config_dict, state_dict = load_model_folder(folder, cls.weight_names, allow_pickle=allow_pickle)
+        config = cls.config_class.from_diffusers(config_dict)
+        with torch.device("meta"):
+            model = cls(config)  # no random init: every tensor comes from the file
+        check_state_dict(model.state_dict(), state_dict, what=str(folder))
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # non-persistent buffers: build for real
+            model = cls(config)
+            model.load_state_dict(state_dict, strict=True)
+        return model.to(dtype) if dtype is not None else model

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.config import from_dict
+from ldm.io import PretrainedMixin
 from ldm.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps, Transformer2DModel, Upsample2D
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -226,9 +227,11 @@ class UpBlock(nn.Module):
         return x
 
 
-class UNet(nn.Module):
+class UNet(PretrainedMixin, nn.Module):
     """epsilon/v-prediction network eps_theta(z_t, t, c) of latent diffusion; mirrors UNet2DConditionModel's keys
     `conv_in`, `time_embedding`, `down_blocks`, `mid_block`, `up_blocks`, `conv_norm_out`, `conv_out`."""
+
+    config_class = UNetConfig
 
     def __init__(self, config: UNetConfig):
         super().__init__()
