@@ -5,8 +5,9 @@ Stable Diffusion 1.x conditions on the last hidden state of transformers' CLIPTe
 diffusers' `clip_skip=k` means final_layer_norm(hidden_states[-(k + 1)]): "last" is k=0, "penultimate" is k=1.
 
 The tokenizer is transformers' CLIPTokenizer built from the BPE vocabulary that open_clip ships, so nothing is
-downloaded; its ids equal open_clip's except that open_clip also un-escapes HTML entities ("&amp;") and runs ftfy, and
-that a pad token "!" is a special token to transformers, so "!!" becomes "!", "!" (as in diffusers' SD 2.x).
+downloaded; its ids equal open_clip's except that open_clip also un-escapes HTML entities ("&amp;") and runs ftfy.
+A pad token "!" is set by id, not registered as a special token: transformers would otherwise split every "!" out of
+the prompt as id 0 (diffusers' SD 2.x/XL tokenizers do, diffusers#4153); `pad_is_special=True` reproduces that.
 """
 
 from __future__ import annotations
@@ -46,17 +47,28 @@ def _openclip_bpe() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def build_clip_tokenizer(pad_token: str = EOS, model_max_length: int = MAX_LENGTH) -> CLIPTokenizer:
+def _set_pad(tokenizer: CLIPTokenizer, pad_token: str) -> CLIPTokenizer:
+    """Pad with `pad_token` by id, leaving it an ordinary token inside prompts (open_clip's behaviour)."""
+    pad_id = tokenizer.get_vocab().get(pad_token)
+    if pad_id is None:
+        raise ValueError(f"pad_token {pad_token!r} is not in the CLIP vocabulary (use '<|endoftext|>' or '!')")
+    tokenizer.pad_token_id = pad_id
+    return tokenizer
+
+
+def build_clip_tokenizer(pad_token: str = EOS, model_max_length: int = MAX_LENGTH, *,
+                         pad_is_special: bool = False) -> CLIPTokenizer:
     """CLIP's BPE tokenizer (49408 tokens, bos 49406, eos 49407) built offline from open_clip's vocabulary.
 
     pad_token: "<|endoftext|>" for SD 1.x, "!" (id 0, open_clip's padding) for SD 2.x.
+    pad_is_special: register the pad token as special, as transformers does when it reads a folder (diffusers#4153).
     """
     vocab, merges = _openclip_bpe()
     if pad_token not in vocab:
         raise ValueError(f"pad_token {pad_token!r} is not in the CLIP vocabulary (use '<|endoftext|>' or '!')")
-    return CLIPTokenizer(
-        vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=model_max_length
-    )
+    tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length,
+                              pad_token=pad_token if pad_is_special else EOS)
+    return tokenizer if pad_is_special else _set_pad(tokenizer, pad_token)
 
 
 @contextmanager
@@ -100,8 +112,11 @@ def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
             tmp.write_text(text, encoding="utf-8")
 
 
-def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    """Read a diffusers `tokenizer/` folder (no hub access); names the missing file when incomplete."""
+def load_tokenizer(folder: str | Path, *, pad_is_special: bool = False) -> CLIPTokenizer:
+    """Read a diffusers `tokenizer/` folder (no hub access); names the missing file when incomplete.
+
+    The pad token is set by id as in `build_clip_tokenizer`, unless pad_is_special (transformers' reading).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {folder}")
@@ -109,7 +124,13 @@ def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
     missing = [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
     if missing and not has_json:
         raise FileNotFoundError(f"tokenizer folder {folder} lacks {missing} (and has no tokenizer.json)")
-    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if pad_is_special:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json"
+                                                                             ).is_file() else {}
+    pad = config.get("pad_token", EOS)
+    pad = pad.get("content", EOS) if isinstance(pad, dict) else pad
+    return _set_pad(CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, pad_token=EOS), pad)
 
 
 # ------------------------------------------------------------------------------------------------ shared logic
