@@ -1,0 +1,133 @@
+"""Pipeline folders in diffusers' Stable Diffusion layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+scheduler/. A folder we write loads in diffusers' StableDiffusionPipeline, and a folder diffusers writes loads here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from autoencoder.model import AutoencoderKL
+from ldm.io import atomic_directory, read_json, write_json
+from ldm.schedule import NoiseSchedule
+from ldm.text import TextEncoder
+from ldm.unet import UNet
+
+# The scheduler class diffusers instantiates from our scheduler/ folder; its config carries our schedule.
+DEFAULT_SCHEDULER_CLASS = "EulerDiscreteScheduler"
+_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class IncompatibleComponentsError(ValueError):
+    """Components that cannot work together (e.g. text width != cross-attention width)."""
+
+
+@dataclass
+class Components:
+    """The four parts of a latent text-to-image model."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: TextEncoder
+    schedule: NoiseSchedule
+
+    def check(self) -> None:
+        """Raise IncompatibleComponentsError naming the sizes that do not fit together."""
+        check_components(self.unet, self.vae, self.text_encoder)
+
+
+def check_components(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder) -> None:
+    """The text embedding width must equal the U-Net's cross-attention width, and the VAE's latent channels its
+    input and output channels."""
+    problems = []
+    if text_encoder.hidden_size != unet.config.cross_attention_dim:
+        problems.append(
+            f"the text encoder's embedding size is {text_encoder.hidden_size} but the U-Net's cross_attention_dim is "
+            f"{unet.config.cross_attention_dim}"
+        )
+    latent = vae.config.latent_channels
+    if unet.config.in_channels != latent or unet.config.out_channels != latent:
+        problems.append(
+            f"the VAE has {latent} latent channels but the U-Net takes {unet.config.in_channels} and returns "
+            f"{unet.config.out_channels}"
+        )
+    if problems:
+        raise IncompatibleComponentsError("components do not fit together: " + "; ".join(problems))
+
+
+def model_index(scheduler_class: str = DEFAULT_SCHEDULER_CLASS) -> dict[str, object]:
+    """diffusers' model_index.json for a StableDiffusionPipeline without safety checker."""
+    import diffusers
+
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def save_schedule(schedule: NoiseSchedule, folder: str | Path, scheduler_class: str = DEFAULT_SCHEDULER_CLASS) -> None:
+    """Write `scheduler_config.json` for diffusers' `scheduler_class`, carrying our schedule's keys."""
+    import diffusers
+
+    config = {"_class_name": scheduler_class, "_diffusers_version": diffusers.__version__, **schedule.to_diffusers()}
+    write_json(config, Path(folder) / "scheduler_config.json")
+
+
+def load_schedule(folder: str | Path) -> NoiseSchedule:
+    """Read a diffusers `scheduler_config.json` (any scheduler class) as our NoiseSchedule."""
+    return NoiseSchedule.from_diffusers(read_json(Path(folder) / "scheduler_config.json"))
+
+
+def save_pipeline(
+    folder: str | Path,
+    *,
+    unet: UNet,
+    vae: AutoencoderKL,
+    text_encoder: TextEncoder,
+    schedule: NoiseSchedule,
+    scheduler_class: str = DEFAULT_SCHEDULER_CLASS,
+) -> None:
+    """Write a diffusers-format pipeline folder (safetensors weights). The folder appears whole or not at all."""
+    check_components(unet, vae, text_encoder)
+    with atomic_directory(folder) as tmp:
+        unet.save_pretrained(tmp / "unet")
+        vae.save_pretrained(tmp / "vae")
+        text_encoder.save_pretrained(tmp)  # text_encoder/ and tokenizer/
+        save_schedule(schedule, tmp / "scheduler", scheduler_class)
+        write_json(model_index(scheduler_class), tmp / "model_index.json")
+
+
+def is_pipeline_folder(path: str | Path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def load_pipeline_components(
+    folder: str | Path, *, allow_pickle: bool = False, dtype: torch.dtype | None = None
+) -> Components:
+    """Load a diffusers-format pipeline folder (ours or diffusers') into our modules, with errors naming the part."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    if not is_pipeline_folder(folder):
+        raise FileNotFoundError(f"{folder} is not a pipeline folder: model_index.json is missing")
+    missing = [name for name in _SUBFOLDERS if not (folder / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is incomplete: missing subfolder(s) {missing}")
+    components = Components(
+        unet=UNet.from_pretrained(folder / "unet", allow_pickle=allow_pickle, dtype=dtype).eval(),
+        vae=AutoencoderKL.from_pretrained(folder / "vae", allow_pickle=allow_pickle, dtype=dtype).eval(),
+        text_encoder=TextEncoder.from_pretrained(folder, dtype=dtype).eval(),
+        schedule=load_schedule(folder / "scheduler"),
+    )
+    components.check()
+    return components

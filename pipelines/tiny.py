@@ -1,0 +1,39 @@
+"""A tiny text-to-image model with seeded random weights (SD structure, ~3 M parameters): for tests and examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import CLIPTextConfig
+
+from autoencoder.model import AutoencoderKL, VAEConfig
+from ldm.config import load_config
+from ldm.schedule import NoiseSchedule
+from ldm.text import TextEncoder
+from ldm.unet import UNet, UNetConfig
+from pipelines.folder import Components
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def tiny_text_config(hidden_size: int = 32) -> CLIPTextConfig:
+    """A 2-layer CLIP text transformer with the real vocabulary (so the offline tokenizer fits)."""
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        projection_dim=hidden_size,
+    )  # fmt: skip
+
+
+def tiny_components(seed: int = 0, *, text_hidden_size: int = 32) -> Components:
+    """U-Net (configs/unet-tiny.yaml), VAE (configs/vae-tiny.yaml), a tiny CLIP text encoder and SD's schedule."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet(load_config(UNetConfig, CONFIGS / "unet-tiny.yaml")).eval()
+        vae = AutoencoderKL(load_config(VAEConfig, CONFIGS / "vae-tiny.yaml")).eval()
+    text = TextEncoder.from_config(tiny_text_config(text_hidden_size), seed=seed + 1).eval()
+    schedule = NoiseSchedule(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading"
+    )
+    return Components(unet=unet, vae=vae, text_encoder=text, schedule=schedule)
