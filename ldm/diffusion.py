@@ -210,11 +210,13 @@ def discretized_gaussian_log_likelihood(
     upper = (x - mean + half) * inv
     log_cdf_upper = torch.special.log_ndtr(upper)  # log P(X < upper), used at x = -1
     log_sf_lower = torch.special.log_ndtr(-lower)  # log P(X > lower), used at x = +1
-    mass = (torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-300)
-    # mid-bin masses far in a tail are better computed on the side where the CDFs are not both close to 1
-    mass = torch.where(lower > 0, (torch.special.ndtr(-lower) - torch.special.ndtr(-upper)).clamp(min=1e-300), mass)
+    # log(Phi(u) - Phi(l)) = log Phi(u) + log(1 - Phi(l) / Phi(u)), mirrored when the bin lies above the mean,
+    # so that masses far in a tail keep their relative accuracy
+    lo, up = torch.where(lower > 0, -upper, lower), torch.where(lower > 0, -lower, upper)
+    log_up = torch.special.log_ndtr(up)
+    log_mass = log_up + torch.log(-torch.expm1(torch.special.log_ndtr(lo) - log_up))
     edge = 1 - half  # x at the bottom or top level
-    return torch.where(x < -edge, log_cdf_upper, torch.where(x > edge, log_sf_lower, mass.log()))
+    return torch.where(x < -edge, log_cdf_upper, torch.where(x > edge, log_sf_lower, log_mass))
 
 
 @dataclass
