@@ -207,10 +207,17 @@ def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
     return big.reduce(supersample)
 
 
-def render_mask(shape: str, cx: float, cy: float, side: float, size: int = 64, supersample: int = 4) -> np.ndarray:
-    """Coverage in [0, 1] of one shape on a `size` x `size` grid (float64), antialiased like `render`."""
-    big = Image.new("L", (size * supersample,) * 2, 0)
-    _draw(ImageDraw.Draw(big), shape, cx, cy, side, size * supersample, 255)
+def render_mask(shape: str, cx: float, cy: float, side: float, size: int = 64, supersample: int = 4,
+                window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Coverage in [0, 1] of one shape on a `size` x `size` grid (float64), antialiased like `render`.
+
+    `window` = (x0, y0, x1, y1) in pixels renders only that crop of the grid (the same values up to
+    the rasteriser's rounding, less work).
+    """
+    x0, y0, x1, y1 = window or (0, 0, size, size)
+    big = Image.new("L", ((x1 - x0) * supersample, (y1 - y0) * supersample), 0)
+    k = size * supersample
+    _draw(ImageDraw.Draw(big), shape, cx - x0 / size, cy - y0 / size, side, k, 255)
     return np.asarray(big.reduce(supersample), dtype=np.float64) / 255.0
 
 

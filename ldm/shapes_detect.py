@@ -9,11 +9,13 @@ Pipeline (numpy only, all float64, image values in [0, 1]):
 5. coverage alpha = projection of (pixel - background) on (colour - background), which blur and zero-mean noise
    leave unbiased in sum and centroid; for each candidate shape its box is fitted from the moments
    (side = sqrt(area / fill), centre = centroid - the shape's centroid offset) and its antialiased template is
-   compared with alpha by soft IoU; the best shape wins and gives the side (size) and centre (position).
+   fitted to alpha by least squares, sharp and blurred (TEMPLATE_BLURS: generated images are often soft); the best
+   shape wins and gives the side (size) and centre (position).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,7 @@ from ldm import shapes as S
 
 FG_THRESHOLD = 0.2  # RGB distance to the background; every palette colour is >= 0.43 from every background
 MIN_AREA = 0.006  # components smaller than this fraction of the image are noise
+TEMPLATE_BLURS = (0.0, 1.0, 2.0)  # Gaussian stds (pixels at 64 px) tried for each template; the best fit wins
 GROW = 3  # pixels a component's region extends past its thresholded mask (takes in blurred edges)
 
 
@@ -40,7 +43,7 @@ class Detection:
     cy: float
     side: float
     area: float  # summed coverage alpha, in pixels
-    score: float  # soft IoU of the best shape template
+    score: float  # 1 - relative squared residual of the best shape template fit
 
 
 def _smooth(x: np.ndarray) -> np.ndarray:
@@ -48,6 +51,24 @@ def _smooth(x: np.ndarray) -> np.ndarray:
     p = np.pad(x, [(1, 1), (1, 1)] + [(0, 0)] * (x.ndim - 2), mode="edge")
     p = (p[:-2] + 2 * p[1:-1] + p[2:]) / 4
     return (p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]) / 4
+
+
+@functools.lru_cache(maxsize=256)
+def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) matrix applying a Gaussian of std `sigma` (truncated at 3 sigma, edges replicated) along one axis."""
+    r = int(np.ceil(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    m = np.zeros((n, n))
+    for i in range(n):
+        np.add.at(m[i], np.clip(np.arange(i - r, i + r + 1), 0, n - 1), k / k.sum())
+    return m
+
+
+def _gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of a 2-D array (std `sigma` pixels)."""
+    if sigma <= 0:
+        return x
+    return _gaussian_matrix(x.shape[0], sigma) @ x @ _gaussian_matrix(x.shape[1], sigma).T
 
 
 def _shift_max(labels: np.ndarray, diagonal: bool) -> np.ndarray:
@@ -95,22 +116,37 @@ def classify_color(color: np.ndarray, background: np.ndarray) -> str:
 
 
 def _fit_shape(alpha: np.ndarray, region: np.ndarray, size: int) -> tuple[str, float, float, float, float, float]:
-    """Best shape by soft IoU of moment-fitted templates: (shape, cx, cy, side, area, score)."""
-    a = np.where(region, alpha, 0.0)
+    """Best shape by least squares alpha ~ A * blur(template) over shapes and blurs: (shape, cx, cy, side, area, score).
+
+    The template's box comes from the moments (side = sqrt(area / (A * fill)), centre = centroid - offset * side);
+    the amplitude A (< 1 when blur keeps the object's core from full colour) is refitted once. score = 1 - residual.
+    """
+    rows, cols = np.nonzero(region)
+    pad = 2 + int(np.ceil(3 * max(TEMPLATE_BLURS) * size / 64))
+    y0, x0 = max(rows.min() - pad, 0), max(cols.min() - pad, 0)
+    y1, x1 = min(rows.max() + 1 + pad, size), min(cols.max() + 1 + pad, size)
+    a = np.where(region, alpha, 0.0)[y0:y1, x0:x1]  # the work happens in this window
     area = a.sum()
     ys, xs = np.indices(a.shape, dtype=np.float64)
-    gx, gy = (a * (xs + 0.5)).sum() / area / size, (a * (ys + 0.5)).sum() / area / size
-    target = np.clip(a, 0, 1)
-    best = ("", 0.0, 0.0, 0.0, -1.0)
+    gx, gy = (a * (xs + x0 + 0.5)).sum() / area / size, (a * (ys + y0 + 0.5)).sum() / area / size
+    norm = (a * a).sum()
+    best = ("", 0.0, 0.0, 0.0, -np.inf)
     for shape in S.SHAPES:
-        side = float(np.sqrt(max(area, 1.0) / S.FILL[shape])) / size
-        cx, cy = gx - S.CENTROID[shape][0] * side, gy - S.CENTROID[shape][1] * side
-        t = _smooth(S.render_mask(shape, cx, cy, side, size))
-        iou = np.minimum(target, t).sum() / np.maximum(target, t).sum()
-        if iou > best[4]:
-            best = (shape, cx, cy, side, iou)
-    shape, cx, cy, side, iou = best
-    return shape, cx, cy, side, float(area), float(iou)
+        amp = 1.0
+        for _ in range(2):
+            side = float(np.sqrt(max(area, 1.0) / (amp * S.FILL[shape]))) / size
+            cx, cy = gx - S.CENTROID[shape][0] * side, gy - S.CENTROID[shape][1] * side
+            t0 = _smooth(S.render_mask(shape, cx, cy, side, size, window=(x0, y0, x1, y1)))
+            fits = []
+            for blur in TEMPLATE_BLURS:
+                t = _gaussian(t0, blur * size / 64)
+                amp_b = float((a * t).sum() / (t * t).sum())
+                fits.append((1 - ((a - amp_b * t) ** 2).sum() / norm, amp_b))
+            score, amp = max(fits)
+        if score > best[4]:
+            best = (shape, cx, cy, side, score)
+    shape, cx, cy, side, score = best
+    return shape, cx, cy, side, float(area), float(score)
 
 
 def detect(image: Image.Image | np.ndarray) -> list[Detection]:
