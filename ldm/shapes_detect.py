@@ -8,9 +8,9 @@ Pipeline (numpy only, all float64, image values in [0, 1]):
    background -> colour passes nearest (antialiasing and blur mix object and background linearly in RGB);
 5. coverage alpha = projection of (pixel - background) on (colour - background), which blur and zero-mean noise
    leave unbiased in sum and centroid; for each candidate shape its box is fitted from the moments
-   (side = sqrt(area / fill), centre = centroid - the shape's centroid offset) and its antialiased template is
-   fitted to alpha by least squares, sharp and blurred (TEMPLATE_BLURS: generated images are often soft); the best
-   shape wins and gives the side (size) and centre (position).
+   (side = sqrt(area / (A fill)), centre = centroid - the shape's centroid offset; amplitude A refitted once) and
+   its antialiased template, sharp and blurred (TEMPLATE_BLURS: generated images are often soft), is fitted to
+   alpha by least squares; the best-fitting shape wins and gives the side (size) and centre (position).
 """
 
 from __future__ import annotations
