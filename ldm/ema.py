@@ -65,7 +65,7 @@ def ema_decay(num_updates: int, config: EMAConfig) -> float:
 def ema_update_(shadow: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     """In place s <- s - (1 - d) (s - p) for every pair (the EMA step, Polyak & Juditsky 1992)."""
     for s, p in zip(shadow, params, strict=True):
-        s.sub_(s - p.detach().to(s.dtype), alpha=1.0 - decay)
+        s.sub_((1.0 - decay) * (s - p.detach().to(s.dtype)))
 
 
 class EMA:

@@ -1,0 +1,297 @@
+"""Latent-diffusion training and fine-tuning with accelerate (Rombach et al. 2022, sec. 3-4).
+
+One step on a batch of (image, caption): z = scaling * (E(x) sample) from the frozen VAE, c = text encoder(caption)
+with the caption replaced by "" with probability p (condition dropout, for classifier-free guidance), t ~ U{0..T-1},
+eps ~ N(0, I), z_t = sqrt(alphā_t) z + sqrt(1 - alphā_t) eps, and the U-Net regresses the eps / v / z target
+(ldm.parameterization.target) under MSE, optionally min-SNR-gamma weighted (ldm.diffusion.diffusion_loss).
+
+Every random draw of sample i comes from a generator seeded by (seed, step, micro-batch, global slot), so a resumed
+run repeats the uninterrupted one bit for bit on CPU, and 2 processes x batch B match 1 process x batch 2B.
+
+    python -m ldm.train --config configs/train-tiny.yaml run.max_steps=200 optim.lr=3e-4
+    accelerate launch -m ldm.train --config configs/train-tiny.yaml run.resume=latest
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import CLIPTextConfig
+
+from autoencoder.model import AutoencoderKL, VAEConfig  # the one allowed ldm -> autoencoder import (frozen VAE)
+from ldm.checkpoint import Part, StepContext, run_loop
+from ldm.config import ConfigError, load_config, to_dict
+from ldm.data import build_dataloader
+from ldm.denoiser import CFGDenoiser, DiscreteVPDenoiser
+from ldm.diffusion import diffusion_loss, q_sample
+from ldm.ema import EMA
+from ldm.io import DIFFUSERS_WEIGHTS, atomic_directory, load_model_folder, load_weights, read_json, save_model_folder
+from ldm.io import write_json
+from ldm.random import randn
+from ldm.samplers import sample
+from ldm.schedule import NoiseSchedule, sampler_sigmas
+from ldm.text import TextEncoder
+from ldm.train_config import (TrainConfig, build_accelerator, build_lr_scheduler, build_optimizer, load_train_config,
+                              sd_schedule)
+from ldm.unet import UNet, UNetConfig
+
+logger = logging.getLogger(__name__)
+FROZEN = "frozen"  # <output_dir>/frozen: the diffusers-layout folder of everything but the U-Net weights
+
+
+@dataclass
+class Components:
+    """The four parts of a latent text-to-image model."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: TextEncoder
+    schedule: NoiseSchedule
+
+
+# ------------------------------------------------------------------------------------------------------ building
+
+
+def _seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def load_unet(folder: str | Path, *, weights: bool = True) -> UNet:
+    """A UNet from a diffusers `unet/` folder (config.json + diffusion_pytorch_model.safetensors)."""
+    folder = Path(folder)
+    if not weights:
+        return UNet(UNetConfig.from_diffusers(read_json(folder / "config.json")))
+    config, state = load_model_folder(folder, DIFFUSERS_WEIGHTS)
+    unet = UNet(UNetConfig.from_diffusers(config))
+    load_weights(unet, state, what=str(folder))
+    return unet
+
+
+def load_vae(folder: str | Path) -> AutoencoderKL:
+    """An AutoencoderKL from a diffusers `vae/` folder."""
+    config, state = load_model_folder(folder, DIFFUSERS_WEIGHTS)
+    vae = AutoencoderKL(VAEConfig.from_diffusers(config))
+    load_weights(vae, state, what=str(folder))
+    return vae
+
+
+def load_folder_components(folder: str | Path, *, unet_weights: bool = True) -> Components:
+    """unet/ vae/ text_encoder/ tokenizer/ scheduler/ of a diffusers-layout folder (the U-Net's weights optional)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    schedule = NoiseSchedule.from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json"))
+    return Components(load_unet(folder / "unet", weights=unet_weights), load_vae(folder / "vae"),
+                      TextEncoder.from_pretrained(folder), schedule)
+
+
+def build_components(config: TrainConfig) -> Components:
+    """Fine-tune: load model.pretrained. From scratch: seeded random U-Net / VAE / CLIP text encoder from configs."""
+    m = config.model
+    if m.pretrained is not None:
+        parts = load_folder_components(m.pretrained)
+        schedule = m.schedule or parts.schedule
+    else:
+        unet_config = load_config(UNetConfig, m.unet)
+        unet = _seeded(m.init_seed, lambda: UNet(unet_config))
+        vae = load_vae(m.vae_weights) if m.vae_weights else _seeded(
+            m.init_seed + 1, lambda: AutoencoderKL(load_config(VAEConfig, m.vae)))
+        t = m.text
+        clip = CLIPTextConfig(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                              num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                              max_position_embeddings=t.max_position_embeddings, vocab_size=t.vocab_size,
+                              projection_dim=t.projection_dim)
+        text = TextEncoder.from_config(clip, seed=m.init_seed + 2, pad_token=t.pad_token)
+        parts = Components(unet, vae, text, sd_schedule())
+        schedule = m.schedule or parts.schedule
+    if config.objective.prediction_type is not None:
+        schedule = dataclasses.replace(schedule, prediction_type=config.objective.prediction_type)
+    parts.schedule = schedule
+    if parts.text_encoder.hidden_size != parts.unet.config.cross_attention_dim:
+        raise ConfigError(f"text encoder width {parts.text_encoder.hidden_size} != unet cross_attention_dim "
+                          f"{parts.unet.config.cross_attention_dim}")
+    if parts.vae.config.latent_channels != parts.unet.config.in_channels:
+        raise ConfigError(f"VAE latent_channels {parts.vae.config.latent_channels} != unet in_channels "
+                          f"{parts.unet.config.in_channels}")
+    return parts
+
+
+def save_frozen(folder: Path, parts: Components) -> None:
+    """Write the frozen parts and the U-Net config as a diffusers-layout folder (export adds the U-Net weights)."""
+    with atomic_directory(folder) as tmp:
+        save_model_folder(tmp / "vae", parts.vae.config.to_diffusers(), parts.vae.state_dict(), DIFFUSERS_WEIGHTS[0])
+        parts.text_encoder.save_pretrained(tmp)
+        write_json(parts.schedule.to_diffusers(), tmp / "scheduler" / "scheduler_config.json")
+        write_json({"_class_name": "UNet2DConditionModel", **parts.unet.config.to_diffusers()}, tmp / "unet" / "config.json")
+
+
+# ------------------------------------------------------------------------------------------------------- one step
+
+
+def dropout_mask(generators: list[torch.Generator], p: float) -> torch.Tensor:
+    """Bernoulli(p) per sample, one uniform draw from each sample's generator: True = caption becomes ""."""
+    return torch.stack([torch.rand((), generator=g) < p for g in generators]) if generators else torch.zeros(0, dtype=bool)
+
+
+class DiffusionStep:
+    """The per-micro-batch loss of latent diffusion (module docstring); holds the frozen VAE/text encoder and the
+    latent cache."""
+
+    def __init__(self, config: TrainConfig, parts: Components, unet: torch.nn.Module, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.config, self.unet, self.device, self.dtype = config, unet, device, dtype
+        self.vae, self.text = parts.vae, parts.text_encoder
+        self.alphas_cumprod = parts.schedule.alphas_cumprod().to(device)
+        self.prediction = parts.schedule.prediction_type
+        self.cache: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def latents(self, batch: dict[str, Any], gens: list[torch.Generator]) -> torch.Tensor:
+        """z = scaling * (z ~ q(z|x)) for the batch, moments cached per record when run.cache_latents."""
+        from autoencoder.distribution import DiagonalGaussian
+
+        indices = batch["indices"].tolist()
+        if self.config.run.cache_latents and all(i in self.cache for i in indices):
+            moments = torch.stack([self.cache[i] for i in indices]).to(self.device)
+        else:
+            pixels = batch["pixel_values"].to(self.device, self.dtype)  # (B, 3, H, W)
+            moments = self.vae.encode(pixels).parameters  # (B, 2C, h, w)
+            if self.config.run.cache_latents:
+                self.cache.update({i: m.cpu() for i, m in zip(indices, moments)})
+        return self.vae.scale_latents(DiagonalGaussian(moments).sample(gens)).float()  # (B, C, h, w)
+
+    def __call__(self, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        obj = self.config.objective
+        captions = list(batch["captions"])
+        n = len(captions)
+        if n == 0:  # every image of this micro-batch was unreadable: a zero loss that still touches all parameters
+            return sum(p.sum() for p in self.unet.parameters()) * 0.0, {}
+        gens = ctx.generators(n)
+        drop = dropout_mask(gens, obj.condition_dropout)
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        z = self.latents(batch, gens)
+        with torch.no_grad():
+            c = self.text.encode(captions).to(self.dtype)  # (B, 77, D)
+        T = len(self.alphas_cumprod)
+        t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in gens]).to(self.device)  # (B,)
+        noise = randn(z.shape, gens, device=self.device)
+        if obj.noise_offset > 0:
+            noise = noise + obj.noise_offset * randn((n, z.shape[1], 1, 1), gens, device=self.device)
+        z_t = q_sample(z, t, self.alphas_cumprod, noise)
+        out = self.unet(z_t, t, encoder_hidden_states=c).float()
+        weighting = "min_snr" if obj.min_snr_gamma is not None else "simple"
+        loss = diffusion_loss(out, z, noise, t, self.alphas_cumprod, prediction=self.prediction,
+                              weighting=weighting, gamma=obj.min_snr_gamma or 5.0).mean()
+        return loss, {"dropped": float(drop.float().mean())}
+
+
+# ----------------------------------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def render_grid(parts: Components, unet: torch.nn.Module, prompts: list[str], seeds: list[int], *, size: int,
+                steps: int, guidance_scale: float) -> Image.Image:
+    """prompts x seeds images (rows x columns) with the Euler sampler and classifier-free guidance."""
+    schedule, vae, text = parts.schedule, parts.vae, parts.text_encoder
+    device = next(unet.parameters()).device
+    den = CFGDenoiser(DiscreteVPDenoiser(unet, schedule.sigmas(), schedule.prediction_type), guidance_scale)
+    sigmas = sampler_sigmas(schedule, steps, "euler")
+    latent = size // vae.downsample_factor
+    empty = text.empty_embedding(1)
+    rows = []
+    for prompt in prompts:
+        c = text.encode([prompt])
+        for seed in seeds:
+            x = randn((1, unet.config.in_channels, latent, latent), torch.Generator().manual_seed(seed), device=device)
+            z = sample(den, x * float(sigmas[0]), sigmas, "euler",
+                       cond={"cond": {"encoder_hidden_states": c}, "uncond": {"encoder_hidden_states": empty}})
+            rows.append(vae.decode(vae.unscale_latents(z.to(next(vae.parameters()).dtype))).float().cpu())
+    images = ((torch.cat(rows).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (P*S, 3, H, W)
+    n_cols = len(seeds)
+    grid = images.reshape(len(prompts), n_cols, *images.shape[1:]).permute(0, 3, 1, 4, 2)  # (P, H, S, W, 3)
+    return Image.fromarray(grid.reshape(len(prompts) * size, n_cols * size, 3).numpy())
+
+
+# ------------------------------------------------------------------------------------------------------------ run
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns {"step", "checkpoint"} of the last checkpoint."""
+    run = config.run
+    accelerator = build_accelerator(run, config.optim)
+    out = Path(run.output_dir)
+    parts = build_components(config)
+    if accelerator.is_main_process and not (out / FROZEN).is_dir():
+        save_frozen(out / FROZEN, parts)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.mixed_precision, torch.float32)
+    device = accelerator.device
+    for frozen in (parts.vae, parts.text_encoder):
+        frozen.requires_grad_(False).eval().to(device, dtype)
+    unet = parts.unet.to(device)
+    unet.gradient_checkpointing = run.gradient_checkpointing
+    unet.train()
+    ema = EMA(unet, config.ema) if config.ema.enabled else None
+    optimizer = build_optimizer([p for p in unet.parameters() if p.requires_grad], config.optim)
+    scheduler = build_lr_scheduler(optimizer, config.optim, run.max_steps)
+    loader, position = build_dataloader(config.data, run.batch_size, num_workers=run.num_workers,
+                                        num_processes=accelerator.num_processes)
+    unet_p, optimizer_p, loader_p = accelerator.prepare(unet, optimizer, loader)
+    step_fn = DiffusionStep(config, parts, unet_p, device, dtype)
+
+    def validate(step: int) -> None:
+        if not run.validate_every or step % run.validate_every:
+            return
+        if accelerator.is_main_process:
+            raw = accelerator.unwrap_model(unet_p)
+            if ema is not None:
+                ema.store(raw)
+                ema.copy_to(raw)
+            raw.eval()
+            grid = render_grid(parts, raw, run.validation_prompts, run.validation_seeds,
+                               size=config.data.resolution, steps=run.validation_steps,
+                               guidance_scale=run.guidance_scale)
+            raw.train()
+            if ema is not None:
+                ema.restore(raw)
+            (out / "validation").mkdir(parents=True, exist_ok=True)
+            grid.save(out / "validation" / f"step-{step:08d}.png")
+        accelerator.wait_for_everyone()
+
+    meta = {"config": to_dict(config), "frozen": f"../../{FROZEN}"}
+    result = run_loop(accelerator, run, config.optim, parts=[Part("unet", unet_p, optimizer_p, scheduler, ema)],
+                      loader=loader_p, position=position, step_fn=step_fn, meta=meta, on_step=validate)
+    accelerator.end_training()
+    return result
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="ldm train", description="Train or fine-tune a latent diffusion U-Net.")
+    parser.add_argument("--config", required=True, help="YAML file mirroring ldm.train_config.TrainConfig")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (same as run.resume=...)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4 run.max_steps=100")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"run.resume={args.resume}"] if args.resume else [])
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point (`python -m ldm.train`, `accelerate launch -m ldm.train`, `ldm train`)."""
+    args, overrides = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = load_train_config(TrainConfig, args.config, overrides)
+    result = train(config)
+    logger.info("finished at step %d; last checkpoint %s", result["step"], result["checkpoint"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
