@@ -106,8 +106,8 @@ class UNetConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         ours: dict[str, Any] = {}
         for key, value in config.items():
-            if key.startswith("_"):
-                continue  # _class_name, _diffusers_version, _name_or_path
+            if key.startswith("_") or (key == "sample_size" and value is None):
+                continue  # _class_name, _diffusers_version, _name_or_path; no sample_size: keep our default
             if key in fields and not (key == "num_attention_heads" and value is None):
                 if key == "cross_attention_dim" and isinstance(value, (list, tuple)):
                     if len(set(value)) != 1:
@@ -127,7 +127,8 @@ class UNetConfig:
     def to_diffusers(self) -> dict[str, Any]:
         """A dict that diffusers' UNet2DConditionModel.from_config accepts (it refuses num_attention_heads, so the
         head count is written as attention_head_dim, as SD checkpoints do)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_attention_heads"}
+        out: dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_attention_heads"})
         out["attention_head_dim"] = self.num_attention_heads or self.attention_head_dim
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 

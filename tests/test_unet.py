@@ -8,6 +8,7 @@ on CPU, dropout RNG is replayed by torch.utils.checkpoint).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from ldm.config import ConfigError, load_config
 from ldm.unet import UNet, UNetConfig
 
 TOL = 1e-5
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # Three tiny configurations: SD 1.x-like (attention_head_dim = head count, conv projections), SD 2.x-like (linear
 # projections, per-block heads giving head width 16, upcast attention) and an uneven one (channel multipliers 1, 3, 2,
@@ -162,6 +164,15 @@ def test_attention_is_softmax_formula() -> None:
         assert (out[..., s] - ref).abs().max() < 1e-12
 
 
+def test_upcast_attention_computes_in_float32() -> None:
+    """Invariant: with upcast, bf16 attention is exactly the fp32 attention of the same bf16 inputs, rounded once."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 16, generator=g).bfloat16() for n in (6, 9, 9))
+    up = L.attention(q, k, v, heads=2, upcast=True)
+    assert up.dtype == torch.bfloat16
+    assert torch.equal(up, L.attention(q.float(), k.float(), v.float(), heads=2).bfloat16())
+
+
 # ---------------------------------------------------------------- the U-Net
 
 
@@ -250,6 +261,7 @@ def test_config_round_trip(name: str) -> None:
     theirs = UNet2DConditionModel.from_config(cfg.to_diffusers())
     assert UNetConfig.from_diffusers(dict(theirs.config)) == cfg  # their full config (all keys) back to ours
     assert UNetConfig.from_diffusers(cfg.to_diffusers()) == cfg
+    assert UNetConfig.from_diffusers({**cfg.to_diffusers(), "sample_size": None}).sample_size == UNetConfig.sample_size
 
 
 def test_num_attention_heads_alias() -> None:
@@ -261,7 +273,7 @@ def test_num_attention_heads_alias() -> None:
 @pytest.mark.parametrize("name", ["sd15", "sd2", "tiny"])
 def test_yaml_configs_have_diffusers_shapes(name: str) -> None:
     """Every YAML config builds (on the meta device, no memory) a U-Net with diffusers' keys and shapes."""
-    cfg = load_config(UNetConfig, f"configs/unet-{name}.yaml")
+    cfg = load_config(UNetConfig, CONFIG_DIR / f"unet-{name}.yaml")
     with torch.device("meta"):
         ours, theirs = UNet(cfg), UNet2DConditionModel.from_config(cfg.to_diffusers())
     a, b = ours.state_dict(), theirs.state_dict()
