@@ -153,6 +153,8 @@ class DiffusionStep:
         self.alphas_cumprod = parts.schedule.alphas_cumprod().to(device)
         self.prediction = parts.schedule.prediction_type
         self.cache: dict[int, torch.Tensor] = {}
+        if config.run.cache_latents:  # one image at a time: a cached moment must not depend on its batch-mates
+            self.vae.enable_slicing()
 
     @torch.no_grad()
     def latents(self, batch: dict[str, Any], gens: list[torch.Generator]) -> torch.Tensor:

@@ -1,0 +1,57 @@
+"""Export a training checkpoint as a diffusers-format pipeline folder (safetensors) that our loader
+(pipelines.folder.load_pipeline_components) and diffusers' StableDiffusionPipeline.from_pretrained both read.
+
+A checkpoint holds only the trained U-Net (raw and EMA weights); the frozen parts (VAE, text encoder, tokenizer,
+noise schedule) and the U-Net config live once per run in `<output_dir>/frozen/`, named by the checkpoint's meta.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ldm.checkpoint import latest_checkpoint, load_weights_only, read_meta
+from ldm.io import load_weights
+from ldm.train import load_folder_components
+from pipelines.folder import save_pipeline
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """`path` itself when it is a checkpoint folder, else the latest complete checkpoint of a run folder."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    latest = latest_checkpoint(path / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder (meta.json) nor a run folder with complete "
+                                "checkpoints under checkpoints/")
+    return latest
+
+
+def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True) -> Path:
+    """Write the pipeline of `checkpoint_dir` (a checkpoint, or a run folder: its latest) to `out_dir`, with the EMA
+    U-Net weights (use_ema=True) or the raw ones. Returns out_dir."""
+    ckpt = find_checkpoint(checkpoint_dir)
+    meta = read_meta(ckpt)
+    frozen = (ckpt / meta["frozen"]).resolve()
+    if not frozen.is_dir():
+        raise FileNotFoundError(f"{ckpt}: the frozen components folder {frozen} named in meta.json is missing "
+                                "(copy the whole run folder, not just the checkpoint)")
+    parts = load_folder_components(frozen, unet_weights=False)
+    load_weights(parts.unet, load_weights_only(ckpt, "unet", use_ema=use_ema), what=f"{ckpt} unet")
+    save_pipeline(out_dir, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, schedule=parts.schedule)
+    return Path(out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ldm export", description="Export a training checkpoint as a pipeline folder.")
+    parser.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    parser.add_argument("out_dir")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    args = parser.parse_args(argv)
+    print(export(args.checkpoint, args.out_dir, use_ema=not args.no_ema))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
