@@ -340,7 +340,7 @@ class Transformer2DModel(nn.Module):
         for block in self.transformer_blocks:
             x = block(x, encoder_hidden_states)
         if self.use_linear_projection:
-            x = self.proj_out(x).reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
+            x = self.proj_out(x).reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W), NCHW strides
         else:
             x = self.proj_out(x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous())  # (B, C, H, W)
         return x + residual
