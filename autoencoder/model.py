@@ -289,6 +289,14 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         self.tile_overlap = 0.25
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_out.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_out.weight.device
+
+    @property
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
 

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -208,12 +208,20 @@ class PretrainedMixin:
     ) -> Any:
         """Build from `folder/config.json` and load its weights strictly, with errors naming bad keys and shapes."""
         config_dict, state_dict = load_model_folder(folder, cls.weight_names, allow_pickle=allow_pickle)
-        config = cls.config_class.from_diffusers(config_dict)
-        with torch.device("meta"):
-            model = cls(config)  # no random init: every tensor comes from the file
-        check_state_dict(model.state_dict(), state_dict, what=str(folder))
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # non-persistent buffers: build for real
-            model = cls(config)
-            model.load_state_dict(state_dict, strict=True)
+        model = build_with_weights(cls, cls.config_class.from_diffusers(config_dict), state_dict, what=str(folder))
         return model.to(dtype) if dtype is not None else model
+
+
+def build_with_weights(
+    cls: Callable[[Any], torch.nn.Module], config: Any, state_dict: Mapping[str, torch.Tensor], *, what: str
+) -> Any:
+    """`cls(config)` holding exactly `state_dict`: built on the meta device (no random init, no wasted memory),
+    checked key by key (errors name the key and both shapes), then given the file's tensors."""
+    with torch.device("meta"):
+        model = cls(config)
+    check_state_dict(model.state_dict(), state_dict, what=what)
+    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # non-persistent buffers: build for real
+        model = cls(config)
+        model.load_state_dict(dict(state_dict), strict=True)
+    return model.eval()

@@ -79,7 +79,13 @@ def save_schedule(schedule: NoiseSchedule, folder: str | Path, scheduler_class: 
     """Write `scheduler_config.json` for diffusers' `scheduler_class`, carrying our schedule's keys."""
     import diffusers
 
-    config = {"_class_name": scheduler_class, "_diffusers_version": diffusers.__version__, **schedule.to_diffusers()}
+    config = {
+        "_class_name": scheduler_class,
+        "_diffusers_version": diffusers.__version__,
+        **schedule.to_diffusers(),
+        "clip_sample": False,  # we never clip x0; diffusers' DDIM would, if the key were absent
+        "thresholding": False,
+    }
     write_json(config, Path(folder) / "scheduler_config.json")
 
 

@@ -1,0 +1,152 @@
+"""Single-file Stable Diffusion 1.x/2.x checkpoints in the original (CompVis/Stability) key layout.
+
+Configs come from the file's safetensors metadata when we wrote it, otherwise from the SD 1.x / SD 2.x presets in
+configs/ (told apart by the text encoder's layout: CLIP for 1.x, OpenCLIP for 2.x). Every tensor then goes through
+the key maps of pipelines/convert.py and a strict, shape-checked load that names any bad key.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from autoencoder.model import AutoencoderKL, VAEConfig
+from ldm.config import load_config
+from ldm.io import build_with_weights, load_state_dict, save_state_dict
+from ldm.schedule import NoiseSchedule
+from ldm.text import EOS, TextEncoder, build_clip_tokenizer, hub_state_dict, load_hub_state_dict
+from ldm.text_openclip import openclip_text_config, openclip_to_transformers
+from ldm.unet import UNet, UNetConfig
+from pipelines.convert import (
+    CLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    split_single_file,
+    unet_from_compvis,
+    unet_prefix_map,
+    unet_to_compvis,
+    vae_from_compvis,
+    vae_prefix_map,
+    vae_to_compvis,
+)
+from pipelines.folder import Components
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+METADATA_KEY = "ldm_configs"
+SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
+# CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x) text towers.
+SD1_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                hidden_act="quick_gelu", projection_dim=768)  # fmt: skip
+SD2_TEXT_HEADS = 16
+
+
+def _metadata(path: Path) -> dict[str, Any] | None:
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+
+
+def _unet_pairs(config: UNetConfig) -> list[tuple[str, str]]:
+    return unet_prefix_map(config.block_out_channels, config.layers_per_block, config.down_block_types,
+                           config.up_block_types)  # fmt: skip
+
+
+def _folder_configs(folder: Path) -> dict[str, Any]:
+    """The component configs of a diffusers-format pipeline folder, in our metadata's form."""
+    from ldm.io import read_json
+    from ldm.text import load_tokenizer
+
+    text = read_json(folder / "text_encoder" / "config.json")
+    return {
+        "unet": read_json(folder / "unet" / "config.json"),
+        "vae": read_json(folder / "vae" / "config.json"),
+        "text_encoder": {k: v for k, v in text.items() if k in CLIPTextConfig().to_dict()},
+        "scheduler": read_json(folder / "scheduler" / "scheduler_config.json"),
+        "pad_token": load_tokenizer(folder / "tokenizer").pad_token,
+    }
+
+
+def load_single_file(
+    path: str | Path,
+    *,
+    allow_pickle: bool = False,
+    prediction_type: str | None = None,
+    config_folder: str | Path | None = None,
+) -> Components:
+    """Read a single-file SD checkpoint (`.safetensors`; `.ckpt` only with allow_pickle) into our components.
+
+    Configs: `config_folder` (a pipeline folder whose configs fit the file) if given, else the file's own metadata,
+    else the SD 1.x / 2.x presets."""
+    path = Path(path)
+    state = load_state_dict(path, allow_pickle=allow_pickle)
+    parts = split_single_file(state)
+    meta = _folder_configs(Path(config_folder)) if config_folder is not None else _metadata(path)
+    if meta is not None:
+        unet_cfg = UNetConfig.from_diffusers(meta["unet"])
+        vae_cfg = VAEConfig.from_diffusers(meta["vae"])
+        text_cfg = CLIPTextConfig(**meta["text_encoder"])
+        schedule = NoiseSchedule.from_diffusers(meta["scheduler"])
+        pad = meta.get("pad_token", EOS)
+    else:
+        v2 = bool(parts["open_clip"])
+        unet_cfg = load_config(UNetConfig, CONFIGS / ("unet-sd2.yaml" if v2 else "unet-sd15.yaml"))
+        vae_cfg = load_config(VAEConfig, CONFIGS / "vae-sd.yaml")
+        if v2:
+            text_cfg = openclip_text_config(parts["open_clip"], num_heads=SD2_TEXT_HEADS, drop_last_layers=1)
+            if prediction_type is None:
+                warnings.warn("SD 2.x checkpoint: assuming v_prediction (the 768-v models); pass prediction_type="
+                              "'epsilon' for the 512 base model", stacklevel=2)
+        else:
+            text_cfg = CLIPTextConfig(**SD1_TEXT)
+        schedule = NoiseSchedule(**SD_SCHEDULE, prediction_type="v_prediction" if v2 else "epsilon")
+        pad = "!" if v2 else EOS
+    if prediction_type is not None:
+        schedule = NoiseSchedule.from_diffusers({**schedule.to_diffusers(), "prediction_type": prediction_type})
+
+    unet = build_with_weights(UNet, unet_cfg, unet_from_compvis(parts["unet"], _unet_pairs(unet_cfg)), what=f"{path} (unet)")
+    vae_pairs = vae_prefix_map(vae_cfg.block_out_channels, vae_cfg.layers_per_block)
+    vae = build_with_weights(AutoencoderKL, vae_cfg, vae_from_compvis(parts["vae"], vae_pairs), what=f"{path} (vae)")
+    if parts["open_clip"]:
+        text_state = openclip_to_transformers(parts["open_clip"], text_cfg)
+    else:
+        text_state = {k: v for k, v in parts["clip"].items() if not k.endswith("position_ids")}
+    text_model = CLIPTextModel(text_cfg)
+    load_hub_state_dict(text_model, text_state)
+    text = TextEncoder(build_clip_tokenizer(pad), text_model.eval())
+    components = Components(unet=unet, vae=vae, text_encoder=text, schedule=schedule)
+    components.check()
+    return components
+
+
+def save_single_file(components: Components, path: str | Path) -> None:
+    """Write a single `.safetensors` file in the CompVis layout (SD 1.x text-encoder keys), configs in its metadata."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"single files are written as .safetensors only, got {path.name}")
+    c = components
+    state: dict[str, torch.Tensor] = {}
+    for k, v in unet_to_compvis(c.unet.state_dict(), _unet_pairs(c.unet.config)).items():
+        state[UNET_PREFIX + k] = v
+    vae_pairs = vae_prefix_map(c.vae.config.block_out_channels, c.vae.config.layers_per_block)
+    for k, v in vae_to_compvis(c.vae.state_dict(), vae_pairs).items():
+        state[VAE_PREFIX + k] = v
+    for k, v in hub_state_dict(c.text_encoder.model).items():
+        state[CLIP_PREFIX + k] = v
+    text_cfg = {k: v for k, v in c.text_encoder.model.config.to_dict().items()
+                if k in CLIPTextConfig().to_dict() and not k.startswith(("_", "transformers_version", "architectures"))}
+    meta = {
+        "unet": c.unet.config.to_diffusers(),
+        "vae": c.vae.config.to_diffusers(),
+        "text_encoder": text_cfg,
+        "scheduler": c.schedule.to_diffusers(),
+        "pad_token": c.text_encoder.tokenizer.pad_token,
+    }
+    save_state_dict(state, path, metadata={METADATA_KEY: json.dumps(meta), "format": "pt"})

@@ -1,0 +1,154 @@
+"""The Pipeline against diffusers' StableDiffusionPipeline on identical tiny random weights, and its contracts."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+)
+
+from pipelines.folder import IncompatibleComponentsError, save_pipeline
+from pipelines.text_to_image import Pipeline
+from pipelines.tiny import tiny_components
+
+PROMPTS = ["a red circle above a blue square", "two green stars"]
+STEPS, SCALE = 6, 7.5
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    c = tiny_components(seed=0)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    save_pipeline(path, unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ours(folder):
+    return Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def theirs(folder):
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+
+
+@pytest.mark.parametrize(
+    "sampler, scheduler_cls",
+    [("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler), ("euler_ancestral", EulerAncestralDiscreteScheduler),
+     ("dpmpp_2m", DPMSolverMultistepScheduler)],
+)  # fmt: skip
+def test_images_equal_diffusers(ours, theirs, sampler, scheduler_cls):
+    theirs.scheduler = scheduler_cls.from_config(theirs.scheduler.config)
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    ref = theirs(PROMPTS, num_inference_steps=STEPS, guidance_scale=SCALE, latents=latents, height=32, width=32,
+                 generator=torch.Generator().manual_seed(2), output_type="np").images  # fmt: skip
+    got = ours(PROMPTS, num_inference_steps=STEPS, guidance_scale=SCALE, latents=latents, height=32, width=32,
+               generator=torch.Generator().manual_seed(2), sampler=sampler, output_type="np", progress=False).images
+    assert got.shape == ref.shape == (2, 32, 32, 3)
+    assert np.abs(got - ref).max() <= 1 / 255, f"{sampler}: max abs pixel difference {np.abs(got - ref).max():.2e}"
+    assert np.abs(ref - ref.mean()).max() > 0.01  # the images are not constant, so the comparison can fail
+
+
+def test_scale_one_is_the_conditional_branch_alone(ours):
+    kw = dict(num_inference_steps=3, sampler="euler", height=32, width=32, seed=0, output_type="latent", progress=False)
+    calls = []
+    unet_forward = ours.unet.forward
+
+    def counting(*a, **k):
+        calls.append(a[0].shape[0])
+        return unet_forward(*a, **k)
+
+    ours.unet.forward = counting
+    try:
+        guided = ours(PROMPTS[0], guidance_scale=1.0, **kw).images
+        assert calls == [1, 1, 1]  # no unconditional pass at all
+        calls.clear()
+        cfg = ours(PROMPTS[0], guidance_scale=2.0, **kw).images
+        assert calls == [2, 2, 2]  # one batched call per step for both branches
+    finally:
+        ours.unet.forward = unet_forward
+    from ldm.denoiser import CFGDenoiser
+
+    base = ours.denoiser(karras=False, flavor="euler")
+    x, s = torch.randn(1, 4, 4, 4), torch.tensor([3.0])
+    c = {"encoder_hidden_states": ours.encode_prompts(PROMPTS[:1])}
+    u = {"encoder_hidden_states": ours.encode_prompts([""])}
+    # equal up to the fp32 rounding of x - sigma * (x - D) / sigma with |x| ~ 10: atol 1e-5
+    torch.testing.assert_close(CFGDenoiser(base, 1.0)(x, s, cond=c, uncond=u), base(x, s, **c), rtol=0, atol=1e-5)
+    torch.testing.assert_close(CFGDenoiser(base, 0.0)(x, s, cond=c, uncond=u), base(x, s, **u), rtol=0, atol=1e-5)
+    assert not torch.equal(guided, cfg)
+
+
+def test_negative_prompt_replaces_the_empty_prompt(ours, monkeypatch):
+    seen = []
+    encode = ours.encode_prompts
+    monkeypatch.setattr(ours, "encode_prompts", lambda p: seen.append(list(p)) or encode(p))
+    kw = dict(num_inference_steps=2, height=32, width=32, seed=0, output_type="latent", progress=False)
+    a = ours(PROMPTS[0], negative_prompt="blurry", **kw).images
+    assert seen == [[PROMPTS[0]], ["blurry"]]
+    b = ours(PROMPTS[0], **kw).images
+    assert seen[-1] == [""] and not torch.equal(a, b)
+
+
+def test_seeds_are_per_image_and_independent_of_batch(ours):
+    kw = dict(num_inference_steps=3, sampler="euler_ancestral", height=32, width=32, output_type="latent",
+              progress=False)  # fmt: skip
+    batch = ours([PROMPTS[0]] * 3, seed=10, **kw)
+    assert batch.seeds == [10, 11, 12]
+    single = ours(PROMPTS[0], seed=11, **kw).images
+    # the noise is identical; CPU fp32 kernels round differently with the batch size (~2e-6 relative)
+    torch.testing.assert_close(batch.images[1:2], single, rtol=1e-5, atol=1e-5)
+    listed = ours([PROMPTS[0]] * 2, seed=[12, 10], **kw).images
+    torch.testing.assert_close(listed, batch.images[[2, 0]], rtol=1e-5, atol=1e-5)
+    other = ours(PROMPTS[0], seed=13, **kw).images
+    assert (other - single).abs().max() > 0.1  # a different seed gives a different image
+    again = ours([PROMPTS[0]] * 3, seed=10, **kw).images
+    assert torch.equal(again, batch.images)  # same seed, same device: the same images
+
+
+def test_img2img_keeps_structure_and_strength_one_is_pure_noise(ours):
+    from PIL import Image
+
+    init = Image.new("RGB", (32, 32), (200, 30, 30))
+    kw = dict(num_inference_steps=10, sampler="euler", seed=0, output_type="np", progress=False, guidance_scale=1.0)
+    weak = ours(PROMPTS[0], image=init, strength=0.2, **kw).images
+    assert weak.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="leaves no step"):
+        ours(PROMPTS[0], image=init, strength=0.05, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(prompt=[]), ValueError, "empty list"),
+        (dict(prompt="x", height=30), ValueError, r"height=30 must be a positive multiple of 8 .*e\.g\. 24 or 32"),
+        (dict(prompt="x", width=0), ValueError, "width=0 must be a positive multiple of 8"),
+        (dict(prompt="x", num_inference_steps=0), ValueError, "num_inference_steps must be an integer >= 1"),
+        (dict(prompt="x", sampler="plms"), ValueError, r"unknown sampler 'plms'; valid: \[.*'dpmpp_2m'"),
+        (dict(prompt="x", negative_prompt=["a", "b"]), ValueError, "2 negative prompts for 1 prompts"),
+        (dict(prompt="x", seed=[1, 2]), ValueError, "2 seeds for 1 images"),
+        (dict(prompt="x", latents=torch.zeros(1, 4, 8, 8)), ValueError, r"latents must have shape \(1, 4, 4, 4\)"),
+        (dict(prompt=3), TypeError, "prompt must be a string or a list of strings"),
+    ],
+)
+def test_bad_input_is_named(ours, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ours(**{"num_inference_steps": 2, "progress": False, **kwargs})
+
+
+def test_long_prompt_is_truncated_with_a_warning(ours):
+    with pytest.warns(UserWarning, match="dropped"):
+        ours("red " * 100, num_inference_steps=1, height=32, width=32, seed=0, output_type="latent", progress=False)
+
+
+def test_incompatible_components_are_refused():
+    c = tiny_components(seed=0, text_hidden_size=48)
+    with pytest.raises(IncompatibleComponentsError, match="48 but the U-Net's cross_attention_dim is 32"):
+        Pipeline(c.unet, c.vae, c.text_encoder, c.schedule, device="cpu")
+    with pytest.raises(ValueError, match="pass all four components"):
+        Pipeline(c.unet, device="cpu")

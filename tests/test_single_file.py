@@ -1,0 +1,59 @@
+"""Single-file checkpoints in the CompVis layout: round trips, pickle gating, presets and named errors."""
+
+import pytest
+import torch
+
+from ldm.io import WeightsError, load_state_dict
+from pipelines.folder import save_pipeline
+from pipelines.single_file import load_single_file, save_single_file
+from pipelines.tiny import tiny_components
+
+
+def _same(a, b) -> bool:
+    a, b = a.state_dict(), b.state_dict()
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    c = tiny_components(seed=3)
+    path = tmp_path_factory.mktemp("single") / "model.safetensors"
+    save_single_file(c, path)
+    return c, path
+
+
+def test_round_trip_is_bit_exact(saved):
+    c, path = saved
+    keys = list(load_state_dict(path))
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
+    assert any(k.startswith("first_stage_model.decoder.up.") for k in keys)
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
+    back = load_single_file(path)
+    assert _same(back.unet, c.unet) and _same(back.vae, c.vae) and _same(back.text_encoder.model, c.text_encoder.model)
+    assert back.schedule == c.schedule
+
+
+def test_pickle_checkpoint_needs_the_flag_and_configs_can_come_from_a_folder(saved, tmp_path):
+    c, path = saved
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_state_dict(path)}, ckpt)
+    with pytest.raises(WeightsError, match="pickle file.*allow_pickle=True"):
+        load_single_file(ckpt)
+    save_pipeline(tmp_path / "folder", unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
+    back = load_single_file(ckpt, allow_pickle=True, config_folder=tmp_path / "folder")
+    assert _same(back.unet, c.unet) and _same(back.vae, c.vae) and _same(back.text_encoder.model, c.text_encoder.model)
+
+
+def test_without_metadata_the_sd_presets_apply_and_mismatches_are_named(saved, tmp_path):
+    _, path = saved
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_state_dict(path), str(bare))  # no metadata: SD 1.x preset configs (860M U-Net) do not fit
+    with pytest.raises(WeightsError, match=r"\(unet\): .*shape mismatch .*conv_in.weight: model \(320, 4, 3, 3\) vs file \(32, 4, 3, 3\)"):
+        load_single_file(bare)
+
+
+def test_prediction_type_override(saved):
+    _, path = saved
+    assert load_single_file(path, prediction_type="v_prediction").schedule.prediction_type == "v_prediction"
