@@ -70,13 +70,21 @@ def save_state_dict(
 
 def write_json(data: Any, path: str | Path) -> None:
     """Write JSON atomically."""
+    write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", path)
+
+
+def write_text(text: str, path: str | Path) -> None:
+    """Write a UTF-8 text file atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

@@ -16,17 +16,20 @@ import copy
 import functools
 import gzip
 import json
-import os
-import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+from ldm.io import load_state_dict, save_state_dict, write_text
 
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -71,21 +74,6 @@ def build_clip_tokenizer(pad_token: str = EOS, model_max_length: int = MAX_LENGT
     return tokenizer if pad_is_special else _set_pad(tokenizer, pad_token)
 
 
-@contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Path]:
-    """Yield a temporary path in `path`'s folder; on success it replaces `path` with os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
     """Write a diffusers `tokenizer/` folder: vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json."""
     folder = Path(folder)
@@ -108,8 +96,7 @@ def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
         "tokenizer_config.json": json.dumps(config, indent=2),
     }
     for name, text in texts.items():
-        with atomic_write(folder / name) as tmp:
-            tmp.write_text(text, encoding="utf-8")
+        write_text(text, folder / name)
 
 
 def load_tokenizer(folder: str | Path, *, pad_is_special: bool = False) -> CLIPTokenizer:
@@ -290,16 +277,12 @@ class TextEncoder(PromptEncoder):
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write `text_encoder/` (config.json, model.safetensors) and `tokenizer/` in diffusers layout, atomically."""
-        from safetensors.torch import save_file
-
         out = Path(folder) / "text_encoder"
         config = self.model.config.to_dict()
         config["architectures"] = [type(self.model).__name__]
-        with atomic_write(out / "config.json") as tmp:
-            tmp.write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        write_text(json.dumps(config, indent=2, sort_keys=True, default=str), out / "config.json")
         tensors = {k: v.detach().contiguous().cpu() for k, v in hub_state_dict(self.model).items()}
-        with atomic_write(out / "model.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_state_dict(tensors, out / "model.safetensors", metadata={"format": "pt"})
         save_tokenizer(self.tokenizer, Path(folder) / "tokenizer")
 
     @classmethod
@@ -325,8 +308,6 @@ class TextEncoder(PromptEncoder):
 
     @classmethod
     def _from_folder(cls, path: Path, layer: Layer, dtype: torch.dtype | None) -> TextEncoder:
-        from safetensors.torch import load_file
-
         enc = path / "text_encoder"
         for needed in (enc / "config.json", enc / "model.safetensors", path / "tokenizer"):
             if not needed.exists():
@@ -335,7 +316,7 @@ class TextEncoder(PromptEncoder):
                 raise FileNotFoundError(f"{path} is not a diffusers text-encoder folder: {needed} is missing{extra}")
         config = CLIPTextConfig.from_json_file(str(enc / "config.json"))
         model = _model_class(config)(config)
-        load_hub_state_dict(model, load_file(str(enc / "model.safetensors")))
+        load_hub_state_dict(model, load_state_dict(enc / "model.safetensors"))
         if dtype is not None:
             model = model.to(dtype)
         return cls(load_tokenizer(path / "tokenizer"), model.eval(), layer)
@@ -383,14 +364,7 @@ class OpenCLIPTextEncoder(PromptEncoder):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"open_clip weights not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        elif allow_pickle:
-            state = torch.load(str(path), map_location="cpu", weights_only=False)
-            state = state.get("state_dict", state)
-        else:
-            raise ValueError(f"{path} is a pickle file; pass allow_pickle=True if you trust it")
+        state = load_state_dict(path, allow_pickle=allow_pickle)  # pickle only if allowed, and then weights-only
         enc = cls.from_config(config, layer=layer)
         enc.model.load_state_dict(state, strict=False)  # visual tower keys may be absent; text keys checked below
         own = {k for k in enc.model.state_dict() if not k.startswith("visual.")}
