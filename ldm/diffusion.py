@@ -268,7 +268,8 @@ def vlb_terms(
         raise ValueError(f"unknown decoder {decoder!r}; valid: ['discretized', 'continuous']")
     n_steps, batch = len(alphas_cumprod), x0.shape[0]
     ab_last = _gather(alphas_cumprod, torch.full((batch,), n_steps - 1), x0)
-    prior = normal_kl(ab_last.sqrt() * x0, (1 - ab_last).log().expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0))
+    zero = torch.zeros_like(x0)
+    prior = normal_kl(ab_last.sqrt() * x0, (1 - ab_last).log().expand_as(x0), zero, zero)
     terms = x0.new_zeros(batch, n_steps)
     for i in reversed(range(n_steps)):
         t = torch.full((batch,), i, dtype=torch.long, device=x0.device)
@@ -279,7 +280,8 @@ def vlb_terms(
             output, x_t, t, alphas_cumprod, prediction=prediction, variance=variance, clip_denoised=clip_denoised
         )
         if i == 0:
-            loglik = discretized_gaussian_log_likelihood if decoder == "discretized" else continuous_gaussian_log_likelihood
+            discrete = decoder == "discretized"
+            loglik = discretized_gaussian_log_likelihood if discrete else continuous_gaussian_log_likelihood
             terms[:, 0] = -loglik(x0, p.mean, 0.5 * p.log_variance).flatten(1).sum(1)
         else:
             q_mean, _, q_log_var = q_posterior(x0, x_t, t, alphas_cumprod)

@@ -103,8 +103,8 @@ def pf_ode_log_likelihood(
     Integrates x and div f from sigma_min to sigma_max in `steps` RK4 steps (4 denoiser calls each, run in x's
     dtype: pass float64). The prior is N(0, sigma_max^2 I) unless `prior_log_prob` is given (e.g. N(0, (1 +
     sigma_max^2) I) for a VP model); its error is about |E x| |x(sigma_max)| / sigma_max^2 ~ |E x| / sigma_max nats
-    per example, hence the large default. Probes for "hutchinson" are drawn once per call from `generator` and kept fixed
-    along the path, so the estimate is unbiased for the same discretisation.
+    per example, hence the large default. Probes for "hutchinson" are drawn once per call from `generator` and kept
+    fixed along the path, so the estimate is unbiased for the same discretisation.
     """
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")

@@ -31,7 +31,7 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class VPSDE:
-    """dx = -beta(t)/2 x dt + sqrt(beta(t)) dW with beta(t) = beta_min + t (beta_max - beta_min) (Song et al. eq. 11)."""
+    """dx = -beta(t)/2 x dt + sqrt(beta(t)) dW with beta(t) = beta_min + t (beta_max - beta_min) (Song eq. 11)."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
         if not 0 < beta_min < beta_max:

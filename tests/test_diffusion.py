@@ -113,7 +113,10 @@ def test_min_snr_weights_follow_the_formula_and_make_the_three_objectives_equal(
     x_t = Dm.q_sample(x0, t, ac, eps)
     x0_hat = P.x0_from_eps(x_t, eps_hat, ab)
     outputs = {"epsilon": eps_hat, "sample": x0_hat, "v_prediction": P.v_from_x0_eps(x0_hat, eps_hat, ab)}
-    losses = {k: Dm.diffusion_loss(o, x0, eps, t, ac, prediction=k, weighting="min_snr", gamma=gamma) for k, o in outputs.items()}
+    losses = {
+        k: Dm.diffusion_loss(o, x0, eps, t, ac, prediction=k, weighting="min_snr", gamma=gamma)
+        for k, o in outputs.items()
+    }
     torch.testing.assert_close(losses["epsilon"], losses["sample"], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(losses["v_prediction"], losses["sample"], rtol=1e-9, atol=1e-12)
     simple = Dm.diffusion_loss(eps_hat, x0, eps, t, ac)
