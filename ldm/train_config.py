@@ -15,6 +15,7 @@ Every unknown key or bad value raises ldm.config.ConfigError naming it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -135,7 +136,7 @@ class RunConfig:
     seed: int = 0
     max_steps: int = 1000
     batch_size: int = 4  # per device (per process); the global batch is batch_size * processes * accumulation
-    mixed_precision: Precision = "no"
+    mixed_precision: Precision | bool = "no"  # YAML reads a bare `no` as false: taken as "no"
     gradient_checkpointing: bool = False
     cache_latents: bool = False  # encode each image once, keep q(z|x)'s moments in memory (needs no random crop/flip)
     num_workers: int = 0
@@ -151,6 +152,10 @@ class RunConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.mixed_precision, bool):
+            if self.mixed_precision:
+                raise ValueError("run.mixed_precision must be 'no', 'fp16' or 'bf16', got true")
+            self.mixed_precision = "no"
         for name in ("max_steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "validation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
@@ -212,7 +217,11 @@ def build_accelerator(run: RunConfig, optim: OptimConfig):
 
     if run.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("run.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
+    # Started by torchrun (e.g. `accelerate launch --multi_gpu`) on a machine without CUDA: accelerate only picks
+    # multi-process CPU (gloo) when told cpu=True, otherwise every process would train alone.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=cpu,
         mixed_precision=run.mixed_precision,
         gradient_accumulation_steps=optim.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
