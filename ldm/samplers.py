@@ -26,42 +26,8 @@ from typing import Any, Literal
 import torch
 
 from ldm.random import Generator, randn_like
+from ldm.sampling import Callback, Denoiser, check_sigmas, denoise, to_d
 from ldm.sde import sample_langevin, sample_pc, sample_reverse_sde
-
-Denoiser = Callable[..., torch.Tensor]
-Callback = Callable[[int, float, torch.Tensor, torch.Tensor], None] | None
-
-
-def check_sigmas(sigmas: torch.Tensor) -> list[float]:
-    """Validate a sigma schedule (1-D, >= 2 values, finite, >= 0, strictly decreasing); return it as floats."""
-    if not isinstance(sigmas, torch.Tensor):
-        raise TypeError(f"sigmas must be a tensor, got {type(sigmas).__name__}")
-    if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f"sigmas must be 1-D with at least 2 values, got shape {tuple(sigmas.shape)}")
-    if not torch.isfinite(sigmas).all():
-        raise ValueError(f"sigmas contain NaN or inf: {sigmas.tolist()}")
-    if (sigmas < 0).any():
-        raise ValueError(f"sigmas must be >= 0, got min {sigmas.min().item()}")
-    if not (sigmas[1:] < sigmas[:-1]).all():
-        i = int((sigmas[1:] >= sigmas[:-1]).nonzero()[0])
-        raise ValueError(f"sigmas must be strictly decreasing; sigmas[{i}]={sigmas[i].item()} <= sigmas[{i + 1}]")
-    return sigmas.tolist()
-
-
-def _denoise(model: Denoiser, x: torch.Tensor, sigma: float, cond: dict[str, Any] | None, i: int) -> torch.Tensor:
-    """x0_hat = model(x, sigma * ones(B), **cond), with an error naming step i if it is not finite."""
-    denoised = model(x, x.new_full((x.shape[0],), sigma), **(cond or {}))
-    if denoised.shape != x.shape:
-        raise ValueError(f"step {i}: the model returned shape {tuple(denoised.shape)} for input {tuple(x.shape)}")
-    if not torch.isfinite(denoised).all():
-        raise FloatingPointError(f"step {i} (sigma={sigma:.6g}): the model output contains NaN or inf")
-    return denoised
-
-
-def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
-    """dx/dsigma = (x - D(x, sigma)) / sigma, the probability-flow ODE (Karras et al. 2022, eq. 4)."""
-    return (x - denoised) / sigma
-
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
     """(sigma_down, sigma_up) with sigma_up = eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2) and
@@ -80,7 +46,7 @@ def sample_euler(
     """Euler's method on the probability-flow ODE: x <- x + (sigma_next - sigma) d (Karras et al. 2022, alg. 1)."""
     s = check_sigmas(sigmas)
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, s[i], cond, i)
+        denoised = denoise(model, x, s[i], cond, i)
         x = x + to_d(x, s[i], denoised) * (s[i + 1] - s[i])
         if callback is not None:
             callback(i, s[i], x, denoised)
@@ -96,7 +62,7 @@ def sample_euler_ancestral(
     EulerAncestralDiscreteScheduler and DDPM's posterior, eta = 0 is plain Euler."""
     s = check_sigmas(sigmas)
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, s[i], cond, i)
+        denoised = denoise(model, x, s[i], cond, i)
         down, up = ancestral_step(s[i], s[i + 1], eta)
         x = denoised + to_d(x, s[i], denoised) * down
         if eta > 0:
@@ -132,7 +98,7 @@ def sample_ddpm(
     s = check_sigmas(sigmas)
     for i in range(len(s) - 1):
         sig, nxt = s[i], s[i + 1]
-        denoised = _denoise(model, x, sig, cond, i)
+        denoised = denoise(model, x, sig, cond, i)
         mean = denoised + (nxt**2 / sig**2) * (x - denoised)
         if variance == "small":
             var = nxt**2 * (sig**2 - nxt**2) / sig**2
@@ -152,14 +118,14 @@ def sample_heun(
     """Heun's 2nd-order method (trapezoidal corrector; Karras et al. 2022, alg. 1); Euler on the last step to 0."""
     s = check_sigmas(sigmas)
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, s[i], cond, i)
+        denoised = denoise(model, x, s[i], cond, i)
         d = to_d(x, s[i], denoised)
         dt = s[i + 1] - s[i]
         if s[i + 1] == 0:
             x = x + d * dt
         else:
             x_pred = x + d * dt
-            d_next = to_d(x_pred, s[i + 1], _denoise(model, x_pred, s[i + 1], cond, i))
+            d_next = to_d(x_pred, s[i + 1], denoise(model, x_pred, s[i + 1], cond, i))
             x = x + (d + d_next) / 2 * dt
         if callback is not None:
             callback(i, s[i], x, denoised)
@@ -177,7 +143,7 @@ def sample_dpmpp_2m(
     s = check_sigmas(sigmas)
     old_denoised, h_last = None, None
     for i in range(len(s) - 1):
-        denoised = _denoise(model, x, s[i], cond, i)
+        denoised = denoise(model, x, s[i], cond, i)
         if s[i + 1] == 0:
             x = denoised
         else:

@@ -15,8 +15,8 @@ from typing import Any, Literal
 import torch
 
 from ldm.random import Generator, randn, randn_like
+from ldm.sampling import Callback, check_sigmas, denoise
 
-Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None
 
 
 def _std_normal_log_prob(z: torch.Tensor, var: float) -> torch.Tensor:
@@ -118,20 +118,6 @@ class VESDE:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_sigmas(sigmas: torch.Tensor) -> None:
-    """A sigma schedule is 1-D, strictly decreasing, positive except possibly a final 0."""
-    if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f"sigmas must be a 1-D tensor of at least 2 levels, got shape {tuple(sigmas.shape)}")
-    if not bool((sigmas[1:] < sigmas[:-1]).all()):
-        raise ValueError(f"sigmas must be strictly decreasing, got {sigmas.tolist()}")
-    if not bool((sigmas[:-1] > 0).all()) or bool(sigmas[-1] < 0):
-        raise ValueError("sigmas must be positive, except a final 0")
-
-
-def _denoise(model: Callable, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None) -> torch.Tensor:
-    return model(x, sigma * x.new_ones(x.shape[0]), **(cond or {}))
-
-
 def reverse_sde_step(
     x: torch.Tensor,
     denoised: torch.Tensor,
@@ -174,7 +160,7 @@ def sample_reverse_sde(
         raise ValueError(f"reverse-noise level lam must be >= 0, got {lam}")
     check_sigmas(sigmas)
     for i in range(len(sigmas) - 1):
-        denoised = _denoise(model, x, sigmas[i], cond)
+        denoised = denoise(model, x, sigmas[i], cond, i)
         noise = randn_like(x, generator) if lam > 0 and sigmas[i + 1] > 0 else None
         x = reverse_sde_step(x, denoised, sigmas[i], sigmas[i + 1], noise, lam)
         if callback is not None:
@@ -217,11 +203,11 @@ def sample_pc(
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         for _ in range(corrector_steps):
-            score = (_denoise(model, x, sigma, cond) - x) / sigma**2
+            score = (denoise(model, x, sigma, cond, i) - x) / sigma**2
             z = randn_like(x, generator)
             eps = langevin_step_size(score, z, snr)
             x = x + eps * score + torch.sqrt(2 * eps) * z
-        denoised = _denoise(model, x, sigma, cond)
+        denoised = denoise(model, x, sigma, cond, i)
         if predictor == "euler":
             x = x + (sigma_next - sigma) * (x - denoised) / sigma
         elif predictor == "reverse_sde":
@@ -260,9 +246,9 @@ def sample_langevin(
     for i, sigma in enumerate(levels):
         alpha = step_size * (sigma / sigma_last) ** 2
         for _ in range(steps_per_level):
-            score = (_denoise(model, x, sigma, cond) - x) / sigma**2
+            score = (denoise(model, x, sigma, cond, i) - x) / sigma**2
             x = x + 0.5 * alpha * score + torch.sqrt(alpha) * randn_like(x, generator)
-        denoised = _denoise(model, x, sigma, cond)
+        denoised = denoise(model, x, sigma, cond, i)
         if i == len(levels) - 1 and sigmas[-1] == 0:
             x = denoised
         if callback is not None:

@@ -189,6 +189,14 @@ def test_bad_inputs_raise_clear_errors():
         sample(nan_at_third_call, x, torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0]), "dpmpp_2m")
 
 
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_names_the_step_of_a_nan_output(name):
+    x = torch.zeros(2, 1, dtype=torch.float64)
+    nan_model = lambda y, s: y * float("nan")  # noqa: E731
+    with pytest.raises(FloatingPointError, match=r"step 0 \(sigma=3\)"):
+        sample(nan_model, x, torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64), name)
+
+
 def test_generator_list_and_callback():
     """One generator per item: an item's result does not depend on its batch; callback sees every step."""
     gmm = mixture_2d()
