@@ -1,14 +1,17 @@
 """Forward time and peak memory of our U-Net and VAE decoder against diffusers', same weights, one run.
 
     python benchmarks/unet.py                      # CPU, float32, SD 1.5 shapes, 3 repetitions
-    python benchmarks/unet.py --quick              # 1 repetition (about 2 minutes on 2 idle cores)
+    python benchmarks/unet.py --quick              # 1 repetition
+    python benchmarks/unet.py --latent 32          # quarter-size inputs (256 px), for a slow or busy CPU
     python benchmarks/unet.py --device cuda --dtype float16 --reps 20
 
 U-Net: configs/unet-sd15.yaml with diffusers' random initialisation, batch 2, 4 x 64 x 64 latents, 77 x 768 text.
 VAE: configs/vae-sd.yaml, decode of a 1 x 4 x 64 x 64 latent to a 512 x 512 image. Our modules share diffusers'
 weight tensors (loaded by name, strict), so both sides read the same memory. Each repetition times ours and
 diffusers' back to back, alternating which goes first; the median over repetitions and the ratio ours / diffusers
-are reported (a ratio <= 1 means ours is as fast or faster). Outputs are compared (max abs difference) to show the
+are reported (a ratio <= 1 means ours is as fast or faster), in wall-clock and in process CPU time. At full SD
+shapes one U-Net forward takes tens of seconds on 2 CPU cores, so the default CPU run takes several minutes
+(more on a busy machine); --quick or --latent 32 shorten it. Outputs are compared (max abs difference) to show the
 two compute the same function.
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated during the call minus the memory allocated before it. CPU: the
@@ -52,8 +55,9 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float, float]:
-    """Run `fn` once; return (output, seconds, peak extra memory in MiB)."""
+def measure(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float, float, float]:
+    """Run `fn` once; return (output, wall seconds, process CPU seconds, peak extra memory in MiB)."""
+    c0 = time.process_time()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -62,39 +66,44 @@ def measure(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch
         out = fn()
         torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
-        return out, seconds, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return out, seconds, time.process_time() - c0, (torch.cuda.max_memory_allocated(device) - base) / 2**20
     base = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     t0 = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - t0
-    return out, seconds, (_status_kib("VmHWM") - base) / 1024
+    return out, seconds, time.process_time() - c0, (_status_kib("VmHWM") - base) / 1024
 
 
 def compare(name: str, ours: Callable, theirs: Callable, reps: int, device: torch.device) -> dict:
     """Alternate ours/theirs `reps` times; medians of time and peak memory, their ratios, max abs output difference."""
     times: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    cpu: dict[str, list[float]] = {"ours": [], "diffusers": []}
     mems: dict[str, list[float]] = {"ours": [], "diffusers": []}
     fns = {"ours": ours, "diffusers": theirs}
     diff = 0.0
     for r in range(reps):
         outs = {}
         for who in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
-            out, sec, mib = measure(fns[who], device)
+            out, sec, cpu_sec, mib = measure(fns[who], device)
             times[who].append(sec)
+            cpu[who].append(cpu_sec)
             mems[who].append(mib)
             outs[who] = out.float()
             del out
-            print(f"  {name} rep {r + 1}/{reps} {who:9s} {sec:8.3f} s  peak +{mib:8.1f} MiB", flush=True)
+            print(f"  {name} rep {r + 1}/{reps} {who:9s} {sec:8.3f} s (cpu {cpu_sec:8.3f} s)  peak +{mib:8.1f} MiB", flush=True)
         diff = max(diff, (outs["ours"] - outs["diffusers"]).abs().max().item())
         del outs
     res = {
         "time_s": {k: statistics.median(v) for k, v in times.items()},
+        "cpu_time_s": {k: statistics.median(v) for k, v in cpu.items()},
         "peak_mem_mib": {k: statistics.median(v) for k, v in mems.items()},
         "all_times_s": times,
+        "all_cpu_times_s": cpu,
         "max_abs_output_diff": diff,
     }
     res["time_ratio"] = res["time_s"]["ours"] / res["time_s"]["diffusers"]
+    res["cpu_time_ratio"] = res["cpu_time_s"]["ours"] / res["cpu_time_s"]["diffusers"]
     res["mem_ratio"] = res["peak_mem_mib"]["ours"] / max(res["peak_mem_mib"]["diffusers"], 1e-9)
     return res
 
@@ -153,20 +162,23 @@ def report_md(res: dict) -> str:
         f"device `{res['device']}`, dtype `{res['dtype']}`, torch {res['torch']}, diffusers {res['diffusers']}, "
         f"{res['threads']} threads, {res['reps']} repetitions (median), {res['platform']}",
         "",
-        "| model | shape | ours (s) | diffusers (s) | time ratio | ours peak (MiB) | diffusers peak (MiB) "
-        "| mem ratio | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | shape | ours (s) | diffusers (s) | time ratio | CPU-time ratio | ours peak (MiB) "
+        "| diffusers peak (MiB) | mem ratio | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res["results"].items():
         if "skipped" in r:
-            lines.append(f"| {name} | {r.get('shape', '')} | skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"| {name} | {r.get('shape', '')} | skipped: {r['skipped']} | | | | | | | |")
             continue
         lines.append(
             f"| {name} | {r['shape']} | {r['time_s']['ours']:.3f} | {r['time_s']['diffusers']:.3f} | "
-            f"{r['time_ratio']:.3f} | {r['peak_mem_mib']['ours']:.0f} | {r['peak_mem_mib']['diffusers']:.0f} | "
+            f"{r['time_ratio']:.3f} | {r['cpu_time_ratio']:.3f} | {r['peak_mem_mib']['ours']:.0f} | {r['peak_mem_mib']['diffusers']:.0f} | "
             f"{r['mem_ratio']:.3f} | {r['max_abs_output_diff']:.2e} |"
         )
-    lines += ["", "Peak memory: " + res["memory_method"], ""]
+    lines += [
+        "", "Times are wall-clock medians; the CPU-time ratio (process CPU seconds, all threads) is the steadier "
+        "number on a machine shared with other jobs.", "", "Peak memory: " + res["memory_method"], "",
+    ]
     return "\n".join(lines)
 
 

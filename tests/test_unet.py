@@ -192,7 +192,7 @@ def test_unet_matches_diffusers(name: str) -> None:
     g = torch.Generator().manual_seed(1)
     c = torch.randn(2, 5, cfg.cross_attention_dim, generator=g)
     t = torch.tensor([3, 700])
-    for hw in [(8, 8), (12, 4), (7, 5)]:  # (7, 5): odd sizes take the exact-size upsampling path
+    for hw in [(12, 4), (7, 5)]:  # non-square; (7, 5): odd sizes take the exact-size upsampling path
         x = torch.randn(2, 4, *hw, generator=g)
         with torch.no_grad():
             y = ours(x, t, c)
