@@ -1,0 +1,273 @@
+"""Seconds per image and peak memory of our text-to-image Pipeline against diffusers' StableDiffusionPipeline, on
+identical weights, in one run.
+
+    python benchmarks/pipeline.py                  # CPU fp32: tiny model, SD 1.5 shapes at 256 and 512, 2 steps
+    python benchmarks/pipeline.py --quick          # 1 repetition, no 512 x 512 case (a few minutes on 2 cores)
+    python benchmarks/pipeline.py --device cuda --dtype float16 --steps 30 --compile --peak-tflops 989
+
+Models: the tiny model (configs/unet-tiny.yaml, configs/vae-tiny.yaml, a 2-layer CLIP text encoder, 32 x 32 px) and
+SD 1.5-shaped random weights (configs/unet-sd15.yaml, configs/vae-sd.yaml, a CLIP ViT-L/14-shaped text encoder).
+diffusers' modules are built from our configs with their own seeded random initialisation; ours load the very same
+tensors by name (strict, `assign=True`), so both pipelines read the same memory. The diffusers scheduler is the one
+whose timesteps our sampler walks (euler -> EulerDiscreteScheduler, ...), both get the same initial latents, and the
+outputs are compared (max abs pixel difference, in [0, 1]) to show that the two compute the same images.
+
+One image per call, classifier-free guidance 7.5 (U-Net batch 2), full call timed: tokenizer + text encoder +
+sampling loop + VAE decode + conversion to a numpy image; wall seconds and process CPU seconds (steadier on a shared
+machine) are both reported. Each repetition runs ours and diffusers' back to back,
+alternating which goes first; medians over repetitions and the ratios ours / diffusers are reported (<= 1: ours is
+as fast or as lean). A 1-step call of each side at a small size warms up first (library initialisation, kernels).
+
+Peak memory (method of benchmarks/unet.py, whose `measure` and `compare` this script calls): on CUDA,
+torch.cuda.max_memory_allocated during the call minus the memory allocated before it. On CPU, the increase of the
+process's peak resident set (VmHWM, reset through /proc/self/clear_refs before each call) over its resident size
+just before the call, with glibc's mmap threshold fixed at 128 KiB (the script re-executes itself with
+MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the resident set and one call's garbage does not hide the next
+call's peak. This is the memory the call itself makes resident (activations, temporaries, allocator overhead); the
+weights are shared and excluded. The whole process's ru_maxrss is reported too.
+
+On CUDA (or with --peak-tflops), the U-Net's FLOPs per step (one batch-2 forward, counted by
+torch.utils.flop_counter.FlopCounterMode) divided by --peak-tflops give an ideal time per image for the sampling
+loop, reported against the measured one (the fraction is the model FLOP utilisation of the whole call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import unet as unet_bench  # noqa: E402  benchmarks/unet.py; its __main__-only re-exec does not run on import
+
+if __name__ == "__main__" and sys.platform.startswith("linux") and unet_bench.MMAP_ENV not in os.environ and not any(
+    "cuda" in a for a in sys.argv
+):
+    os.environ[unet_bench.MMAP_ENV] = "131072"
+    os.execv(sys.executable, [sys.executable, *sys.argv])  # the malloc setting is read at process start
+
+import torch  # noqa: E402
+
+PROMPT = "a red circle above a blue square"
+GUIDANCE = 7.5
+SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
+              "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}  # fmt: skip
+
+
+def model_configs(name: str) -> tuple:
+    """(UNetConfig, VAEConfig, CLIPTextConfig, NoiseSchedule) of the "tiny" or "sd15" model."""
+    from transformers import CLIPTextConfig
+
+    from autoencoder.model import VAEConfig
+    from ldm.config import load_config
+    from ldm.schedule import NoiseSchedule
+    from ldm.unet import UNetConfig
+    from pipelines.single_file import SD1_TEXT, SD_SCHEDULE
+    from pipelines.tiny import tiny_text_config
+
+    if name == "tiny":
+        unet = load_config(UNetConfig, ROOT / "configs/unet-tiny.yaml")
+        vae = load_config(VAEConfig, ROOT / "configs/vae-tiny.yaml")
+        text = tiny_text_config()
+    else:
+        unet = load_config(UNetConfig, ROOT / "configs/unet-sd15.yaml")
+        vae = load_config(VAEConfig, ROOT / "configs/vae-sd.yaml")
+        text = CLIPTextConfig(**SD1_TEXT)
+    return unet, vae, text, NoiseSchedule(**SD_SCHEDULE, timestep_spacing="leading")
+
+
+def build_pair(name: str, sampler: str, device: torch.device, dtype: torch.dtype):
+    """Our Pipeline and diffusers' StableDiffusionPipeline over the same weight tensors."""
+    import diffusers
+    from diffusers import AutoencoderKL as DAutoencoderKL
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from autoencoder.model import AutoencoderKL
+    from ldm.text import EOS, TextEncoder, build_clip_tokenizer
+    from ldm.unet import UNet
+    from pipelines.text_to_image import Pipeline
+
+    unet_cfg, vae_cfg, text_cfg, schedule = model_configs(name)
+    torch.manual_seed(0)
+    d_unet = UNet2DConditionModel.from_config(unet_cfg.to_diffusers()).to(device, dtype).eval()
+    d_vae = DAutoencoderKL.from_config(vae_cfg.to_diffusers()).to(device, dtype).eval()
+    text_model = CLIPTextModel(text_cfg).to(device, dtype).eval()
+    tokenizer = build_clip_tokenizer(EOS)
+    with torch.device("meta"):
+        unet, vae = UNet(unet_cfg), AutoencoderKL(vae_cfg)
+    unet.load_state_dict(d_unet.state_dict(), strict=True, assign=True)
+    vae.load_state_dict(d_vae.state_dict(), strict=True, assign=True)
+    ours = Pipeline(unet, vae, TextEncoder(tokenizer, text_model), schedule, device=device, dtype=dtype)
+    scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(schedule.to_diffusers())
+    theirs = StableDiffusionPipeline(vae=d_vae, text_encoder=text_model, tokenizer=tokenizer, unet=d_unet,
+                                     scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                     requires_safety_checker=False)  # fmt: skip
+    theirs.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+def runners(ours, theirs, sampler: str, steps: int, size: int):
+    """Two zero-argument calls producing (1, size, size, 3) images in [0, 1] from the same latents and seed."""
+    f = ours.vae_scale_factor
+    latents = torch.randn(1, 4, size // f, size // f, generator=torch.Generator().manual_seed(1))
+    kw = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size, output_type="np")
+
+    def run_ours() -> torch.Tensor:
+        out = ours(PROMPT, sampler=sampler, latents=latents, generator=torch.Generator().manual_seed(2),
+                   progress=False, **kw)  # fmt: skip
+        return torch.from_numpy(out.images)
+
+    def run_theirs() -> torch.Tensor:
+        out = theirs(PROMPT, latents=latents.to(theirs.device, theirs.unet.dtype),
+                     generator=torch.Generator().manual_seed(2), **kw)  # fmt: skip
+        return torch.from_numpy(out.images)
+
+    return run_ours, run_theirs
+
+
+def unet_flops(ours, size: int) -> int:
+    """FLOPs of one guided sampling step: a batch-2 U-Net forward at the latent size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    f, u = ours.vae_scale_factor, ours.unet
+    x = torch.zeros(2, u.config.in_channels, size // f, size // f, device=ours.device, dtype=ours.dtype)
+    c = torch.zeros(2, 77, u.config.cross_attention_dim, device=ours.device, dtype=ours.dtype)
+    t = torch.full((2,), 500, device=ours.device)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        u(x, t, c)
+    return int(counter.get_total_flops())
+
+
+def bench_case(args, name: str, size: int, pair, device: torch.device) -> dict:
+    ours, theirs = pair
+    run_ours, run_theirs = runners(ours, theirs, args.sampler, args.steps, size)
+    reps = max(args.reps, args.tiny_reps) if name == "tiny" else args.reps
+    res = unet_bench.compare(f"{name}@{size}", run_ours, run_theirs, reps, device)
+    res.update(model=name, size=size, steps=args.steps, sampler=args.sampler, reps=reps)
+    res["seconds_per_image"] = res.pop("time_s")
+    if args.peak_tflops or device.type == "cuda":
+        flops = unet_flops(ours, size)
+        res["unet_flops_per_step"] = flops
+        if args.peak_tflops:
+            ideal = flops * args.steps / (args.peak_tflops * 1e12)
+            res["ideal_unet_seconds"] = ideal
+            res["flop_utilisation"] = {k: ideal / v for k, v in res["seconds_per_image"].items()}
+    return res
+
+
+def warm_up(pair, sampler: str) -> None:
+    ours, theirs = pair
+    small = 8 * ours.vae_scale_factor
+    for fn in runners(ours, theirs, sampler, 1, small):
+        fn()
+
+
+def compile_unets(pair) -> None:
+    """torch.compile both U-Nets' forward (the pipelines keep calling the modules)."""
+    ours, theirs = pair
+    ours.unet.forward = torch.compile(ours.unet.forward)
+    theirs.unet.forward = torch.compile(theirs.unet.forward)
+
+
+def report_md(res: dict) -> str:
+    lines = [
+        "# Text-to-image pipeline: ours vs diffusers' StableDiffusionPipeline",
+        "",
+        f"device `{res['device']}`, dtype `{res['dtype']}`, torch {res['torch']}, diffusers {res['diffusers']}, "
+        f"{res['threads']} threads, sampler `{res['sampler']}`, guidance {GUIDANCE}, {res['reps']} repetitions "
+        f"(median; tiny: {res['tiny_reps']}), compile {res['compile']}, {res['platform']}",
+        "",
+        "| model | size | steps | ours (s/image) | diffusers (s/image) | time ratio | CPU-time ratio "
+        "| ours peak (MiB) | diffusers peak (MiB) | mem ratio | max abs pixel diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in res["results"].items():
+        if "skipped" in r:
+            lines.append(f"| {key} | | | skipped: {r['skipped']} | | | | | | | |")
+            continue
+        t, m = r["seconds_per_image"], r["peak_mem_mib"]
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['steps']} | {t['ours']:.3f} | {t['diffusers']:.3f} | "
+            f"{r['time_ratio']:.3f} | {r.get('cpu_time_ratio', float('nan')):.3f} | {m['ours']:.1f} | {m['diffusers']:.1f} | {r['mem_ratio']:.3f} | "
+            f"{r['max_abs_output_diff']:.2e} |"
+        )
+    flop_rows = [(k, r) for k, r in res["results"].items() if "unet_flops_per_step" in r]
+    if flop_rows:
+        lines += ["", "| case | U-Net GFLOP/step | ideal U-Net s/image | ours utilisation | diffusers utilisation |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for k, r in flop_rows:
+            u = r.get("flop_utilisation", {})
+            ideal = r.get("ideal_unet_seconds")
+            lines.append(f"| {k} | {r['unet_flops_per_step'] / 1e9:.1f} | {'' if ideal is None else f'{ideal:.3f}'} "
+                         f"| {u.get('ours', float('nan')):.2%} | {u.get('diffusers', float('nan')):.2%} |")
+    lines += ["", "Peak memory: " + res["memory_method"], "",
+              f"Whole-process peak RSS (ru_maxrss): {res['process_max_rss_mib']:.0f} MiB", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 2 on CPU, 30 on CUDA)")
+    p.add_argument("--sampler", default="euler", choices=sorted(SCHEDULERS))
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per case (default 3)")
+    p.add_argument("--tiny-reps", type=int, default=9, help="repetitions for the (noisy, fast) tiny model")
+    p.add_argument("--quick", action="store_true", help="one repetition, and no SD 1.5 512 x 512 case")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="SD 1.5 image sizes (default 256 512)")
+    p.add_argument("--skip-sd", action="store_true", help="only the tiny model")
+    p.add_argument("--compile", action="store_true", help="torch.compile both U-Nets")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s in --dtype")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results"), help="folder for pipeline.json and pipeline.md")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    args.steps = args.steps or (30 if device.type == "cuda" else 2)
+    if args.quick:
+        args.reps = 1
+        args.sizes = [s for s in args.sizes if s < 512]
+    import diffusers
+
+    mem_method = (
+        "torch.cuda.max_memory_allocated during the call minus memory allocated before it"
+        if device.type == "cuda" else
+        "increase of peak RSS (VmHWM, reset through /proc/self/clear_refs) over RSS before the call, with "
+        f"{unet_bench.MMAP_ENV}={os.environ.get(unet_bench.MMAP_ENV, 'unset')} so freed tensors leave the resident "
+        "set; weights are shared by both pipelines and not counted"
+    )
+    res = {
+        "device": str(device), "dtype": args.dtype, "reps": args.reps, "tiny_reps": max(args.reps, args.tiny_reps), "steps": args.steps, "sampler": args.sampler,
+        "compile": args.compile, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "threads": torch.get_num_threads(), "platform": platform.platform(), "memory_method": mem_method,
+        "results": {},
+    }  # fmt: skip
+    cases = [("tiny", [32])] + ([] if args.skip_sd else [("sd15", args.sizes)])
+    for name, sizes in cases:
+        print(f"building {name} (diffusers init, ours sharing the tensors)", flush=True)
+        pair = build_pair(name, args.sampler, device, dtype)
+        if args.compile:
+            compile_unets(pair)
+        warm_up(pair, args.sampler)
+        for size in sizes:
+            print(f"{name} {size}x{size}, {args.steps} steps", flush=True)
+            res["results"][f"{name}@{size}"] = bench_case(args, name, size, pair, device)
+        del pair
+    res["process_max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    unet_bench.write_atomic(out / "pipeline.json", json.dumps(res, indent=2))
+    md = report_md(res)
+    unet_bench.write_atomic(out / "pipeline.md", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
