@@ -1,0 +1,207 @@
+"""A small CLIP (Radford et al. 2021) trained contrastively on (image, caption) pairs: open_clip's CLIP built from a
+config dict and its ClipLoss (the symmetric InfoNCE of Radford et al. 2021, fig. 3), on the shared resumable loop.
+
+The image tower takes pixels in [-1, 1] as the data loader gives them (no extra normalisation). Captions are
+tokenized by the project's offline CLIP tokenizer with pad token "!" (id 0), so ids equal open_clip's tokenizer's.
+Its text tower, converted to a transformers CLIPTextModel (ldm.text_openclip), is a pipeline's frozen text encoder;
+its image tower gives CLIP scores and the feature space of a Frechet distance (benchmarks/quality.py).
+
+    python -m ldm.clip_train --config configs/default-model.yaml ...   (normally run by ldm.default_model)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.checkpoint import Part, StepContext, latest_checkpoint, load_weights_only, run_loop
+from ldm.config import to_dict
+from ldm.data import DataConfig, build_dataloader
+from ldm.io import load_state_dict, save_state_dict, write_json
+from ldm.text import TextEncoder, build_clip_tokenizer
+from ldm.text_openclip import openclip_text_config, openclip_to_transformers, text_tower_state_dict
+from ldm.text_openclip import transformers_to_openclip
+from ldm.train_config import OptimConfig, RunConfig, build_accelerator, build_lr_scheduler, build_optimizer
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+OPENCLIP_PAD = "!"  # open_clip's tokenizer pads with id 0, the token "!"
+
+
+def default_clip_model() -> dict[str, Any]:
+    """open_clip model config (its JSON layout): a 2-layer ViT on 64 px (8 px patches) and a 2-layer text tower."""
+    return {"embed_dim": 64,
+            "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
+
+
+@dataclass
+class ClipTrainConfig:
+    """CLIP contrastive training; `model` is an open_clip model config dict (embed_dim, vision_cfg, text_cfg)."""
+
+    data: DataConfig
+    model: dict[str, Any] = field(default_factory=default_clip_model)
+    init_seed: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98),
+                                                                   eps=1e-6, lr_scheduler="cosine", warmup_steps=50))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/clip", batch_size=64, max_steps=500))
+
+    def __post_init__(self) -> None:
+        for key in ("embed_dim", "vision_cfg", "text_cfg"):
+            if key not in self.model:
+                raise ValueError(f"clip model config lacks {key!r} (open_clip's layout: embed_dim, vision_cfg, text_cfg)")
+        text = self.model["text_cfg"]
+        if text.get("vocab_size", 49408) != 49408 or text.get("context_length", 77) != 77:
+            raise ValueError("the text tower must have vocab_size 49408 and context_length 77 (the CLIP tokenizer's)")
+        if self.run.cache_latents:
+            raise ValueError("run.cache_latents has no meaning for CLIP training; set it to false")
+
+
+def build_clip(model: dict[str, Any], seed: int = 0) -> nn.Module:
+    """open_clip.CLIP(**model) with seeded weights, returning a dict from forward (output_dict=True)."""
+    import open_clip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return open_clip.CLIP(**copy.deepcopy(model), output_dict=True)
+
+
+def text_heads(model: dict[str, Any]) -> int:
+    """Attention heads of the text tower (open_clip's default is 8)."""
+    return int(model["text_cfg"].get("heads", 8))
+
+
+class ContrastiveStep:
+    """One micro-batch of ClipLoss: L = (CE(s I T^T, diag) + CE(s T I^T, diag)) / 2 over normalised features."""
+
+    def __init__(self, model: nn.Module, raw: nn.Module, device: torch.device) -> None:
+        import open_clip
+
+        self.model, self.raw, self.device = model, raw, device
+        self.tokenizer = build_clip_tokenizer(pad_token=OPENCLIP_PAD)
+        self.loss = open_clip.loss.ClipLoss()
+
+    def __call__(self, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        clamp_logit_scale(self.raw)  # before the forward, so that a resumed run repeats an uninterrupted one
+        pixels = batch["pixel_values"].to(self.device)  # (B, 3, H, W) in [-1, 1]
+        ids = self.tokenizer(list(batch["captions"]), padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)  # (B, 77)
+        out = self.model(pixels, ids)
+        scale = out["logit_scale"]  # open_clip returns exp(log scale)
+        loss = self.loss(out["image_features"], out["text_features"], scale)
+        with torch.no_grad():
+            logits = out["image_features"] @ out["text_features"].T  # (B, B)
+            acc = (logits.argmax(1) == torch.arange(len(ids), device=self.device)).float().mean()
+        return loss, {"i2t_acc": float(acc), "logit_scale": float(scale)}
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:
+    """Keep the temperature's scale exp(logit_scale) in [1, 100] (Radford et al. 2021, sec. 2.5)."""
+    model.logit_scale.clamp_(0.0, math.log(max_scale))
+
+
+def train_clip(config: ClipTrainConfig) -> dict[str, Any]:
+    """Run (or resume, run.resume="latest") contrastive training; returns {"step", "checkpoint"}."""
+    run = config.run
+    accelerator = build_accelerator(run, config.optim)
+    model = build_clip(config.model, config.init_seed).to(accelerator.device).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
+    # open_clip's rule: no weight decay on gains, biases and the logit scale
+    optimizer = build_optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], config.optim)
+    scheduler = build_lr_scheduler(optimizer, config.optim, run.max_steps)
+    loader, position = build_dataloader(config.data, run.batch_size, num_workers=run.num_workers,
+                                        num_processes=accelerator.num_processes)
+    model_p, optimizer_p, loader_p = accelerator.prepare(model, optimizer, loader)
+    result = run_loop(accelerator, run, config.optim, parts=[Part("clip", model_p, optimizer_p, scheduler)],
+                      loader=loader_p, position=position, step_fn=ContrastiveStep(model_p, model, accelerator.device),
+                      meta={"config": to_dict(config)})
+    accelerator.end_training()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ export / load
+
+
+def save_clip(model: nn.Module, config: dict[str, Any], folder: str | Path, *, text: bool = True) -> Path:
+    """Write open_clip_config.json + open_clip_model.safetensors; text=False leaves out the text tower (it ships
+    as text_encoder/ beside it) and keeps the image tower, logit_scale and text_projection."""
+    folder = Path(folder)
+    state = model.state_dict()
+    if not text:
+        tower = set(text_tower_state_dict(state)) - {"text_projection"}
+        state = {k: v for k, v in state.items() if k not in tower}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items() if k != "attn_mask"}
+    save_state_dict(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    write_json(config, folder / CONFIG_NAME)
+    return folder
+
+
+def export_clip(run_or_checkpoint: str | Path, folder: str | Path) -> Path:
+    """The CLIP of a checkpoint (or a run folder's latest) as an open_clip folder (config + safetensors)."""
+    path = Path(run_or_checkpoint)
+    ckpt = path if (path / "meta.json").is_file() else latest_checkpoint(path / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"no complete checkpoint in {path}")
+    model_config = json.loads((ckpt / "meta.json").read_text())["config"]["model"]
+    model = build_clip(model_config)
+    model.load_state_dict(load_weights_only(ckpt, "clip", use_ema=False), strict=False)
+    return save_clip(model, model_config, folder)
+
+
+def load_clip(folder: str | Path, text_encoder_folder: str | Path | None = None) -> nn.Module:
+    """An open_clip CLIP (eval mode) from a folder written by save_clip; the text tower comes from the folder, or
+    from a diffusers pipeline folder's text_encoder/ (converted back) when the CLIP folder was saved without it."""
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder} is not a CLIP folder: {CONFIG_NAME} is missing")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    model = build_clip(config)
+    state = load_state_dict(folder / WEIGHTS_NAME)
+    if text_encoder_folder is not None:
+        enc = TextEncoder.from_pretrained(text_encoder_folder)
+        state.update(transformers_to_openclip(dict(enc.model.state_dict()), enc.model.config))
+    own = {k for k in model.state_dict() if k != "attn_mask"}
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        raise KeyError(f"{folder}: missing CLIP key(s) {missing[:5]}, unexpected {unexpected[:5]} (pass the "
+                       "pipeline folder as text_encoder_folder when the text tower ships as text_encoder/)")
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def clip_text_encoder(model: nn.Module, config: dict[str, Any]) -> TextEncoder:
+    """The CLIP's text tower as a TextEncoder (transformers CLIPTextModel, tokenizer padding with "!" = id 0)."""
+    from transformers import CLIPTextModel
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    text_config = openclip_text_config(state, num_heads=text_heads(config))
+    text_model = CLIPTextModel(text_config)
+    text_model.load_state_dict(openclip_to_transformers(state, text_config), strict=False)
+    return TextEncoder(build_clip_tokenizer(pad_token=OPENCLIP_PAD), text_model.eval())
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from ldm.train_config import load_train_config
+
+    parser = argparse.ArgumentParser(prog="python -m ldm.clip_train", description="Train a small CLIP contrastively.")
+    parser.add_argument("--config", required=True, help="YAML mirroring ldm.clip_train.ClipTrainConfig")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    result = train_clip(load_train_config(ClipTrainConfig, args.config, args.overrides))
+    print(f"finished at step {result['step']}; last checkpoint {result['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,246 @@
+"""The recipe of the bundled default model (issue 7): every stage, its config, and one command that runs them all.
+
+    python -m ldm.default_model --out runs/default                 # the whole recipe (configs/default-model.yaml)
+    python -m ldm.default_model --out runs/default --resume        # continue after a stop, stage by stage
+    python -m ldm.default_model --out runs/default --resume --export pipelines/default_model
+
+Stages (each trains through the same code a user's data would go through):
+  data    ldm.shapes.export_imagefolder: data/train (train split), data/test-held-out (held-out colour-shape pairs)
+          and data/test-seen (fresh scenes of the train distribution, another seed), 64 x 64 imagefolders
+  clip    ldm.clip_train: a small open_clip CLIP, contrastive (ClipLoss) -> clip/ (open_clip folder)
+  vae     autoencoder.train: KL autoencoder, 4 latent channels, f = 4 -> vae/ run, vae-export/ (diffusers vae/)
+  init    the U-Net's seeded initial weights + trained VAE + the CLIP text tower as a CLIPTextModel -> init/
+  unet    ldm.train with model.pretrained = init/: frozen VAE latents (cached), frozen text embeddings, condition
+          dropout, EMA -> unet/ run
+  export  pipelines.export (EMA U-Net) -> pipeline/, plus clip/ (image tower, logit scale, text projection)
+
+Paths (data, run folders, the init folder) are set by the recipe under --out; the YAML holds hyperparameters only.
+`seed` seeds the data, every initialisation and every training run. A finished stage leaves `<stage>.done`; with
+--resume finished stages are skipped and training stages continue from their latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoencoder.model import VAEConfig
+from autoencoder.train import VAETrainConfig, export_vae, train_vae
+from ldm.clip_train import ClipTrainConfig, clip_text_encoder, export_clip, load_clip, save_clip, train_clip
+from ldm.config import apply_overrides, from_dict, load_yaml, save_config
+from ldm.train import load_vae, train
+from ldm.train_config import TrainConfig, sd_schedule
+from ldm.unet import UNet, UNetConfig
+
+logger = logging.getLogger(__name__)
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default-model.yaml"
+STAGES = ("data", "clip", "vae", "init", "unet", "export")
+
+
+@dataclass
+class DataStageConfig:
+    """Sizes of the exported splits (images are size x size)."""
+
+    n_train: int = 10000
+    n_test_held_out: int = 500
+    n_test_seen: int = 500
+    size: int = 64
+
+
+@dataclass
+class DefaultModelConfig:
+    """The whole recipe (configs/default-model.yaml). Stage configs carry no paths: the recipe sets them."""
+
+    clip: ClipTrainConfig
+    vae_model: VAEConfig
+    vae: VAETrainConfig
+    unet_model: UNetConfig
+    unet: TrainConfig
+    seed: int = 0
+    num_threads: int | None = 1  # torch CPU threads (None: torch's default); 1 is fastest on a shared 2-core CPU
+    data: DataStageConfig = field(default_factory=DataStageConfig)
+
+
+# Where each stage's paths point, relative to --out (dotted keys into the config dict).
+_PATHS: dict[str, str] = {
+    "clip.data.path": "data/train", "clip.run.output_dir": "clip",
+    "vae.data.path": "data/train", "vae.eval_data.path": "data/test-held-out", "vae.run.output_dir": "vae",
+    "vae.model.config": "vae-model.yaml",
+    "unet.data.path": "data/train", "unet.run.output_dir": "unet", "unet.model.pretrained": "init",
+}
+_SEEDS = ("clip.init_seed", "clip.run.seed", "clip.data.seed", "vae.model.init_seed", "vae.run.seed", "vae.data.seed",
+          "unet.run.seed", "unet.data.seed")
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    *head, last = dotted.split(".")
+    for key in head:
+        d = d.setdefault(key, {})
+    d[last] = value
+
+
+def load_recipe(path: str | Path, out: str | Path, overrides: list[str] | None = None) -> DefaultModelConfig:
+    """The recipe config from YAML with `key.sub=value` overrides, its paths placed under `out`, seeds from `seed`."""
+    data = apply_overrides(load_yaml(path), list(overrides or []))
+    out = Path(out)
+    for key, rel in _PATHS.items():
+        _set(data, key, str(out / rel))
+    seed = int(data.get("seed", 0))
+    for key in _SEEDS:
+        _set(data, key, seed)
+    for key in ("clip.run.resume", "vae.run.resume", "unet.run.resume"):
+        _set(data, key, "latest")  # None when there is no checkpoint yet: a fresh run
+    return from_dict(DefaultModelConfig, data, where=str(path))
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+
+
+def stage_data(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
+    from ldm.shapes import export_imagefolder
+
+    d = cfg.data
+    splits = {"train": ("train", cfg.seed, d.n_train), "test-held-out": ("test", cfg.seed, d.n_test_held_out),
+              "test-seen": ("train", cfg.seed + 1, d.n_test_seen)}
+    for name, (split, seed, n) in splits.items():
+        export_imagefolder(out / "data" / name, n, split, seed, size=d.size, overwrite=True)
+    return {name: n for name, (_, _, n) in splits.items()}
+
+
+def stage_clip(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
+    result = train_clip(cfg.clip)
+    export_clip(out / "clip", out / "clip-export")
+    return {"step": result["step"], **_last_losses(out / "clip")}
+
+
+def stage_vae(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
+    save_config(cfg.vae_model, out / "vae-model.yaml")
+    result = train_vae(cfg.vae)
+    export_vae(out / "vae", out / "vae-export")
+    return {"step": result["step"], **_last_losses(out / "vae"), **_last_losses(out / "vae", "eval.csv")}
+
+
+def stage_init(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
+    from pipelines.folder import save_pipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        unet = UNet(cfg.unet_model)
+    clip = load_clip(out / "clip-export")
+    text = clip_text_encoder(clip, cfg.clip.model)
+    vae = load_vae(out / "vae-export")
+    vae.config.scaling_factor = latent_scaling_factor(vae, out / "data" / "train")
+    save_pipeline(out / "init", unet=unet, vae=vae, text_encoder=text, schedule=sd_schedule())
+    return parameter_counts(unet, vae, text, clip)
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: torch.nn.Module, folder: Path, n: int = 512) -> float:
+    """1 / std of z ~ q(z|x) over the first n training images (Rombach et al. 2022, sec. 4.3.2), 4 significant digits."""
+    from ldm.data import DataConfig, build_dataloader
+
+    loader, _ = build_dataloader(DataConfig(path=str(folder), resolution=vae.config.sample_size, shuffle=False,
+                                            max_samples=n), 64)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.cat([vae.encode(b["pixel_values"]).sample(gen) for b in loader])  # (n, C, h, w)
+    return float(f"{1.0 / z.std().item():.4g}")
+
+
+def stage_unet(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
+    result = train(cfg.unet)
+    return {"step": result["step"], **_last_losses(out / "unet")}
+
+
+def stage_export(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
+    from pipelines.export import export
+
+    export(out / "unet", out / "pipeline", use_ema=True)
+    save_clip(load_clip(out / "clip-export"), cfg.clip.model, out / "pipeline" / "clip", text=False)
+    return {"bytes": folder_bytes(out / "pipeline")}
+
+
+def parameter_counts(unet: torch.nn.Module, vae: torch.nn.Module, text: torch.nn.Module,
+                     clip: torch.nn.Module) -> dict[str, int]:
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"unet_params": count(unet), "vae_params": count(vae), "text_encoder_params": count(text),
+            "clip_image_tower_params": count(clip.visual), "clip_params": count(clip)}
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _last_losses(run_dir: Path, name: str = "losses.csv") -> dict[str, float]:
+    """The last logged row of a run's CSV (e.g. the final loss, the final PSNR)."""
+    path = run_dir / name
+    if not path.is_file():
+        return {}
+    rows = [r.split(",") for r in path.read_text().splitlines() if r]
+    return {f"{name.removesuffix('.csv')}.{k}": float(v) for k, v in zip(rows[0][1:], rows[-1][1:])} if len(rows) > 1 \
+        else {}
+
+
+_RUN = {"data": stage_data, "clip": stage_clip, "vae": stage_vae, "init": stage_init, "unet": stage_unet,
+        "export": stage_export}
+
+
+def run_recipe(cfg: DefaultModelConfig, out: str | Path, *, resume: bool = False, stop_after: str | None = None,
+               export_to: str | Path | None = None) -> dict[str, Any]:
+    """Run the stages in order (skipping finished ones when resuming); returns and writes out/report.json."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"{out} is not empty: pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "recipe.yaml")
+    report_path = out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    for stage in STAGES:
+        done = out / f"{stage}.done"
+        if not done.is_file():
+            logger.info("stage %s", stage)
+            start = time.perf_counter()
+            info = _RUN[stage](cfg, out)
+            entry = report.get(stage, {})
+            entry.update(info)
+            entry["wall_s"] = entry.get("wall_s", 0.0) + time.perf_counter() - start  # summed over resumed runs
+            report[stage] = entry
+            report_path.write_text(json.dumps(report, indent=2))
+            done.write_text("")
+        if stage == stop_after:
+            break
+    if export_to is not None and (out / "export.done").is_file():
+        export_to = Path(export_to)
+        if export_to.exists():
+            shutil.rmtree(export_to)
+        shutil.copytree(out / "pipeline", export_to)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ldm.default_model", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="run folder (data, checkpoints, exported pipeline)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML mirroring DefaultModelConfig")
+    parser.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
+    parser.add_argument("--stop-after", choices=STAGES, default=None, help="stop after this stage")
+    parser.add_argument("--export", default=None, help="copy the exported pipeline folder here when done")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. unet.run.max_steps=100")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_recipe(args.config, args.out, args.overrides)
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    report = run_recipe(cfg, args.out, resume=args.resume, stop_after=args.stop_after, export_to=args.export)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
