@@ -99,7 +99,7 @@ class ContrastiveStep:
         with torch.no_grad():
             logits = out["image_features"] @ out["text_features"].T  # (B, B)
             acc = (logits.argmax(1) == torch.arange(len(ids), device=self.device)).float().mean()
-        return loss, {"i2t_acc": float(acc), "logit_scale": float(scale)}
+        return loss, {"i2t_acc": float(acc), "logit_scale": float(scale.detach())}
 
 
 @torch.no_grad()

@@ -1,0 +1,276 @@
+"""Prompt adherence and image quality of a shapes text-to-image model (the bundled default model by default).
+
+GenEval-style adherence (Ghosh et al. 2023): images generated for structured prompts are scored attribute by
+attribute by the analytic detector ldm.shapes_detect (100% on clean renders): single-object prompts ("a red circle",
+sometimes with a position) and two-object prompts with a relation ("a red circle above a blue square"), each for
+seen (colour, shape) pairs and for the held-out pairs the training split never shows. Also: CLIP score with the
+model's small CLIP (Hessel et al. 2021), a Frechet distance in its image-feature space to the test images (the FID
+recipe of Heusel et al. 2017 with the small CLIP's image tower as the feature map), the VAE's reconstruction PSNR,
+a guidance-scale sweep and a sampler x steps sweep. Writes docs/quality.md and docs/quality-grid.png.
+
+    python benchmarks/quality.py            # full run (about 10 minutes on 2 CPU cores)
+    python benchmarks/quality.py --quick    # a smoke run (a minute): fewer prompts, scales and samplers
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ldm import shapes as S  # noqa: E402
+from ldm.shapes_detect import score_image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTRIBUTES = ("shape", "color", "position", "count", "relation", "all")
+REL_PHRASE = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
+def feature_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance (ddof 1) of features x (N, D), float64."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"features must be (N, D) with N >= 2, got shape {x.shape}")
+    return x.mean(0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
+
+
+def _sqrt_psd(a: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix by eigendecomposition (negative rounding clipped to 0)."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """d^2(N(mu1, C1), N(mu2, C2)) = |mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2) (Dowson & Landau 1982)."""
+    mu1, mu2, cov1, cov2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, cov1, cov2))
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"shapes do not match: mu {mu1.shape} {mu2.shape}, cov {cov1.shape} {cov2.shape}")
+    r1 = _sqrt_psd(cov1)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ cov2 @ r1), 0, None)).sum()  # tr (C1^1/2 C2 C1^1/2)^1/2
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * cross)
+
+
+def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """CLIPScore = 100 max(cos(image, text), 0) per pair (Hessel et al. 2021, eq. 1 with w = 100), (N,)."""
+    cos = torch.nn.functional.cosine_similarity(image_features.double(), text_features.double(), dim=-1)
+    return 100 * cos.clamp_min(0)
+
+
+def summarize(scores: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-attribute accuracy: the fraction of images where the attribute is right, among those whose prompt states
+    it (NaN when none does); "all" is the fraction with every stated attribute (and the count) right."""
+    out = {}
+    for key in ATTRIBUTES:
+        vals = [s[key] for s in scores if s.get(key) is not None]
+        out[key] = float(np.mean(vals)) if vals else float("nan")
+    out["n"] = len(scores)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+
+
+def _pairs(held_out: bool) -> list[tuple[str, str]]:
+    return [(c, s) for c in S.COLORS for s in S.SHAPES if ((c, s) in S.HELD_OUT_PAIRS) == held_out]
+
+
+def single_prompts(n: int, held_out: bool, seed: int = 0) -> list[str]:
+    """n single-object prompts over seen (or held-out) pairs; every other one states a position."""
+    rng = np.random.default_rng([seed, 1, held_out])
+    pairs = _pairs(held_out)
+    out = []
+    for i in range(n):
+        c, s = pairs[i % len(pairs)] if i < len(pairs) else pairs[rng.integers(len(pairs))]
+        where = f" {S.POSITION_PHRASES[S.POSITIONS[rng.integers(len(S.POSITIONS))]]}" if i % 2 else ""
+        out.append(f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}{where}")
+    return out
+
+
+def pair_prompts(n: int, held_out: bool, seed: int = 0) -> list[str]:
+    """n two-object prompts "A <relation> B" with distinct pairs; held_out: one of the two pairs is held out."""
+    rng = np.random.default_rng([seed, 2, held_out])
+    seen, held = _pairs(False), _pairs(True)
+    out = []
+    while len(out) < n:
+        a = (held if held_out else seen)[rng.integers(len(held if held_out else seen))]
+        b = seen[rng.integers(len(seen))]
+        if a[1] == b[1] or a[0] == b[0]:  # distinct colours and shapes: each attribute tells the two apart
+            continue
+        first, second = (a, b) if rng.random() < 0.5 else (b, a)
+        rel = S.RELATIONS[rng.integers(len(S.RELATIONS))]
+        art = lambda c: "an" if c[0] in "aeiou" else "a"  # noqa: E731
+        out.append(f"{art(first[0])} {first[0]} {first[1]} {REL_PHRASE[rel]} {art(second[0])} {second[0]} {second[1]}")
+    return out
+
+
+def prompt_sets(n_single: int, n_pair: int) -> dict[str, list[str]]:
+    return {"single, seen": single_prompts(n_single, False), "single, held-out": single_prompts(n_single // 2, True),
+            "two objects, seen": pair_prompts(n_pair, False), "two objects, held-out": pair_prompts(n_pair // 2, True)}
+
+
+# ------------------------------------------------------------------------------------------------- generation
+
+
+def generate(pipe: Any, prompts: list[str], *, guidance: float, sampler: str, steps: int, seed: int = 0,
+             batch: int = 64) -> np.ndarray:
+    """Images (N, H, W, 3) in [0, 1] for the prompts; prompt i gets seed `seed + i` whatever the batching."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        res = pipe(chunk, guidance_scale=guidance, sampler=sampler, num_inference_steps=steps,
+                   seed=list(range(seed + i, seed + i + len(chunk))), output_type="np", progress=False)
+        out.append(np.asarray(res.images, dtype=np.float64))
+    return np.concatenate(out)
+
+
+def test_images(n: int, split: str, seed: int, size: int = 64) -> tuple[np.ndarray, list[str]]:
+    """The recipe's test images (pure functions of seed, split, index): held-out = ("test", 0), seen = ("train", 1)."""
+    items = [S.dataset_item(seed, split, i, size) for i in range(n)]
+    return np.stack([np.asarray(im, dtype=np.float64) / 255 for im, _, _ in items]), [c for _, c, _ in items]
+
+
+@torch.no_grad()
+def clip_features(clip: Any, images: np.ndarray | None = None, texts: list[str] | None = None) -> torch.Tensor:
+    """Projected CLIP features (not normalised) of images (N, H, W, 3) in [0, 1], or of texts."""
+    from ldm.clip_train import OPENCLIP_PAD
+    from ldm.text import build_clip_tokenizer
+
+    if images is not None:
+        x = torch.from_numpy(images).float().permute(0, 3, 1, 2) * 2 - 1  # (N, 3, H, W) in [-1, 1]
+        return torch.cat([clip.encode_image(x[i:i + 256]) for i in range(0, len(x), 256)])
+    ids = build_clip_tokenizer(pad_token=OPENCLIP_PAD)(texts, padding="max_length", max_length=77, truncation=True,
+                                                       return_tensors="pt").input_ids
+    return clip.encode_text(ids)
+
+
+# ------------------------------------------------------------------------------------------------------- runs
+
+
+def adherence(pipe: Any, clip: Any, sets: dict[str, list[str]], **gen: Any) -> dict[str, dict[str, float]]:
+    """summarize(score_image) and the mean CLIP score of each prompt set."""
+    out = {}
+    for name, prompts in sets.items():
+        images = generate(pipe, prompts, **gen)
+        row = summarize([score_image(p, im) for p, im in zip(prompts, images)])
+        row["clip_score"] = float(clip_score(clip_features(clip, images), clip_features(clip, texts=prompts)).mean())
+        out[name] = row
+    return out
+
+
+def vae_psnr(pipe: Any, images: np.ndarray) -> float:
+    """Mean PSNR (peak-to-peak 2 in [-1, 1]) of the VAE's mode reconstructions."""
+    from autoencoder.train import psnr
+
+    x = torch.from_numpy(images).float().permute(0, 3, 1, 2) * 2 - 1
+    with torch.no_grad():
+        rec = torch.cat([pipe.vae(x[i:i + 64]) for i in range(0, len(x), 64)])
+    return float(psnr(x, rec.clamp(-1, 1)).mean())
+
+
+def fd(a: torch.Tensor, b: torch.Tensor) -> float:
+    return frechet_distance(*feature_stats(a.double().numpy()), *feature_stats(b.double().numpy()))
+
+
+def save_grid(pipe: Any, prompts: list[str], seeds: int, path: Path, **gen: Any) -> None:
+    """prompts x seeds images as one PNG (rows: prompts)."""
+    rows = [generate(pipe, [p] * seeds, **gen) for p in prompts]  # each (seeds, H, W, 3)
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+    Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
+
+
+def _pct(x: float) -> str:
+    return "–" if x != x else f"{100 * x:.0f}%"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ldm.clip_train import load_clip
+    from pipelines.loading import DEFAULT_MODEL
+    from pipelines.text_to_image import Pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="pipeline folder with a clip/ subfolder")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "quality.md"))
+    parser.add_argument("--grid", default=str(ROOT / "docs" / "quality-grid.png"))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained(args.model, device="cpu", dtype=torch.float32)
+    clip = load_clip(Path(args.model) / "clip", text_encoder_folder=args.model)
+    q = args.quick
+    sets = prompt_sets(8 if q else 48, 8 if q else 40)
+    scales = [1.0, 3.0] if q else [1.0, 2.0, 3.0, 5.0, 7.5]
+    base = {"sampler": "dpmpp_2m", "steps": 20}
+    lines = [f"# Default model quality ({'quick' if q else 'full'} run of benchmarks/quality.py)", "",
+             f"Model: `{Path(args.model).name}`. Detector: ldm.shapes_detect (GenEval-style; 100% on clean renders). "
+             f"One image per prompt, prompt i with seed i. Sampler {base['sampler']}, {base['steps']} steps unless "
+             "stated. Prompt counts: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()) + ".", ""]
+
+    # 1. guidance sweep
+    sweep = {s: adherence(pipe, clip, sets, guidance=s, **base) for s in scales}
+    lines += ["## All-correct rate and CLIP score vs guidance scale s", "",
+              "| s | " + " | ".join(sets) + " | CLIP score (mean) |", "|---" * (len(sets) + 2) + "|"]
+    for s, res in sweep.items():
+        cs = np.mean([r["clip_score"] for r in res.values()])
+        lines.append(f"| {s:g} | " + " | ".join(_pct(res[k]["all"]) for k in sets) + f" | {cs:.1f} |")
+    best = max(scales, key=lambda s: sweep[s]["single, seen"]["all"] + sweep[s]["two objects, seen"]["all"])
+    lines += ["", f"Best s (single + two-object seen all-correct): **{best:g}**.", "",
+              f"## Per attribute at s = {best:g}", "", "| set | " + " | ".join(ATTRIBUTES) + " | CLIP score |",
+              "|---" * (len(ATTRIBUTES) + 2) + "|"]
+    for name, r in sweep[best].items():
+        lines.append(f"| {name} | " + " | ".join(_pct(r[a]) for a in ATTRIBUTES) + f" | {r['clip_score']:.1f} |")
+
+    # 2. sampler x steps at the best s (seen prompts)
+    seen = {k: v for k, v in sets.items() if k.endswith("seen")}
+    combos = [("dpmpp_2m", 20), ("euler", 20)] if q else list(itertools.product(
+        ["dpmpp_2m", "euler", "ddim", "euler_ancestral"], [10, 20, 50]))
+    lines += ["", f"## Sampler and steps at s = {best:g} (seen prompts)", "",
+              "| sampler | steps | single all | two-object all | s / image |", "|---|---|---|---|---|"]
+    for sampler, steps in combos:
+        t = time.perf_counter()
+        r = adherence(pipe, clip, seen, guidance=best, sampler=sampler, steps=steps)
+        per = (time.perf_counter() - t) / sum(len(v) for v in seen.values())
+        lines.append(f"| {sampler} | {steps} | {_pct(r['single, seen']['all'])} | "
+                     f"{_pct(r['two objects, seen']['all'])} | {per:.3f} |")
+
+    # 3. Frechet distance (CLIP image features) and VAE PSNR on the test images
+    n_fd = 64 if q else 500
+    seen_x, seen_c = test_images(n_fd, "train", 1)
+    held_x, _ = test_images(n_fd, "test", 0)
+    train_x, _ = test_images(n_fd, "train", 0)
+    gen_x = generate(pipe, seen_c, guidance=best, **base)
+    f_seen, f_gen, f_train = (clip_features(clip, x) for x in (seen_x, gen_x, train_x))
+    lines += ["", "## Frechet distance in the small CLIP's image-feature space (64-d projected features)", "",
+              f"N = {n_fd} per set; generated images use the test-seen captions at s = {best:g}.", "",
+              "| sets | FD |", "|---|---|",
+              f"| generated vs test-seen | {fd(f_gen, f_seen):.4f} |",
+              f"| train vs test-seen (real vs real reference) | {fd(f_train, f_seen):.4f} |",
+              "", "## VAE reconstruction PSNR (dB, pixels in [-1, 1], posterior mode)", "", "| split | PSNR |",
+              "|---|---|", f"| test-seen | {vae_psnr(pipe, seen_x):.2f} |", f"| test-held-out | {vae_psnr(pipe, held_x):.2f} |"]
+
+    # 4. grid
+    grid_prompts = ["a red circle", "a blue square on the left", "a yellow star at the top", "a green circle",
+                    "a red circle above a blue square", "a white cross to the left of an orange triangle"]
+    save_grid(pipe, grid_prompts, 6, Path(args.grid), guidance=best, **base)
+    lines += ["", f"## Samples (s = {best:g}, seeds 0-5; rows: " + "; ".join(grid_prompts) + ")", "",
+              f"![grid]({Path(args.grid).name})", "", f"Total wall time: {time.perf_counter() - t0:.0f} s.", ""]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""benchmarks/quality.py: the metrics on inputs with known answers (closed forms, scipy, invariants) and the prompts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldm import shapes as S
+
+_spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py")
+Q = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(Q)
+
+
+def _spd(rng: np.random.Generator, d: int) -> np.ndarray:
+    a = rng.standard_normal((d, d))
+    return a @ a.T + 0.1 * np.eye(d)
+
+
+def test_frechet_of_a_set_with_itself_is_zero():
+    x = np.random.default_rng(0).standard_normal((200, 16))
+    mu, cov = Q.feature_stats(x)
+    assert abs(Q.frechet_distance(mu, cov, mu, cov)) < 1e-9
+
+
+def test_frechet_diagonal_closed_form():
+    """Commuting (diagonal) covariances: d^2 = |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2, exactly."""
+    rng = np.random.default_rng(1)
+    mu1, mu2, a, b = rng.standard_normal(8), rng.standard_normal(8), rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
+    want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert Q.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_frechet_matches_scipy_sqrtm_on_non_commuting_covariances():
+    """The usual FID formula tr(C1 + C2 - 2 sqrtm(C1 C2)) with scipy, to 1e-8 relative."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(2)
+    for d in (2, 5, 16):
+        c1, c2, mu1, mu2 = _spd(rng, d), _spd(rng, d), rng.standard_normal(d), rng.standard_normal(d)
+        ref = ((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+        assert Q.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(ref, rel=1e-8)
+
+
+def test_frechet_is_symmetric_and_rotation_invariant():
+    rng = np.random.default_rng(3)
+    c1, c2, mu1, mu2 = _spd(rng, 6), _spd(rng, 6), rng.standard_normal(6), rng.standard_normal(6)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    d = Q.frechet_distance(mu1, c1, mu2, c2)
+    assert Q.frechet_distance(mu2, c2, mu1, c1) == pytest.approx(d, rel=1e-10)
+    assert Q.frechet_distance(q @ mu1, q @ c1 @ q.T, q @ mu2, q @ c2 @ q.T) == pytest.approx(d, rel=1e-10)
+
+
+def test_frechet_of_samples_converges_to_the_gaussians_distance():
+    """Two 2-D Gaussians, N = 20000 samples each: the plug-in estimate is within 0.05 of the exact distance
+    (the estimator's std at this N is about 0.01)."""
+    rng = np.random.default_rng(4)
+    c1, c2 = np.array([[1.0, 0.5], [0.5, 2.0]]), np.array([[0.5, -0.2], [-0.2, 1.0]])
+    mu1, mu2 = np.zeros(2), np.array([1.0, -0.5])
+    x, y = rng.multivariate_normal(mu1, c1, 20000), rng.multivariate_normal(mu2, c2, 20000)
+    exact = Q.frechet_distance(mu1, c1, mu2, c2)
+    assert Q.fd(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(exact, abs=0.05)
+
+
+def test_frechet_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="shapes do not match"):
+        Q.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match="N >= 2"):
+        Q.feature_stats(np.zeros((1, 4)))
+
+
+def test_clip_score_known_angles():
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
+    i = torch.tensor([[3.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0]])
+    got = Q.clip_score(i, t)
+    want = torch.tensor([100.0, 0.0, 0.0, 100 / np.sqrt(2)], dtype=torch.float64)  # cos 0, 90, 180 (clamped), 45 deg
+    assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_summarize_counts_only_stated_attributes():
+    scores = [{"shape": True, "color": False, "position": None, "count": True, "relation": None, "all": False},
+              {"shape": True, "color": True, "position": True, "count": True, "relation": None, "all": True},
+              {"shape": False, "color": True, "position": False, "count": False, "relation": True, "all": False}]
+    s = Q.summarize(scores)
+    assert s["shape"] == pytest.approx(2 / 3) and s["color"] == pytest.approx(2 / 3)
+    assert s["position"] == pytest.approx(1 / 2) and s["relation"] == 1.0 and s["all"] == pytest.approx(1 / 3)
+    assert Q.summarize([{"shape": True, "all": True}])["relation"] != Q.summarize([{"shape": True, "all": True}])["relation"]
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_prompt_sets_parse_and_respect_the_split(held_out):
+    singles, pairs = Q.single_prompts(20, held_out), Q.pair_prompts(20, held_out)
+    assert len(singles) == len(pairs) == 20
+    for text in singles + pairs:
+        p = S.parse_caption(text)
+        held = [(o.color, o.shape) in S.HELD_OUT_PAIRS for o in p.objects]
+        assert any(held) == held_out, text
+    for text in pairs:
+        p = S.parse_caption(text)
+        assert len(p.objects) == 2 and p.relation is not None, text
+        assert p.objects[0].color != p.objects[1].color and p.objects[0].shape != p.objects[1].shape
+    assert len(set(Q.single_prompts(42, False))) == 42  # every seen pair once before repeats
+
+
+def test_scoring_clean_test_renders_is_all_correct():
+    """The benchmark's test images, scored against their own captions, are all correct (the detector's 100%)."""
+    images, captions = Q.test_images(12, "test", 0)
+    assert images.shape == (12, 64, 64, 3) and 0 <= images.min() and images.max() <= 1
+    assert Q.summarize([Q.score_image(c, im) for c, im in zip(captions, images)])["all"] == 1.0
