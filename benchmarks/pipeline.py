@@ -1,8 +1,8 @@
 """Seconds per image and peak memory of our text-to-image Pipeline against diffusers' StableDiffusionPipeline, on
 identical weights, in one run.
 
-    python benchmarks/pipeline.py                  # CPU fp32: tiny model, SD 1.5 shapes at 256 and 512, 2 steps
-    python benchmarks/pipeline.py --quick          # 1 repetition, no 512 x 512 case (a few minutes on 2 cores)
+    python benchmarks/pipeline.py          # CPU fp32, 2 steps: tiny (9 reps), SD 1.5 shapes at 256 (3 reps), 512 (1 rep)
+    python benchmarks/pipeline.py --quick  # 1 repetition, no 512 x 512 case (about 3 minutes on 2 shared cores)
     python benchmarks/pipeline.py --device cuda --dtype float16 --steps 30 --compile --peak-tflops 989
 
 Models: the tiny model (configs/unet-tiny.yaml, configs/vae-tiny.yaml, a 2-layer CLIP text encoder, 32 x 32 px) and
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import unet as unet_bench  # noqa: E402  benchmarks/unet.py; its __main__-only re-exec does not run on import
+import unet as unet_bench  # benchmarks/unet.py; its __main__-only re-exec does not run on import
 
 if __name__ == "__main__" and sys.platform.startswith("linux") and unet_bench.MMAP_ENV not in os.environ and not any(
     "cuda" in a for a in sys.argv
@@ -53,7 +53,7 @@ if __name__ == "__main__" and sys.platform.startswith("linux") and unet_bench.MM
     os.environ[unet_bench.MMAP_ENV] = "131072"
     os.execv(sys.executable, [sys.executable, *sys.argv])  # the malloc setting is read at process start
 
-import torch  # noqa: E402
+import torch
 
 PROMPT = "a red circle above a blue square"
 GUIDANCE = 7.5
@@ -118,7 +118,7 @@ def runners(ours, theirs, sampler: str, steps: int, size: int):
     """Two zero-argument calls producing (1, size, size, 3) images in [0, 1] from the same latents and seed."""
     f = ours.vae_scale_factor
     latents = torch.randn(1, 4, size // f, size // f, generator=torch.Generator().manual_seed(1))
-    kw = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size, output_type="np")
+    kw = {"num_inference_steps": steps, "guidance_scale": GUIDANCE, "height": size, "width": size, "output_type": "np"}
 
     def run_ours() -> torch.Tensor:
         out = ours(PROMPT, sampler=sampler, latents=latents, generator=torch.Generator().manual_seed(2),
@@ -150,7 +150,7 @@ def unet_flops(ours, size: int) -> int:
 def bench_case(args, name: str, size: int, pair, device: torch.device) -> dict:
     ours, theirs = pair
     run_ours, run_theirs = runners(ours, theirs, args.sampler, args.steps, size)
-    reps = max(args.reps, args.tiny_reps) if name == "tiny" else args.reps
+    reps = max(args.reps, args.tiny_reps) if name == "tiny" else args.reps if size < 512 else args.reps_512
     res = unet_bench.compare(f"{name}@{size}", run_ours, run_theirs, reps, device)
     res.update(model=name, size=size, steps=args.steps, sampler=args.sampler, reps=reps)
     res["seconds_per_image"] = res.pop("time_s")
@@ -182,12 +182,13 @@ def report_md(res: dict) -> str:
     lines = [
         "# Text-to-image pipeline: ours vs diffusers' StableDiffusionPipeline",
         "",
-        f"device `{res['device']}`, dtype `{res['dtype']}`, torch {res['torch']}, diffusers {res['diffusers']}, "
-        f"{res['threads']} threads, sampler `{res['sampler']}`, guidance {GUIDANCE}, {res['reps']} repetitions "
-        f"(median; tiny: {res['tiny_reps']}), compile {res['compile']}, {res['platform']}",
+        (f"device `{res['device']}`, dtype `{res['dtype']}`, torch {res['torch']}, diffusers {res['diffusers']}, "
+         f"{res['threads']} threads, sampler `{res['sampler']}`, guidance {GUIDANCE}, {res['reps']} repetitions "
+         f"(median; tiny: {res['tiny_reps']}, 512 and up: {res['reps_512']}), compile {res['compile']}, "
+         f"{res['platform']}"),
         "",
-        "| model | size | steps | ours (s/image) | diffusers (s/image) | time ratio | CPU-time ratio "
-        "| ours peak (MiB) | diffusers peak (MiB) | mem ratio | max abs pixel diff |",
+        ("| model | size | steps | ours (s/image) | diffusers (s/image) | time ratio | CPU-time ratio "
+         "| ours peak (MiB) | diffusers peak (MiB) | mem ratio | max abs pixel diff |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in res["results"].items():
@@ -222,6 +223,8 @@ def main() -> None:
     p.add_argument("--sampler", default="euler", choices=sorted(SCHEDULERS))
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per case (default 3)")
     p.add_argument("--tiny-reps", type=int, default=9, help="repetitions for the (noisy, fast) tiny model")
+    p.add_argument("--reps-512", type=int, default=None,
+                   help="repetitions at 512 x 512 and above (default: 1 on CPU, where one call takes minutes; else --reps)")
     p.add_argument("--quick", action="store_true", help="one repetition, and no SD 1.5 512 x 512 case")
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="SD 1.5 image sizes (default 256 512)")
     p.add_argument("--skip-sd", action="store_true", help="only the tiny model")
@@ -231,6 +234,7 @@ def main() -> None:
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     args.steps = args.steps or (30 if device.type == "cuda" else 2)
+    args.reps_512 = args.reps_512 or (1 if device.type == "cpu" else args.reps)
     if args.quick:
         args.reps = 1
         args.sizes = [s for s in args.sizes if s < 512]
@@ -244,7 +248,8 @@ def main() -> None:
         "set; weights are shared by both pipelines and not counted"
     )
     res = {
-        "device": str(device), "dtype": args.dtype, "reps": args.reps, "tiny_reps": max(args.reps, args.tiny_reps), "steps": args.steps, "sampler": args.sampler,
+        "device": str(device), "dtype": args.dtype, "reps": args.reps, "tiny_reps": max(args.reps, args.tiny_reps),
+        "reps_512": args.reps_512, "steps": args.steps, "sampler": args.sampler,
         "compile": args.compile, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "threads": torch.get_num_threads(), "platform": platform.platform(), "memory_method": mem_method,
         "results": {},

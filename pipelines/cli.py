@@ -45,8 +45,9 @@ def _samplers() -> list[str]:
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text
+    """The message on one line (a KeyError's quotes and any newlines removed)."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(text).split()) or type(e).__name__
 
 
 def _torch_dtype(name: str | None) -> Any:
@@ -136,7 +137,7 @@ def _load(model: str | None, allow_pickle: bool, prediction_type: str | None = N
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt.strip()
     if not prompt:
-        raise UsageError("the prompt is empty: give the text to draw, e.g. ldm generate \"a red circle\" -o out.png")
+        raise UsageError('the prompt is empty: give the text to draw, e.g. ldm generate "a red circle" -o out.png')
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.num_images < 1:
