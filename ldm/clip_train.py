@@ -25,7 +25,7 @@ from ldm.checkpoint import Part, StepContext, latest_checkpoint, load_weights_on
 from ldm.config import to_dict
 from ldm.data import DataConfig, build_dataloader
 from ldm.io import load_state_dict, save_state_dict, write_json
-from ldm.text import TextEncoder, build_clip_tokenizer
+from ldm.text import TextEncoder, build_clip_tokenizer, load_hub_state_dict
 from ldm.text_openclip import openclip_text_config, openclip_to_transformers, text_tower_state_dict
 from ldm.text_openclip import transformers_to_openclip
 from ldm.train_config import OptimConfig, RunConfig, build_accelerator, build_lr_scheduler, build_optimizer
@@ -153,7 +153,7 @@ def export_clip(run_or_checkpoint: str | Path, folder: str | Path) -> Path:
         raise FileNotFoundError(f"no complete checkpoint in {path}")
     model_config = json.loads((ckpt / "meta.json").read_text())["config"]["model"]
     model = build_clip(model_config)
-    model.load_state_dict(load_weights_only(ckpt, "clip", use_ema=False), strict=False)
+    model.load_state_dict(load_weights_only(ckpt, "clip", use_ema=False))
     return save_clip(model, model_config, folder)
 
 
@@ -185,7 +185,7 @@ def clip_text_encoder(model: nn.Module, config: dict[str, Any]) -> TextEncoder:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     text_config = openclip_text_config(state, num_heads=text_heads(config))
     text_model = CLIPTextModel(text_config)
-    text_model.load_state_dict(openclip_to_transformers(state, text_config), strict=False)
+    load_hub_state_dict(text_model, openclip_to_transformers(state, text_config))  # strict, hub-layout keys
     return TextEncoder(build_clip_tokenizer(pad_token=OPENCLIP_PAD), text_model.eval())
 
 

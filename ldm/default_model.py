@@ -139,7 +139,7 @@ def stage_init(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     vae = load_vae(out / "vae-export")
     vae.config.scaling_factor = latent_scaling_factor(vae, out / "data" / "train")
     save_pipeline(out / "init", unet=unet, vae=vae, text_encoder=text, schedule=sd_schedule())
-    return parameter_counts(unet, vae, text, clip)
+    return {**parameter_counts(unet, vae, text, clip), "vae_scaling_factor": vae.config.scaling_factor}
 
 
 @torch.no_grad()

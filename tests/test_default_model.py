@@ -1,0 +1,164 @@
+"""The bundled default model (pipelines/default_model, docs/default-model.md) and its recipe (ldm.default_model,
+ldm.clip_train): it loads offline through Pipeline() and in diffusers, follows simple prompts, ships safetensors only
+within 50 MB; the CLIP text tower converts exactly; the recipe runs end to end (tiny sizes) and resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.clip_train import build_clip, clip_text_encoder, load_clip, save_clip
+from ldm.default_model import DEFAULT_CONFIG, load_recipe, run_recipe
+from ldm.shapes_detect import score_image
+from ldm.text import OpenCLIPTextEncoder
+from pipelines.loading import DEFAULT_MODEL
+
+TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+PROMPTS = ["a red circle", "a blue square to the left of a yellow star", ""]
+# Recommended defaults for this model (docs/default-model.md): DPM++ 2M, 20 steps, guidance 3.
+DEFAULTS = dict(num_inference_steps=20, guidance_scale=3.0, sampler="dpmpp_2m")
+
+
+# ------------------------------------------------------------------------------------ CLIP text tower conversion
+
+
+def test_clip_text_tower_converts_exactly_to_a_clip_text_model():
+    """Per-token states of the open_clip tower (OpenCLIPTextEncoder) == the converted CLIPTextModel's, to 1e-5."""
+    clip = build_clip(TINY_CLIP, seed=3).eval()
+    with torch.no_grad():
+        for p in clip.parameters():  # non-trivial LayerNorm gains/biases too
+            p.add_(0.02 * torch.randn_like(p))
+        ref = OpenCLIPTextEncoder(clip).encode(PROMPTS)
+        got = clip_text_encoder(clip, TINY_CLIP).encode(PROMPTS)
+    assert got.shape == ref.shape == (3, 77, 32)
+    assert (got - ref).abs().max() < 1e-5
+
+
+def test_clip_folder_without_text_tower_round_trips(tmp_path):
+    """save_clip(text=False) + the pipeline's text_encoder/ rebuild the same CLIP: equal image and text features."""
+    from pipelines.folder import save_pipeline
+    from pipelines.tiny import tiny_components
+
+    clip = build_clip(TINY_CLIP, seed=4).eval()
+    c = tiny_components(seed=0)
+    save_pipeline(tmp_path / "p", unet=c.unet, vae=c.vae, text_encoder=clip_text_encoder(clip, TINY_CLIP),
+                  schedule=c.schedule)
+    save_clip(clip, TINY_CLIP, tmp_path / "p" / "clip", text=False)
+    back = load_clip(tmp_path / "p" / "clip", text_encoder_folder=tmp_path / "p")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    ids = torch.randint(1, 49406, (2, 77))
+    with torch.no_grad():
+        assert torch.equal(back.encode_image(x), clip.encode_image(x))
+        assert torch.allclose(back.encode_text(ids), clip.encode_text(ids), atol=1e-6)
+    with pytest.raises(KeyError, match="missing CLIP key"):
+        load_clip(tmp_path / "p" / "clip")  # the text tower is not in clip/ alone
+
+
+# ----------------------------------------------------------------------------------------------------- recipe
+
+
+def test_recipe_config_places_paths_and_seeds(tmp_path):
+    cfg = load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["seed=7", "unet.run.max_steps=11"])
+    assert cfg.unet.model.pretrained == str(tmp_path / "run" / "init") and cfg.unet.run.max_steps == 11
+    assert cfg.vae.eval_data.path == str(tmp_path / "run" / "data" / "test-held-out")
+    assert cfg.clip.run.seed == cfg.vae.run.seed == cfg.unet.run.seed == cfg.clip.init_seed == 7
+    assert cfg.unet_model.cross_attention_dim == cfg.clip.model["text_cfg"]["width"]
+    assert cfg.vae_model.latent_channels == 4 and cfg.vae_model.downsample_factor == 4
+    assert cfg.unet.objective.condition_dropout == 0.1 and cfg.unet.run.cache_latents and cfg.unet.ema.enabled
+
+
+TINY_RUN = ["data.n_train=24", "data.n_test_held_out=8", "data.n_test_seen=8", "clip.run.max_steps=2",
+            "clip.run.batch_size=8", "vae.run.max_steps=2", "vae.run.batch_size=4", "vae.run.validate_every=2",
+            "unet.run.max_steps=2", "unet.run.batch_size=4", "unet.run.validate_every=0"]
+
+
+@pytest.mark.slow  # about 25 s on the shared 2-core CPU
+def test_recipe_runs_end_to_end_and_resumes(tmp_path):
+    """All stages at tiny sizes; the export loads; a second run without --resume refuses, with it skips every stage."""
+    from pipelines.folder import load_pipeline_components
+
+    out = tmp_path / "run"
+    cfg = load_recipe(DEFAULT_CONFIG, out, TINY_RUN)
+    report = run_recipe(cfg, out, export_to=tmp_path / "model")
+    assert all((out / f"{s}.done").is_file() for s in report)
+    c = load_pipeline_components(tmp_path / "model")
+    assert c.unet.config.sample_size * c.vae.config.downsample_factor == 64
+    assert c.vae.config.scaling_factor == report["init"]["vae_scaling_factor"] > 0
+    assert load_clip(tmp_path / "model" / "clip", text_encoder_folder=tmp_path / "model") is not None
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_recipe(cfg, out)
+    again = run_recipe(cfg, out, resume=True)
+    assert again == json.loads((out / "report.json").read_text()) == report  # nothing re-ran
+
+
+# ---------------------------------------------------------------------------------------- the bundled model
+
+
+def test_bundled_folder_is_small_and_pickle_free():
+    files = [p for p in DEFAULT_MODEL.rglob("*") if p.is_file()]
+    assert (DEFAULT_MODEL / "model_index.json").is_file() and (DEFAULT_MODEL / "clip" / "open_clip_config.json").is_file()
+    total = sum(p.stat().st_size for p in files)
+    assert total <= 50 * 2**20, f"{total / 2**20:.1f} MiB"
+    assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")]
+    assert {p.suffix for p in files} <= {".json", ".txt", ".safetensors"}  # pyproject package-data ships all of them
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from pipelines.text_to_image import Pipeline
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    return Pipeline()  # the bundled default model, offline
+
+
+def test_default_pipeline_follows_a_simple_prompt(pipe):
+    """"a red circle" at the recommended settings, seeds 0-4: at least 4 of 5 images have a red circle and nothing
+    else (shape, colour and count right per ldm.shapes_detect)."""
+    images = pipe(["a red circle"] * 5, seed=list(range(5)), output_type="np", progress=False, **DEFAULTS).images
+    assert images.shape == (5, 64, 64, 3)
+    ok = [score_image("a red circle", im)["all"] for im in images]
+    assert sum(ok) >= 4, ok
+
+
+def test_default_pipeline_other_colours_and_shapes(pipe):
+    """Different seen prompts, one seed each: at least 4 of 5 all-correct (a wrong colour or shape fails)."""
+    prompts = ["a blue square", "a yellow star", "a green triangle", "a white circle", "an orange diamond"]
+    images = pipe(prompts, seed=10, output_type="np", progress=False, **DEFAULTS).images
+    ok = [score_image(p, im)["all"] for p, im in zip(prompts, images)]
+    assert sum(ok) >= 4, list(zip(prompts, ok))
+
+
+def test_default_model_loads_in_diffusers_and_matches(pipe):
+    """diffusers' StableDiffusionPipeline reads the folder; with the same noise and Euler it gives our image to 2/255."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    theirs = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None, requires_safety_checker=False)
+    theirs.scheduler = EulerDiscreteScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(num_inference_steps=10, guidance_scale=3.0, latents=latents, output_type="np")
+    ref = theirs("a red circle", height=64, width=64, **kw).images
+    got = pipe("a red circle", sampler="euler", progress=False, **kw).images
+    assert ref.shape == got.shape == (1, 64, 64, 3)
+    assert np.abs(ref - got).max() <= 2 / 255, np.abs(ref - got).max()
+    assert score_image("a red circle", ref[0])["shape"]  # diffusers' image is a circle too
+
+
+def test_bundled_clip_matches_images_to_their_captions(pipe):
+    """The small CLIP retrieves the right caption among 32 test images far above chance (1/32): top-1 >= 25%."""
+    from ldm import shapes as S
+
+    clip = load_clip(DEFAULT_MODEL / "clip", text_encoder_folder=DEFAULT_MODEL)
+    items = [S.dataset_item(1, "train", i) for i in range(32)]
+    x = torch.from_numpy(np.stack([np.asarray(im) for im, _, _ in items])).float().permute(0, 3, 1, 2) / 127.5 - 1
+    ids = clip_text_encoder(clip, json.loads((DEFAULT_MODEL / "clip" / "open_clip_config.json").read_text())).tokenize(
+        [c for _, c, _ in items])
+    with torch.no_grad():
+        sim = clip.encode_image(x, normalize=True) @ clip.encode_text(ids, normalize=True).T  # (32, 32)
+    acc = float((sim.argmax(1) == torch.arange(32)).float().mean())
+    assert acc >= 0.25, acc
