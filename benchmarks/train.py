@@ -2,8 +2,10 @@
 
 Both sides train from the same initial weights on the same latents, captions embeddings, timesteps and noise with the
 same AdamW: ours is ldm.unet.UNet + ldm.diffusion.q_sample/diffusion_loss; diffusers' is UNet2DConditionModel +
-DDPMScheduler.add_noise + F.mse_loss. Reports images/s (median over timed steps) and peak memory (CUDA: max allocated;
-CPU: peak RSS growth), writes benchmarks/results/train-<device>.json and .md.
+DDPMScheduler.add_noise + F.mse_loss. Steps alternate (ours, diffusers, diffusers, ours, ...) so load drift hits
+both; reports images/s from the median step time (wall and process CPU time) and the median peak memory of a step
+(benchmarks/measure.py: CUDA max allocated; CPU peak-RSS growth with the peak reset before each step), and writes
+benchmarks/results/train-<device>.json and .md. The reported output difference is that of the losses.
 
     python benchmarks/train.py                       # CPU, tiny config
     python benchmarks/train.py --device cuda --unet configs/unet-sd15.yaml --batch 4 --latent 64
@@ -13,42 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
-import time
+import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from ldm.config import load_config
-from ldm.diffusion import diffusion_loss, q_sample
-from ldm.train_config import sd_schedule
-from ldm.unet import UNet, UNetConfig
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+from benchmarks.measure import compare, reexec_with_mmap_threshold  # noqa: E402
 
-
-def time_loop(step, n_warmup: int, n_steps: int, device: torch.device) -> tuple[list[float], float]:
-    for i in range(n_warmup):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(n_steps):
-        t0 = time.perf_counter()
-        step(n_warmup + i)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times, peak_memory_mb(device)
+from ldm.config import load_config  # noqa: E402
+from ldm.diffusion import diffusion_loss, q_sample  # noqa: E402
+from ldm.train_config import sd_schedule  # noqa: E402
+from ldm.unet import UNet, UNetConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--unet", default=str(ROOT / "configs/unet-tiny.yaml"))
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--latent", type=int, default=8, help="latent side (image side / 8)")
+    parser.add_argument("--latent", type=int, default=32, help="latent side (image side / 8)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
@@ -82,38 +63,57 @@ def main(argv: list[str] | None = None) -> int:
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
 
-    def step_ours(i: int) -> None:
-        z, c, t, eps = data[i]
+    counters = {"ours": 0, "diffusers": 0}
+
+    def step_ours() -> torch.Tensor:
+        z, c, t, eps = data[counters["ours"]]
+        counters["ours"] += 1
         loss = diffusion_loss(ours(q_sample(z, t, ac, eps), t, c), z, eps, t, ac).mean()
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    def step_theirs(i: int) -> None:
-        z, c, t, eps = data[i]
+    def step_theirs() -> torch.Tensor:
+        z, c, t, eps = data[counters["diffusers"]]
+        counters["diffusers"] += 1
         loss = F.mse_loss(theirs(ddpm.add_noise(z, eps, t), t, encoder_hidden_states=c).sample, eps)
         loss.backward()
         opt_theirs.step()
         opt_theirs.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    results = {}
-    for name, step in (("diffusers", step_theirs), ("ours", step_ours)):
-        times, mem = time_loop(step, args.warmup, args.steps, device)
-        results[name] = {"images_per_s": args.batch / statistics.median(times), "peak_memory_mb": mem}
-    ratio = results["ours"]["images_per_s"] / results["diffusers"]["images_per_s"]
+    for _ in range(args.warmup):
+        step_ours(), step_theirs()
+    res = compare("train step", step_ours, step_theirs, args.steps, device)
+    results = {
+        who: {
+            "images_per_s": args.batch / res["time_s"][who],
+            "images_per_cpu_s": args.batch / res["cpu_time_s"][who],
+            "peak_memory_mb": res["peak_mem_mib"][who],
+        }
+        for who in ("ours", "diffusers")
+    }
+    ratio = res["time_ratio"] ** -1
     report = {"device": args.device, "unet": args.unet, "batch": args.batch, "latent": args.latent,
-              "steps": args.steps, "torch": torch.__version__, **results, "throughput_ratio_ours_over_diffusers": ratio}
+              "steps": args.steps, "torch": torch.__version__, **results, "throughput_ratio_ours_over_diffusers": ratio,
+              "cpu_throughput_ratio_ours_over_diffusers": res["cpu_time_ratio"] ** -1,
+              "memory_ratio_ours_over_diffusers": res["mem_ratio"], "max_abs_loss_diff": res["max_abs_output_diff"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"train-{args.device}.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = ["| loop | images/s | peak memory (MB) |", "|---|---|---|"]
-    md += [f"| {k} | {results[k]['images_per_s']:.2f} | {results[k]['peak_memory_mb']:.0f} |" for k in results]
-    md.append(f"\nours / diffusers throughput: {ratio:.3f} ({args.device}, {Path(args.unet).name}, batch {args.batch}, "
-              f"latent {args.latent}; CPU peak memory is the process's max RSS, cumulative)")
+    md = ["| loop | images/s (wall) | images per CPU-second | peak memory of a step (MiB) |", "|---|---|---|---|"]
+    md += [f"| {k} | {results[k]['images_per_s']:.2f} | {results[k]['images_per_cpu_s']:.2f} | "
+           f"{results[k]['peak_memory_mb']:.1f} |" for k in results]
+    md.append(f"\nours / diffusers: throughput {ratio:.3f} (wall), {report['cpu_throughput_ratio_ours_over_diffusers']:.3f} "
+              f"(CPU time), peak memory {res['mem_ratio']:.3f}; {args.device}, {Path(args.unet).name}, batch "
+              f"{args.batch}, latent {args.latent}, {args.steps} alternated steps (medians); max |loss difference| "
+              f"{res['max_abs_output_diff']:.2e}")
     (out / f"train-{args.device}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 
 
 if __name__ == "__main__":
+    reexec_with_mmap_threshold()
     raise SystemExit(main())

@@ -28,84 +28,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
-
-if __name__ == "__main__" and sys.platform.startswith("linux") and MMAP_ENV not in os.environ and not any(
-    "cuda" in a for a in sys.argv
-):
-    os.environ[MMAP_ENV] = "131072"
-    os.execv(sys.executable, [sys.executable, *sys.argv])  # the malloc setting is read at process start
-
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def measure(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float, float, float]:
-    """Run `fn` once; return (output, wall seconds, process CPU seconds, peak extra memory in MiB)."""
-    c0 = time.process_time()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        t0 = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        return out, seconds, time.process_time() - c0, (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    base = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    t0 = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - t0
-    return out, seconds, time.process_time() - c0, (_status_kib("VmHWM") - base) / 1024
-
-
-def compare(name: str, ours: Callable, theirs: Callable, reps: int, device: torch.device) -> dict:
-    """Alternate ours/theirs `reps` times; medians of time and peak memory, their ratios, max abs output difference."""
-    times: dict[str, list[float]] = {"ours": [], "diffusers": []}
-    cpu: dict[str, list[float]] = {"ours": [], "diffusers": []}
-    mems: dict[str, list[float]] = {"ours": [], "diffusers": []}
-    fns = {"ours": ours, "diffusers": theirs}
-    diff = 0.0
-    for r in range(reps):
-        outs = {}
-        for who in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
-            out, sec, cpu_sec, mib = measure(fns[who], device)
-            times[who].append(sec)
-            cpu[who].append(cpu_sec)
-            mems[who].append(mib)
-            outs[who] = out.float()
-            del out
-            print(f"  {name} rep {r + 1}/{reps} {who:9s} {sec:8.3f} s (cpu {cpu_sec:8.3f} s)  peak +{mib:8.1f} MiB", flush=True)
-        diff = max(diff, (outs["ours"] - outs["diffusers"]).abs().max().item())
-        del outs
-    res = {
-        "time_s": {k: statistics.median(v) for k, v in times.items()},
-        "cpu_time_s": {k: statistics.median(v) for k, v in cpu.items()},
-        "peak_mem_mib": {k: statistics.median(v) for k, v in mems.items()},
-        "all_times_s": times,
-        "all_cpu_times_s": cpu,
-        "max_abs_output_diff": diff,
-    }
-    res["time_ratio"] = res["time_s"]["ours"] / res["time_s"]["diffusers"]
-    res["cpu_time_ratio"] = res["cpu_time_s"]["ours"] / res["cpu_time_s"]["diffusers"]
-    res["mem_ratio"] = res["peak_mem_mib"]["ours"] / max(res["peak_mem_mib"]["diffusers"], 1e-9)
-    return res
+from benchmarks.measure import MMAP_ENV, compare, reexec_with_mmap_threshold  # noqa: E402
 
 
 def bench_unet(args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -235,4 +166,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_mmap_threshold()
     main()
