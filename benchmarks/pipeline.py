@@ -18,7 +18,7 @@ machine) are both reported. Each repetition runs ours and diffusers' back to bac
 alternating which goes first; medians over repetitions and the ratios ours / diffusers are reported (<= 1: ours is
 as fast or as lean). A 1-step call of each side at a small size warms up first (library initialisation, kernels).
 
-Peak memory (method of benchmarks/unet.py, whose `measure` and `compare` this script calls): on CUDA,
+Peak memory (benchmarks/measure.py, shared with the other benchmarks): on CUDA,
 torch.cuda.max_memory_allocated during the call minus the memory allocated before it. On CPU, the increase of the
 process's peak resident set (VmHWM, reset through /proc/self/clear_refs before each call) over its resident size
 just before the call, with glibc's mmap threshold fixed at 128 KiB (the script re-executes itself with
@@ -43,17 +43,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import unet as unet_bench  # benchmarks/unet.py; its __main__-only re-exec does not run on import
+import torch  # noqa: E402
 
-if __name__ == "__main__" and sys.platform.startswith("linux") and unet_bench.MMAP_ENV not in os.environ and not any(
-    "cuda" in a for a in sys.argv
-):
-    os.environ[unet_bench.MMAP_ENV] = "131072"
-    os.execv(sys.executable, [sys.executable, *sys.argv])  # the malloc setting is read at process start
-
-import torch
+from benchmarks.measure import MMAP_ENV, compare, reexec_with_mmap_threshold  # noqa: E402
 
 PROMPT = "a red circle above a blue square"
 GUIDANCE = 7.5
@@ -151,7 +144,7 @@ def bench_case(args, name: str, size: int, pair, device: torch.device) -> dict:
     ours, theirs = pair
     run_ours, run_theirs = runners(ours, theirs, args.sampler, args.steps, size)
     reps = max(args.reps, args.tiny_reps) if name == "tiny" else args.reps if size < 512 else args.reps_512
-    res = unet_bench.compare(f"{name}@{size}", run_ours, run_theirs, reps, device)
+    res = compare(f"{name}@{size}", run_ours, run_theirs, reps, device)
     res.update(model=name, size=size, steps=args.steps, sampler=args.sampler, reps=reps)
     res["seconds_per_image"] = res.pop("time_s")
     if args.peak_tflops or device.type == "cuda":
@@ -244,7 +237,7 @@ def main() -> None:
         "torch.cuda.max_memory_allocated during the call minus memory allocated before it"
         if device.type == "cuda" else
         "increase of peak RSS (VmHWM, reset through /proc/self/clear_refs) over RSS before the call, with "
-        f"{unet_bench.MMAP_ENV}={os.environ.get(unet_bench.MMAP_ENV, 'unset')} so freed tensors leave the resident "
+        f"{MMAP_ENV}={os.environ.get(MMAP_ENV, 'unset')} so freed tensors leave the resident "
         "set; weights are shared by both pipelines and not counted"
     )
     res = {
@@ -275,4 +268,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_mmap_threshold()
     main()

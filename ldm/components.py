@@ -1,5 +1,11 @@
-"""Pipeline folders in diffusers' Stable Diffusion layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-scheduler/. A folder we write loads in diffusers' StableDiffusionPipeline, and a folder diffusers writes loads here."""
+"""The four components of a latent text-to-image model and their folder in diffusers' Stable Diffusion layout:
+model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/. A folder we write loads in diffusers'
+StableDiffusionPipeline, and a folder diffusers writes loads here.
+
+`ldm` does not import `autoencoder`, so the VAE class is passed in by the caller (pipelines.folder binds it; the
+training application ldm.train passes it too); anything with `config.latent_channels`, `save_pretrained` and a
+`from_pretrained` classmethod fits.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from autoencoder.model import AutoencoderKL
+from typing import Any
+
 from ldm.io import atomic_directory, read_json, write_json
 from ldm.schedule import NoiseSchedule
 from ldm.text import TextEncoder
-from ldm.unet import UNet
+from ldm.unet import UNet, UNetConfig
 
 # The scheduler class diffusers instantiates from our scheduler/ folder; its config carries our schedule.
 DEFAULT_SCHEDULER_CLASS = "EulerDiscreteScheduler"
@@ -28,7 +35,7 @@ class Components:
     """The four parts of a latent text-to-image model."""
 
     unet: UNet
-    vae: AutoencoderKL
+    vae: Any  # autoencoder.model.AutoencoderKL
     text_encoder: TextEncoder
     schedule: NoiseSchedule
 
@@ -37,7 +44,7 @@ class Components:
         check_components(self.unet, self.vae, self.text_encoder)
 
 
-def check_components(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder) -> None:
+def check_components(unet: UNet, vae: Any, text_encoder: TextEncoder) -> None:
     """The text embedding width must equal the U-Net's cross-attention width, and the VAE's latent channels its
     input and output channels."""
     problems = []
@@ -98,15 +105,20 @@ def save_pipeline(
     folder: str | Path,
     *,
     unet: UNet,
-    vae: AutoencoderKL,
+    vae: Any,
     text_encoder: TextEncoder,
     schedule: NoiseSchedule,
     scheduler_class: str = DEFAULT_SCHEDULER_CLASS,
+    unet_weights: bool = True,
 ) -> None:
-    """Write a diffusers-format pipeline folder (safetensors weights). The folder appears whole or not at all."""
+    """Write a diffusers-format pipeline folder (safetensors weights). The folder appears whole or not at all.
+    unet_weights=False writes only the U-Net's config (a training run's frozen parts; export adds the weights)."""
     check_components(unet, vae, text_encoder)
     with atomic_directory(folder) as tmp:
-        unet.save_pretrained(tmp / "unet")
+        if unet_weights:
+            unet.save_pretrained(tmp / "unet")
+        else:
+            write_json({"_class_name": "UNet2DConditionModel", **unet.config.to_diffusers()}, tmp / "unet" / "config.json")
         vae.save_pretrained(tmp / "vae")
         text_encoder.save_pretrained(tmp)  # text_encoder/ and tokenizer/
         save_schedule(schedule, tmp / "scheduler", scheduler_class)
@@ -117,10 +129,16 @@ def is_pipeline_folder(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
-def load_pipeline_components(
-    folder: str | Path, *, allow_pickle: bool = False, dtype: torch.dtype | None = None
+def load_pipeline_folder(
+    folder: str | Path,
+    *,
+    vae_class: Any,
+    allow_pickle: bool = False,
+    dtype: torch.dtype | None = None,
+    unet_weights: bool = True,
 ) -> Components:
-    """Load a diffusers-format pipeline folder (ours or diffusers') into our modules, with errors naming the part."""
+    """Load a diffusers-format pipeline folder (ours or diffusers') into our modules, with errors naming the part.
+    unet_weights=False builds the U-Net from its config alone (random weights, for a checkpoint to fill)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
@@ -129,9 +147,14 @@ def load_pipeline_components(
     missing = [name for name in _SUBFOLDERS if not (folder / name).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder} is incomplete: missing subfolder(s) {missing}")
+    if unet_weights:
+        unet = UNet.from_pretrained(folder / "unet", allow_pickle=allow_pickle, dtype=dtype)
+    else:
+        unet = UNet(UNetConfig.from_diffusers(read_json(folder / "unet" / "config.json")))
+        unet = unet.to(dtype) if dtype is not None else unet
     components = Components(
-        unet=UNet.from_pretrained(folder / "unet", allow_pickle=allow_pickle, dtype=dtype).eval(),
-        vae=AutoencoderKL.from_pretrained(folder / "vae", allow_pickle=allow_pickle, dtype=dtype).eval(),
+        unet=unet.eval(),
+        vae=vae_class.from_pretrained(folder / "vae", allow_pickle=allow_pickle, dtype=dtype).eval(),
         text_encoder=TextEncoder.from_pretrained(folder, dtype=dtype).eval(),
         schedule=load_schedule(folder / "scheduler"),
     )

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,15 @@ from transformers import CLIPTextConfig
 
 from autoencoder.model import AutoencoderKL, VAEConfig  # the one allowed ldm -> autoencoder import (frozen VAE)
 from ldm.checkpoint import Part, StepContext, run_loop
+from ldm.components import Components, IncompatibleComponentsError, load_pipeline_folder, save_pipeline
 from ldm.config import ConfigError, load_config, to_dict
 from ldm.data import build_dataloader
 from ldm.denoiser import CFGDenoiser, DiscreteVPDenoiser
 from ldm.diffusion import diffusion_loss, q_sample
 from ldm.ema import EMA
-from ldm.io import DIFFUSERS_WEIGHTS, atomic_directory, load_model_folder, load_weights, read_json, save_model_folder
-from ldm.io import write_json
 from ldm.random import randn
 from ldm.samplers import sample
-from ldm.schedule import NoiseSchedule, sampler_sigmas
+from ldm.schedule import sampler_sigmas
 from ldm.text import TextEncoder
 from ldm.train_config import (TrainConfig, build_accelerator, build_lr_scheduler, build_optimizer, load_train_config,
                               sd_schedule)
@@ -44,16 +42,6 @@ from ldm.unet import UNet, UNetConfig
 
 logger = logging.getLogger(__name__)
 FROZEN = "frozen"  # <output_dir>/frozen: the diffusers-layout folder of everything but the U-Net weights
-
-
-@dataclass
-class Components:
-    """The four parts of a latent text-to-image model."""
-
-    unet: UNet
-    vae: AutoencoderKL
-    text_encoder: TextEncoder
-    schedule: NoiseSchedule
 
 
 # ------------------------------------------------------------------------------------------------------ building
@@ -65,33 +53,14 @@ def _seeded(seed: int, build):
         return build()
 
 
-def load_unet(folder: str | Path, *, weights: bool = True) -> UNet:
-    """A UNet from a diffusers `unet/` folder (config.json + diffusion_pytorch_model.safetensors)."""
-    folder = Path(folder)
-    if not weights:
-        return UNet(UNetConfig.from_diffusers(read_json(folder / "config.json")))
-    config, state = load_model_folder(folder, DIFFUSERS_WEIGHTS)
-    unet = UNet(UNetConfig.from_diffusers(config))
-    load_weights(unet, state, what=str(folder))
-    return unet
-
-
 def load_vae(folder: str | Path) -> AutoencoderKL:
     """An AutoencoderKL from a diffusers `vae/` folder."""
-    config, state = load_model_folder(folder, DIFFUSERS_WEIGHTS)
-    vae = AutoencoderKL(VAEConfig.from_diffusers(config))
-    load_weights(vae, state, what=str(folder))
-    return vae
+    return AutoencoderKL.from_pretrained(folder)
 
 
 def load_folder_components(folder: str | Path, *, unet_weights: bool = True) -> Components:
     """unet/ vae/ text_encoder/ tokenizer/ scheduler/ of a diffusers-layout folder (the U-Net's weights optional)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder not found: {folder}")
-    schedule = NoiseSchedule.from_diffusers(read_json(folder / "scheduler" / "scheduler_config.json"))
-    return Components(load_unet(folder / "unet", weights=unet_weights), load_vae(folder / "vae"),
-                      TextEncoder.from_pretrained(folder), schedule)
+    return load_pipeline_folder(folder, vae_class=AutoencoderKL, unet_weights=unet_weights)
 
 
 def build_components(config: TrainConfig) -> Components:
@@ -116,22 +85,17 @@ def build_components(config: TrainConfig) -> Components:
     if config.objective.prediction_type is not None:
         schedule = dataclasses.replace(schedule, prediction_type=config.objective.prediction_type)
     parts.schedule = schedule
-    if parts.text_encoder.hidden_size != parts.unet.config.cross_attention_dim:
-        raise ConfigError(f"text encoder width {parts.text_encoder.hidden_size} != unet cross_attention_dim "
-                          f"{parts.unet.config.cross_attention_dim}")
-    if parts.vae.config.latent_channels != parts.unet.config.in_channels:
-        raise ConfigError(f"VAE latent_channels {parts.vae.config.latent_channels} != unet in_channels "
-                          f"{parts.unet.config.in_channels}")
+    try:
+        parts.check()
+    except IncompatibleComponentsError as e:
+        raise ConfigError(str(e)) from e
     return parts
 
 
 def save_frozen(folder: Path, parts: Components) -> None:
     """Write the frozen parts and the U-Net config as a diffusers-layout folder (export adds the U-Net weights)."""
-    with atomic_directory(folder) as tmp:
-        save_model_folder(tmp / "vae", parts.vae.config.to_diffusers(), parts.vae.state_dict(), DIFFUSERS_WEIGHTS[0])
-        parts.text_encoder.save_pretrained(tmp)
-        write_json(parts.schedule.to_diffusers(), tmp / "scheduler" / "scheduler_config.json")
-        write_json({"_class_name": "UNet2DConditionModel", **parts.unet.config.to_diffusers()}, tmp / "unet" / "config.json")
+    save_pipeline(folder, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, schedule=parts.schedule,
+                  unet_weights=False)
 
 
 # ------------------------------------------------------------------------------------------------------- one step
