@@ -87,3 +87,13 @@ def compare(name: str, ours: Callable, theirs: Callable, reps: int, device: torc
     res["cpu_time_ratio"] = res["cpu_time_s"]["ours"] / res["cpu_time_s"]["diffusers"]
     res["mem_ratio"] = res["peak_mem_mib"]["ours"] / max(res["peak_mem_mib"]["diffusers"], 1e-9)
     return res
+
+
+def write_report(out_dir: str | Path, stem: str, data: dict, markdown: str) -> None:
+    """Write `<stem>.json` and `<stem>.md` into out_dir, each atomically."""
+    import json
+
+    from ldm.io import write_text
+
+    write_text(json.dumps(data, indent=2) + "\n", Path(out_dir) / f"{stem}.json")
+    write_text(markdown.rstrip("\n") + "\n", Path(out_dir) / f"{stem}.md")

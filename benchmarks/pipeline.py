@@ -34,7 +34,6 @@ loop, reported against the measured one (the fraction is the model FLOP utilisat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -46,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.measure import MMAP_ENV, compare, reexec_with_mmap_threshold  # noqa: E402
+from benchmarks.measure import MMAP_ENV, compare, reexec_with_mmap_threshold, write_report  # noqa: E402
 
 PROMPT = "a red circle above a blue square"
 GUIDANCE = 7.5
@@ -261,9 +260,8 @@ def main() -> None:
     res["process_max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    unet_bench.write_atomic(out / "pipeline.json", json.dumps(res, indent=2))
     md = report_md(res)
-    unet_bench.write_atomic(out / "pipeline.md", md)
+    write_report(out, "pipeline", res, md)
     print(md)
 
 

@@ -14,7 +14,6 @@ benchmarks/results/train-<device>.json and .md. The reported output difference i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.measure import compare, reexec_with_mmap_threshold  # noqa: E402
+from benchmarks.measure import compare, reexec_with_mmap_threshold, write_report  # noqa: E402
 
 from ldm.config import load_config  # noqa: E402
 from ldm.diffusion import diffusion_loss, q_sample  # noqa: E402
@@ -101,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
               "memory_ratio_ours_over_diffusers": res["mem_ratio"], "max_abs_loss_diff": res["max_abs_output_diff"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"train-{args.device}.json").write_text(json.dumps(report, indent=2) + "\n")
     md = ["| loop | images/s (wall) | images per CPU-second | peak memory of a step (MiB) |", "|---|---|---|---|"]
     md += [f"| {k} | {results[k]['images_per_s']:.2f} | {results[k]['images_per_cpu_s']:.2f} | "
            f"{results[k]['peak_memory_mb']:.1f} |" for k in results]
@@ -109,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(CPU time), peak memory {res['mem_ratio']:.3f}; {args.device}, {Path(args.unet).name}, batch "
               f"{args.batch}, latent {args.latent}, {args.steps} alternated steps (medians); max |loss difference| "
               f"{res['max_abs_output_diff']:.2e}")
-    (out / f"train-{args.device}.md").write_text("\n".join(md) + "\n")
+    write_report(out, f"train-{args.device}", report, "\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -25,7 +25,6 @@ This counts what the call makes resident: activations, temporaries and allocator
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.measure import MMAP_ENV, compare, reexec_with_mmap_threshold  # noqa: E402
+from benchmarks.measure import MMAP_ENV, compare, reexec_with_mmap_threshold, write_report  # noqa: E402
 
 
 def bench_unet(args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -113,12 +112,6 @@ def report_md(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -159,9 +152,8 @@ def main() -> None:
         res["results"]["vae-decode"] = vae
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "unet.json", json.dumps(res, indent=2))
     md = report_md(res)
-    write_atomic(out / "unet.md", md)
+    write_report(out, "unet", res, md)
     print(md)
 
 
