@@ -144,7 +144,7 @@ def _pickle_file(tmp: Path) -> Path:
     [
         (["generate", "", "--model", "{model}"], "prompt is empty"),
         (["generate", "   ", "--model", "{model}"], "prompt is empty"),
-        (["generate", "x", "--model", "{model}", "--sampler", "nope"], "invalid choice: 'nope'"),
+        (["generate", "x", "--model", "{model}", "--sampler", "nope"], "unknown sampler 'nope'; valid: ["),
         (["generate", "x", "--model", "{model}", "--height", "30"], "height=30 must be a positive multiple of 8"),
         (["generate", "x", "--model", "{model}", "--width", "-8"], "--width must be a positive multiple"),
         (["generate", "x", "--model", "{model}", "--steps", "0"], "--steps must be >= 1"),
