@@ -134,7 +134,9 @@ def test_default_pipeline_other_colours_and_shapes(pipe):
 
 
 def test_default_model_loads_in_diffusers_and_matches(pipe):
-    """diffusers' StableDiffusionPipeline reads the folder; with the same noise and Euler it gives our image to 2/255."""
+    """diffusers' StableDiffusionPipeline reads the folder; with the same noise and Euler it gives our image: mean
+    abs pixel difference < 1e-3, max < 8/255 (float32 rounding of different op orders, grown over 10 steps; a wrong
+    weight, schedule or text encoding differs by > 0.1)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     theirs = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None, requires_safety_checker=False)
@@ -145,7 +147,8 @@ def test_default_model_loads_in_diffusers_and_matches(pipe):
     ref = theirs("a red circle", height=64, width=64, **kw).images
     got = pipe("a red circle", sampler="euler", progress=False, **kw).images
     assert ref.shape == got.shape == (1, 64, 64, 3)
-    assert np.abs(ref - got).max() <= 2 / 255, np.abs(ref - got).max()
+    diff = np.abs(ref - got)
+    assert diff.mean() < 1e-3 and diff.max() <= 8 / 255, (diff.mean(), diff.max())
     assert score_image("a red circle", ref[0])["shape"]  # diffusers' image is a circle too
 
 
