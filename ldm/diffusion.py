@@ -143,14 +143,19 @@ def p_mean_variance(
 
 
 def min_snr_weight(snr_t: torch.Tensor, gamma: float, prediction: P.Prediction) -> torch.Tensor:
-    """Min-SNR-gamma loss weight (Hang et al. 2023, eq. 9): min(SNR, g) for x0, /SNR for eps, /(SNR + 1) for v."""
+    """Min-SNR-gamma loss weight (Hang et al. 2023, eq. 9): min(SNR, g) for x0, /SNR for eps, /(SNR + 1) for v.
+
+    For eps at SNR = 0 (the last step of a zero-terminal-SNR schedule, Lin et al. 2024) min(SNR, g) / SNR is 0/0; its
+    limit SNR -> 0 is 1, the weight diffusers' training scripts set there.
+    """
     if gamma <= 0:
         raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
     clipped = torch.clamp(snr_t, max=gamma)
     if prediction == "sample":
         return clipped
     if prediction == "epsilon":
-        return clipped / snr_t
+        zero = snr_t == 0
+        return torch.where(zero, torch.ones_like(snr_t), clipped / torch.where(zero, torch.ones_like(snr_t), snr_t))
     if prediction == "v_prediction":
         return clipped / (snr_t + 1)
     raise ValueError(f"unknown prediction type {prediction!r}; valid: {list(P.PREDICTIONS)}")

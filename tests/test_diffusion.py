@@ -183,3 +183,31 @@ def test_bad_input_errors_name_the_problem() -> None:
         Dm.diffusion_loss(x, x, x, torch.tensor([1, 2]), ac, weighting="p2")
     with pytest.raises(ValueError, match=r"data in \[-1, 1\]"):
         Dm.discretized_gaussian_log_likelihood(torch.full((2,), 1.5), torch.zeros(2), torch.zeros(2))
+
+
+def test_min_snr_weight_is_finite_under_zero_terminal_snr() -> None:
+    """Zero terminal SNR (Lin et al. 2024): SNR(T-1) = 0 exactly, where eps weight min(SNR, g)/SNR is 0/0; the weight
+    there is its limit 1 (as diffusers' scripts set it), and every other step keeps the formula."""
+    from ldm.schedule import NoiseSchedule
+
+    ac = NoiseSchedule(beta_schedule="scaled_linear", rescale_betas_zero_snr=True).alphas_cumprod().double()
+    assert ac[-1] == 0
+    t = torch.tensor([0, 500, 998, 999])
+    s = Dm.snr(t, ac)
+    assert s[-1] == 0 and (s[:-1] > 0).all()
+    gamma = 5.0
+    w = Dm.min_snr_weight(s, gamma, "epsilon")
+    assert torch.isfinite(w).all()
+    assert w[-1] == 1
+    torch.testing.assert_close(w[:-1], torch.clamp(s[:-1], max=gamma) / s[:-1], rtol=0, atol=0)
+    # continuity: the limit SNR -> 0+ of the formula is the value used at 0 (|w(1e-12) - 1| = 0 in float64)
+    assert Dm.min_snr_weight(torch.tensor([1e-12], dtype=F64), gamma, "epsilon").item() == 1.0
+    assert Dm.min_snr_weight(s, gamma, "v_prediction")[-1] == 0 and Dm.min_snr_weight(s, gamma, "sample")[-1] == 0
+    # through the loss and its gradient
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, generator=g, dtype=F64), torch.randn(4, 3, generator=g, dtype=F64)
+    out = torch.randn(4, 3, generator=g, dtype=F64, requires_grad=True)
+    loss = Dm.diffusion_loss(out, x0, eps, t, ac, prediction="epsilon", weighting="min_snr", gamma=gamma)
+    torch.testing.assert_close(loss[-1], (out[-1] - eps[-1]).pow(2).mean(), rtol=0, atol=0)
+    loss.sum().backward()
+    assert torch.isfinite(out.grad).all()
