@@ -8,10 +8,8 @@ samplers.md and samplers.png. Usage: python benchmarks/samplers.py [--n 4000] [-
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
+import io
 import warnings
 from pathlib import Path
 
@@ -31,6 +29,8 @@ from ldm.denoiser import DiscreteVPDenoiser  # noqa: E402
 from ldm.samplers import sample  # noqa: E402
 from ldm.schedule import NoiseSchedule, sampler_sigmas  # noqa: E402
 from ldm.toy import mixture_2d  # noqa: E402
+from ldm.io import write_bytes  # noqa: E402
+from benchmarks.measure import write_report  # noqa: E402
 from tests._sampler_helpers import run_diffusers, vp_eps_net  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -82,11 +82,10 @@ def main() -> None:
             print(f"{name:16s} steps {n:3d} NFE {r['nfe']:3d}  SW ours {r['sw_ours']:.4f}  diffusers {r['sw_diffusers']:.4f}")
     args.out.mkdir(parents=True, exist_ok=True)
     report = dict(n_samples=args.n, sample_noise_floor=floor, schedule=SD, rows=rows)
-    _atomic_write(args.out / "samplers.json", json.dumps(report, indent=2))
     md = [f"# Samplers: sliced Wasserstein-2 to the 2-D mixture (n = {args.n}, noise floor {floor:.4f})", "",
           "| sampler | steps | NFE | SW ours | SW diffusers |", "|---|---|---|---|---|"]
     md += [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['sw_ours']:.4f} | {r['sw_diffusers']:.4f} |" for r in rows]
-    _atomic_write(args.out / "samplers.md", "\n".join(md) + "\n")
+    write_report(args.out, "samplers", report, "\n".join(md))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,14 +101,9 @@ def main() -> None:
     ax.set_ylabel("sliced W2 to truth")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(args.out / "samplers.png", dpi=120)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    write_bytes(png.getvalue(), args.out / "samplers.png")
 
 
 if __name__ == "__main__":

@@ -73,18 +73,30 @@ def write_json(data: Any, path: str | Path) -> None:
     write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", path)
 
 
-def write_text(text: str, path: str | Path) -> None:
-    """Write a UTF-8 text file atomically."""
+def write_bytes(data: bytes, path: str | Path) -> None:
+    """Write a file atomically: a temporary file in the same folder, then `os.replace` (mode as for a new file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(text: str, path: str | Path) -> None:
+    """Write a UTF-8 text file atomically."""
+    write_bytes(text.encode("utf-8"), path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -110,6 +122,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a model folder should be as readable as any other
     try:
         yield tmp
     except BaseException:

@@ -18,15 +18,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ldm.io import atomic_directory
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 PLURALS: dict[str, str] = {s: ("crosses" if s == "cross" else s + "s") for s in SHAPES}
@@ -400,10 +399,7 @@ def export_imagefolder(out_dir: str | Path, n: int, split: str, seed: int, size:
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_directory(out_dir) as tmp:
         lines = []
         for i in range(n):
             image, text, scene = dataset_item(seed, split, i, size)
@@ -412,14 +408,4 @@ def export_imagefolder(out_dir: str | Path, n: int, split: str, seed: int, size:
             lines.append(json.dumps({"file_name": name, "text": text, "split": split, "held_out": is_held_out(scene),
                                      "scene": scene.to_dict(), "prompt": parse_caption(text).to_dict()}))
         (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

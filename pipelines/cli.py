@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,15 +70,14 @@ def output_paths(out: str | Path, n: int) -> list[Path]:
 
 def save_image_atomic(image: Any, path: str | Path) -> None:
     """Write a PIL image to a temporary file beside `path`, then `os.replace`: readers never see a partial file."""
+    import io
+
+    from ldm.io import write_bytes
+
     path = Path(path)
-    fmt = _image_format(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder (os.replace is atomic), default mode
-    try:
-        image.save(tmp, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    image.save(buffer, format=_image_format(path))
+    write_bytes(buffer.getvalue(), path)
 
 
 def _image_format(path: Path) -> str:

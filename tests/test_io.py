@@ -97,3 +97,19 @@ def test_model_folder_round_trip_and_pickle_fallback(tmp_path):
     assert torch.equal(load_model_folder(legacy, DIFFUSERS_WEIGHTS, allow_pickle=True)[1]["w"], sd["w"])
     with pytest.raises(FileNotFoundError, match="no weight file"):
         load_model_folder(tmp_path, DIFFUSERS_WEIGHTS)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import stat
+
+    from ldm.io import write_bytes
+
+    mask = os.umask(0o022)
+    try:
+        write_bytes(b"x", tmp_path / "f.bin")
+        with atomic_directory(tmp_path / "d") as d:
+            write_json({}, d / "a.json")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644  # mkstemp alone would give 0600
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755  # mkdtemp alone would give 0700
