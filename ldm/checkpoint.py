@@ -20,23 +20,17 @@ at most a `.step-*.tmp` folder that is never picked as "latest" and is removed b
 
 from __future__ import annotations
 
-import csv
+import hashlib
 import random
 import re
 import shutil
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import gather_object
 from torch import nn
-from tqdm.auto import tqdm
 
-from ldm.data import samples_consumed
 from ldm.ema import EMA
 from ldm.io import WeightsError, atomic_directory, load_state_dict, load_weights, read_json, save_state_dict, write_json
 
@@ -87,14 +81,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _torch_save(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
-
-
 def _torch_load(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file missing: {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def folder_digest(folder: str | Path) -> str:
+    """sha256 over the relative paths and bytes of every file under `folder` (dot-names, i.e. temporaries, skipped):
+    identifies the frozen parts a U-Net was trained with (recorded in meta.json, checked on resume and export)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder to hash not found: {folder}")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        digest.update(rel.as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------------- finding
@@ -167,10 +176,10 @@ def save_checkpoint(
             ema = emas.get(name)
             if ema is not None:
                 save_state_dict(ema.tensors(), tmp / f"{name}.ema.safetensors", metadata={"format": "pt"})
-            _torch_save({"optimizer": optimizers[name].state_dict(), "lr_scheduler": schedulers[name].state_dict()},
-                        tmp / f"{name}.optim.pt")
+            torch.save({"optimizer": optimizers[name].state_dict(), "lr_scheduler": schedulers[name].state_dict()},
+                       tmp / f"{name}.optim.pt")
         for i, state in enumerate(rng_states):
-            _torch_save(state, tmp / f"rng-{i}.pt")
+            torch.save(state, tmp / f"rng-{i}.pt")
         ema_meta = {n: {"num_updates": e.num_updates, "decay": e.decay} for n, e in emas.items() if e is not None}
         write_json({"format_version": FORMAT_VERSION, "step": step, "parts": list(models), "ema": ema_meta,
                     "num_processes": len(rng_states), **meta}, tmp / "meta.json")
@@ -230,174 +239,3 @@ def load_weights_only(path: str | Path, name: str, *, use_ema: bool = True) -> d
         raise WeightsError(f"{path} holds no EMA weights for {name!r} (trained with ema.enabled=false?); "
                            "pass use_ema=False to export the raw weights")
     return load_state_dict(path / f"{name}.safetensors")
-
-
-# ------------------------------------------------------------------------------------ the resumable training loop
-# The loop shared by ldm.train (U-Net) and autoencoder.train (VAE + discriminator): it lives here, beside the
-# checkpoint format it resumes from, so that both applications call it instead of copying it.
-
-
-@dataclass
-class Part:
-    """One trained model with its optimizer (both as returned by accelerator.prepare), its LR schedule (NOT prepared:
-    stepped exactly once per optimizer update whatever the number of processes) and its EMA (or None)."""
-
-    name: str
-    model: nn.Module
-    optimizer: Any
-    scheduler: Any
-    ema: EMA | None = None
-
-
-@dataclass
-class StepContext:
-    """Where a micro-batch sits: `step` optimizer updates done, micro-batch `micro` of the update, this process."""
-
-    step: int
-    micro: int
-    seed: int
-    process_index: int
-    batch_size: int
-
-    def generators(self, n: int) -> list[torch.Generator]:
-        """Generators of this process's first `n` batch slots (global slot = process * batch_size + i)."""
-        first = self.process_index * self.batch_size
-        return slot_generators(self.seed, self.step, self.micro, range(first, first + n))
-
-
-class MetricsLogger:
-    """Rows of metrics to a CSV file (and TensorBoard when installed); on resume, rows past the resumed step go."""
-
-    def __init__(self, path: Path, *, resume_step: int = 0, enabled: bool = True) -> None:
-        self.path, self.enabled, self.columns, self.tb = path, enabled, None, None
-        if not enabled:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            with path.open() as f:
-                rows = list(csv.reader(f))
-            if rows:
-                self.columns = rows[0]
-                kept = [r for r in rows[1:] if r and int(r[0]) <= resume_step]
-                with path.open("w", newline="") as f:
-                    csv.writer(f).writerows([rows[0], *kept])
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            self.tb = None
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        if self.columns is None:
-            self.columns = ["step", *metrics]
-            with self.path.open("w", newline="") as f:
-                csv.writer(f).writerow(self.columns)
-        with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([step, *(f"{metrics.get(c, float('nan')):.8g}" for c in self.columns[1:])])
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def run_loop(
-    accelerator: Any,
-    run: Any,
-    optim: Any,
-    *,
-    parts: list[Part],
-    loader: Any,
-    position: Any,
-    step_fn: Callable[[dict[str, Any], StepContext], tuple[torch.Tensor, dict[str, float]]],
-    meta: dict[str, Any],
-    on_step: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """Train `parts` until run.max_steps optimizer updates: accumulate, clip, step, schedule, EMA, log, checkpoint.
-
-    `step_fn(batch, ctx)` returns (loss, logs) of one micro-batch; its randomness must come from ctx.generators (and
-    the global torch RNG, which is re-seeded from (seed, step, micro, process) before every micro-batch), so a resumed
-    run repeats the uninterrupted one exactly. `run` is a RunConfig, `optim` an OptimConfig (ldm.train_config).
-    """
-    out = Path(run.output_dir)
-    root = out / "checkpoints"
-    main = accelerator.is_main_process
-    raw = {p.name: accelerator.unwrap_model(p.model) for p in parts}
-    step = 0
-    resume = resolve_resume(root, run.resume)
-    if resume is not None:
-        state = load_checkpoint(resume, models=raw, emas={p.name: p.ema for p in parts},
-                                optimizers={p.name: p.optimizer for p in parts},
-                                schedulers={p.name: p.scheduler for p in parts}, process_index=accelerator.process_index)
-        step = int(state["step"])
-        position.load_state_dict(state["data"])
-    logger = MetricsLogger(out / "losses.csv", resume_step=step, enabled=main)
-    bar = tqdm(total=run.max_steps, initial=step, disable=not (main and run.progress_bar), desc="train")
-    procs = accelerator.num_processes
-    epoch, consumed, micro = position.epoch, 0, 0
-    window: list[dict[str, float]] = []
-    clock, images, last_ckpt = time.perf_counter(), 0, resume
-    while step < run.max_steps:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            torch.manual_seed(step_seed(run.seed, step, micro, accelerator.process_index))
-            ctx = StepContext(step, micro, run.seed, accelerator.process_index, run.batch_size)
-            with accelerator.accumulate(*[p.model for p in parts]):
-                loss, logs = step_fn(batch, ctx)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and optim.max_grad_norm is not None:
-                    for p in parts:
-                        accelerator.clip_grad_norm_(p.model.parameters(), optim.max_grad_norm)
-                for p in parts:
-                    p.optimizer.step()
-                    p.optimizer.zero_grad(set_to_none=True)
-            consumed, micro = consumed + 1, micro + 1
-            images += len(batch.get("captions", batch.get("pixel_values", [])))
-            window.append({"loss": float(loss.detach()), "skipped": float(batch.get("num_skipped", 0)), **logs})
-            if not accelerator.sync_gradients:
-                continue
-            step, micro = step + 1, 0
-            for p in parts:
-                if not getattr(p.optimizer, "step_was_skipped", False):  # fp16 overflow: no update, no schedule step
-                    p.scheduler.step()
-                if p.ema is not None:
-                    p.ema.update(raw[p.name])
-            bar.update(1)
-            if step % run.log_every == 0 or step == run.max_steps:
-                keys = sorted({k for row in window for k in row})
-                local = torch.tensor([[sum(r.get(k, 0.0) for r in window) / len(window) for k in keys]],
-                                     device=accelerator.device, dtype=torch.float64)
-                means = accelerator.gather(local).mean(0).tolist()
-                metrics = dict(zip(keys, means))
-                metrics["skipped"] *= len(window) * procs  # a count, not a mean
-                elapsed = time.perf_counter() - clock
-                metrics["images_per_s"] = images * procs / max(elapsed, 1e-9)
-                metrics["lr"] = parts[0].scheduler.get_last_lr()[0]
-                logger.log(step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-                window, clock, images = [], time.perf_counter(), 0
-            if step % run.checkpoint_every == 0 or step == run.max_steps:
-                rngs = gather_object([rng_state()])
-                if main:
-                    data = position.state_dict(samples_consumed(consumed, run.batch_size, procs))
-                    last_ckpt = save_checkpoint(
-                        root, step, models=raw, emas={p.name: p.ema for p in parts},
-                        optimizers={p.name: p.optimizer for p in parts},
-                        schedulers={p.name: p.scheduler for p in parts}, rng_states=rngs,
-                        meta={**meta, "data": data}, keep_last=run.keep_last)
-                accelerator.wait_for_everyone()
-                last_ckpt = root / checkpoint_name(step)
-            if on_step is not None:
-                on_step(step)
-            if step >= run.max_steps:
-                break
-        else:
-            epoch, consumed = epoch + 1, 0
-    bar.close()
-    logger.close()
-    return {"step": step, "checkpoint": last_ckpt}

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.checkpoint import Part, StepContext, latest_checkpoint, load_weights_only, run_loop
+from ldm.checkpoint import latest_checkpoint, load_weights_only
+from ldm.loop import Part, StepContext, run_loop
 from ldm.config import to_dict
 from ldm.data import DataConfig, build_dataloader
 from ldm.io import load_state_dict, save_state_dict, write_json
