@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ldm.io import write_text
+
 T = TypeVar("T")
 
 
@@ -163,7 +165,7 @@ def load_config(cls: type[T], path: str | Path) -> T:
 
 def save_config(config: Any, path: str | Path) -> None:
     """Write a dataclass config as YAML (the mirror of `load_config`)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text(yaml.safe_dump(to_dict(config), sort_keys=False), path)  # atomic: temporary file + os.replace
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -13,7 +13,8 @@ decays are clamped below at min_decay, exactly as diffusers' `EMAModel.get_decay
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -96,7 +97,7 @@ class EMA:
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite `model`'s parameters with the EMA weights (call `store` first to get them back)."""
-        for s, p in zip(self.shadow, self._params(model)):
+        for s, p in zip(self.shadow, self._params(model), strict=True):
             p.copy_(s.to(p.dtype))
 
     @torch.no_grad()
@@ -109,9 +110,20 @@ class EMA:
         """Put back the parameters saved by `store` (e.g. after validating with the EMA weights)."""
         if self._stored is None:
             raise RuntimeError("EMA.restore called without a matching EMA.store")
-        for s, p in zip(self._stored, self._params(model)):
+        for s, p in zip(self._stored, self._params(model), strict=True):
             p.copy_(s)
         self._stored = None
+
+    @contextmanager
+    def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
+        """`model` holds the EMA weights inside the block (e.g. for validation) and its own again after it, also when
+        the block raises: store, copy_to, restore."""
+        self.store(model)
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            self.restore(model)
 
     def to(self, device: torch.device | str) -> EMA:
         self.shadow = [s.to(device) for s in self.shadow]
@@ -119,7 +131,7 @@ class EMA:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The shadow weights by parameter name (for a safetensors file)."""
-        return dict(zip(self.names, self.shadow))
+        return dict(zip(self.names, self.shadow, strict=True))
 
     def state_dict(self) -> dict[str, Any]:
         """Weights by name plus the update counter (the weights go to safetensors, the counter to JSON)."""
@@ -132,14 +144,9 @@ class EMA:
         unexpected = [n for n in weights if n not in self.names]
         if missing or unexpected:
             raise ValueError(f"EMA state: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for name, s in zip(self.names, self.shadow):
+        for name, s in zip(self.names, self.shadow, strict=True):
             if tuple(weights[name].shape) != tuple(s.shape):
                 raise ValueError(f"EMA state {name}: shape {tuple(weights[name].shape)} != {tuple(s.shape)}")
             s.copy_(weights[name])
         self.num_updates = int(state["num_updates"])
         self.decay = float(state.get("decay", 0.0))
-
-
-def parameters_of(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """All trainable parameters of `modules` (for optimizers over several modules)."""
-    return [p for m in modules for p in m.parameters() if p.requires_grad]

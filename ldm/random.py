@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -35,3 +36,12 @@ def randn(
 def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
     """Standard normal noise shaped like `x`, on its device and dtype."""
     return randn(x.shape, generator, device=x.device, dtype=x.dtype)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with the global torch CPU RNG seeded by `seed` (e.g. a model's random init), then put the caller's
+    RNG state back, so seeded construction neither depends on nor disturbs the surrounding draws."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

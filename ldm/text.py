@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from ldm.io import load_state_dict, save_state_dict, write_text
+from ldm.random import seeded
 
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -255,8 +256,7 @@ class TextEncoder(PromptEncoder):
     def from_config(cls, config: CLIPTextConfig, *, seed: int = 0, pad_token: str = EOS,
                     layer: Layer = "last") -> TextEncoder:
         """A randomly initialised encoder (seeded) with the offline tokenizer: for tests and tiny models."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             model = CLIPTextModel(config)
         return cls(build_clip_tokenizer(pad_token), model.eval(), layer)
 
@@ -352,8 +352,7 @@ class OpenCLIPTextEncoder(PromptEncoder):
 
         config = copy.deepcopy(config)
         model_cls = open_clip.CustomTextCLIP if config.pop("custom_text", False) else open_clip.CLIP
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             model = model_cls(**config)
         return cls(model.eval(), layer=layer)
 

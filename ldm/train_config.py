@@ -33,8 +33,11 @@ LRSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "co
 
 
 def sd_schedule() -> NoiseSchedule:
-    """Stable Diffusion 1.x/2.x training schedule: 1000 steps, scaled-linear betas 0.00085 -> 0.012."""
-    return NoiseSchedule(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    """Stable Diffusion 1.x/2.x noise schedule, the one definition in the project: 1000 steps, scaled-linear betas
+    0.00085 -> 0.012, "leading" spacing with steps_offset 1 (SD's scheduler_config.json); epsilon prediction. Override
+    a field with dataclasses.replace(sd_schedule(), prediction_type=...)."""
+    return NoiseSchedule(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         timestep_spacing="leading", steps_offset=1)
 
 
 @dataclass

@@ -7,6 +7,7 @@ the key maps of pipelines/convert.py and a strict, shape-checked load that names
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -19,9 +20,11 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from autoencoder.model import AutoencoderKL, VAEConfig
 from ldm.config import load_config
 from ldm.io import build_with_weights, load_state_dict, save_state_dict
+from ldm.parameterization import PREDICTIONS
 from ldm.schedule import NoiseSchedule
 from ldm.text import EOS, TextEncoder, build_clip_tokenizer, hub_state_dict, load_hub_state_dict
 from ldm.text_openclip import openclip_text_config, openclip_to_transformers
+from ldm.train_config import sd_schedule
 from ldm.unet import UNet, UNetConfig
 from pipelines.convert import (
     CLIP_PREFIX,
@@ -39,7 +42,9 @@ from pipelines.folder import Components
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 METADATA_KEY = "ldm_configs"
-SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
+# SD's noise schedule is defined once, ldm.train_config.sd_schedule(); this dict of its keys is kept for callers that
+# unpack it (benchmarks/pipeline.py).
+SD_SCHEDULE = {k: getattr(sd_schedule(), k) for k in ("beta_schedule", "beta_start", "beta_end", "steps_offset")}
 # CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x) text towers.
 SD1_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                 hidden_act="quick_gelu", projection_dim=768)  # fmt: skip
@@ -106,10 +111,12 @@ def load_single_file(
                               "'epsilon' for the 512 base model", stacklevel=2)
         else:
             text_cfg = CLIPTextConfig(**SD1_TEXT)
-        schedule = NoiseSchedule(**SD_SCHEDULE, prediction_type="v_prediction" if v2 else "epsilon")
+        schedule = dataclasses.replace(sd_schedule(), prediction_type="v_prediction" if v2 else "epsilon")
         pad = "!" if v2 else EOS
     if prediction_type is not None:
-        schedule = NoiseSchedule.from_diffusers({**schedule.to_diffusers(), "prediction_type": prediction_type})
+        if prediction_type not in PREDICTIONS:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {list(PREDICTIONS)}")
+        schedule = dataclasses.replace(schedule, prediction_type=prediction_type)
 
     unet = build_with_weights(UNet, unet_cfg, unet_from_compvis(parts["unet"], _unet_pairs(unet_cfg)), what=f"{path} (unet)")
     vae_pairs = vae_prefix_map(vae_cfg.block_out_channels, vae_cfg.layers_per_block)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import CLIPTextConfig
 
 from autoencoder.model import AutoencoderKL, VAEConfig
 from ldm.config import load_config
-from ldm.schedule import NoiseSchedule
+from ldm.random import seeded
 from ldm.text import TextEncoder
+from ldm.train_config import sd_schedule
 from ldm.unet import UNet, UNetConfig
 from pipelines.folder import Components
 
@@ -28,12 +28,8 @@ def tiny_text_config(hidden_size: int = 32) -> CLIPTextConfig:
 
 def tiny_components(seed: int = 0, *, text_hidden_size: int = 32) -> Components:
     """U-Net (configs/unet-tiny.yaml), VAE (configs/vae-tiny.yaml), a tiny CLIP text encoder and SD's schedule."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         unet = UNet(load_config(UNetConfig, CONFIGS / "unet-tiny.yaml")).eval()
         vae = AutoencoderKL(load_config(VAEConfig, CONFIGS / "vae-tiny.yaml")).eval()
     text = TextEncoder.from_config(tiny_text_config(text_hidden_size), seed=seed + 1).eval()
-    schedule = NoiseSchedule(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading"
-    )
-    return Components(unet=unet, vae=vae, text_encoder=text, schedule=schedule)
+    return Components(unet=unet, vae=vae, text_encoder=text, schedule=sd_schedule())
