@@ -1,5 +1,5 @@
 """Training the KL autoencoder: reconstruction + beta * KL, and the PatchGAN term after its warm-up (autoencoder.losses),
-with the checkpoint / EMA / accelerate loop shared with latent-diffusion training (ldm.checkpoint.run_loop).
+with the checkpoint / EMA / accelerate loop shared with latent-diffusion training (ldm.loop.run_loop).
 
 The VAE and the discriminator are two parts with their own AdamW and LR schedule. Both losses come from ONE backward:
 the generator loss sees the discriminator with requires_grad off (so -D(x_rec) moves only the VAE) and the
@@ -22,13 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoencoder.distribution import DiagonalGaussian
 from autoencoder.losses import VAELoss, VAELossConfig
 from autoencoder.model import AutoencoderKL, VAEConfig
-from ldm.checkpoint import MetricsLogger, Part, StepContext, latest_checkpoint, load_weights_only, run_loop
+from ldm.checkpoint import latest_checkpoint, load_weights_only
+from ldm.loop import MetricsLogger, Part, StepContext, run_loop
 from ldm.config import ConfigError, load_config, to_dict
 from ldm.data import DataConfig, build_dataloader
 from ldm.ema import EMA, EMAConfig
-from ldm.io import DIFFUSERS_WEIGHTS, load_model_folder, load_weights, read_json, save_model_folder
+from ldm.io import load_weights, read_json
+from ldm.random import seeded
 from ldm.train_config import (OptimConfig, RunConfig, build_accelerator, build_lr_scheduler, build_optimizer,
                               load_train_config)
 
@@ -84,18 +87,15 @@ def frozen(module: nn.Module | None) -> Iterator[None]:
     try:
         yield
     finally:
-        for p, f in zip(module.parameters(), flags):
+        for p, f in zip(module.parameters(), flags, strict=True):
             p.requires_grad_(f)
 
 
 def build_vae(model: VAEModelConfig) -> AutoencoderKL:
+    """The VAE to train: a diffusers vae/ folder (AutoencoderKL.from_pretrained) or a seeded random init."""
     if model.pretrained is not None:
-        config, state = load_model_folder(model.pretrained, DIFFUSERS_WEIGHTS)
-        vae = AutoencoderKL(VAEConfig.from_diffusers(config))
-        load_weights(vae, state, what=model.pretrained)
-        return vae
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(model.init_seed)
+        return AutoencoderKL.from_pretrained(model.pretrained)
+    with seeded(model.init_seed):
         return AutoencoderKL(load_config(VAEConfig, model.config))
 
 
@@ -122,9 +122,7 @@ class VAEStep:
         self.last_layer = vae.decoder.conv_out.weight  # adaptive GAN weight (Esser et al. 2021, eq. 7)
 
     def __call__(self, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        from autoencoder.distribution import DiagonalGaussian
-
-        x = batch["pixel_values"].to(self.device)  # (B, 3, H, W) in [-1, 1]
+        x = batch["pixel_values"].to(self.device)  # (B, 3, H, W) in [-1, 1], B >= 1 (ldm.loop skips empty batches)
         gens = ctx.generators(len(x)) if self.config.sample_posterior else None
         moments, x_rec = self.model(x, gens)
         with frozen(self.disc):
@@ -177,13 +175,9 @@ def train_vae(config: VAETrainConfig) -> dict[str, Any]:
             return
         if accelerator.is_main_process:
             raw = accelerator.unwrap_model(model_p)
-            if ema is not None:
-                ema.store(raw)
-                ema.copy_to(raw)
-            eval_log.log(step, {"psnr": evaluate_psnr(raw.vae.eval(), eval_loader, device)})
-            raw.train()
-            if ema is not None:
-                ema.restore(raw)
+            with ema.swapped(raw) if ema is not None else contextlib.nullcontext():
+                eval_log.log(step, {"psnr": evaluate_psnr(raw.vae.eval(), eval_loader, device)})
+                raw.train()
         accelerator.wait_for_everyone()
 
     result = run_loop(accelerator, run, config.optim, parts=parts, loader=loader_p, position=position,
@@ -203,7 +197,7 @@ def export_vae(run_or_checkpoint: str | Path, out_dir: str | Path, *, use_ema: b
     vae = build_vae(config.model)
     state = load_weights_only(ckpt, "vae", use_ema=use_ema)
     load_weights(vae, {k.removeprefix("vae."): v for k, v in state.items()}, what=f"{ckpt} vae")
-    save_model_folder(out_dir, vae.config.to_diffusers(), vae.state_dict(), DIFFUSERS_WEIGHTS[0])
+    vae.save_pretrained(out_dir)
     return Path(out_dir)
 
 

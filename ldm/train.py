@@ -15,7 +15,9 @@ run repeats the uninterrupted one bit for bit on CPU, and 2 processes x batch B 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,15 +26,17 @@ import torch
 from PIL import Image
 from transformers import CLIPTextConfig
 
-from autoencoder.model import AutoencoderKL, VAEConfig  # the one allowed ldm -> autoencoder import (frozen VAE)
-from ldm.checkpoint import Part, StepContext, run_loop
+from autoencoder.model import AutoencoderKL, DiagonalGaussian, VAEConfig  # the one allowed ldm -> autoencoder import
+from ldm.loop import Part, StepContext, run_loop
+from ldm.checkpoint import folder_digest, resolve_resume
 from ldm.components import Components, IncompatibleComponentsError, load_pipeline_folder, save_pipeline
 from ldm.config import ConfigError, load_config, to_dict
 from ldm.data import build_dataloader
 from ldm.denoiser import CFGDenoiser, DiscreteVPDenoiser
 from ldm.diffusion import diffusion_loss, q_sample
 from ldm.ema import EMA
-from ldm.random import randn
+from ldm.io import write_bytes
+from ldm.random import randn, seeded
 from ldm.samplers import sample
 from ldm.schedule import sampler_sigmas
 from ldm.text import TextEncoder
@@ -47,33 +51,26 @@ FROZEN = "frozen"  # <output_dir>/frozen: the diffusers-layout folder of everyth
 # ------------------------------------------------------------------------------------------------------ building
 
 
-def _seeded(seed: int, build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 def load_vae(folder: str | Path) -> AutoencoderKL:
     """An AutoencoderKL from a diffusers `vae/` folder."""
     return AutoencoderKL.from_pretrained(folder)
-
-
-def load_folder_components(folder: str | Path, *, unet_weights: bool = True) -> Components:
-    """unet/ vae/ text_encoder/ tokenizer/ scheduler/ of a diffusers-layout folder (the U-Net's weights optional)."""
-    return load_pipeline_folder(folder, vae_class=AutoencoderKL, unet_weights=unet_weights)
 
 
 def build_components(config: TrainConfig) -> Components:
     """Fine-tune: load model.pretrained. From scratch: seeded random U-Net / VAE / CLIP text encoder from configs."""
     m = config.model
     if m.pretrained is not None:
-        parts = load_folder_components(m.pretrained)
+        parts = load_pipeline_folder(m.pretrained, vae_class=AutoencoderKL)
         schedule = m.schedule or parts.schedule
     else:
         unet_config = load_config(UNetConfig, m.unet)
-        unet = _seeded(m.init_seed, lambda: UNet(unet_config))
-        vae = load_vae(m.vae_weights) if m.vae_weights else _seeded(
-            m.init_seed + 1, lambda: AutoencoderKL(load_config(VAEConfig, m.vae)))
+        with seeded(m.init_seed):
+            unet = UNet(unet_config)
+        if m.vae_weights:
+            vae = load_vae(m.vae_weights)
+        else:
+            with seeded(m.init_seed + 1):
+                vae = AutoencoderKL(load_config(VAEConfig, m.vae))
         t = m.text
         clip = CLIPTextConfig(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                               num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
@@ -123,8 +120,6 @@ class DiffusionStep:
     @torch.no_grad()
     def latents(self, batch: dict[str, Any], gens: list[torch.Generator]) -> torch.Tensor:
         """z = scaling * (z ~ q(z|x)) for the batch, moments cached per record when run.cache_latents."""
-        from autoencoder.distribution import DiagonalGaussian
-
         indices = batch["indices"].tolist()
         if self.config.run.cache_latents and all(i in self.cache for i in indices):
             moments = torch.stack([self.cache[i] for i in indices]).to(self.device)
@@ -132,18 +127,16 @@ class DiffusionStep:
             pixels = batch["pixel_values"].to(self.device, self.dtype)  # (B, 3, H, W)
             moments = self.vae.encode(pixels).parameters  # (B, 2C, h, w)
             if self.config.run.cache_latents:
-                self.cache.update({i: m.cpu() for i, m in zip(indices, moments)})
+                self.cache.update({i: m.cpu() for i, m in zip(indices, moments, strict=True)})
         return self.vae.scale_latents(DiagonalGaussian(moments).sample(gens)).float()  # (B, C, h, w)
 
     def __call__(self, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         obj = self.config.objective
         captions = list(batch["captions"])
-        n = len(captions)
-        if n == 0:  # every image of this micro-batch was unreadable: a zero loss that still touches all parameters
-            return sum(p.sum() for p in self.unet.parameters()) * 0.0, {}
+        n = len(captions)  # >= 1: ldm.loop.run_loop handles micro-batches with no readable image
         gens = ctx.generators(n)
         drop = dropout_mask(gens, obj.condition_dropout)
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         z = self.latents(batch, gens)
         with torch.no_grad():
             c = self.text.encode(captions).to(self.dtype)  # (B, 77, D)
@@ -166,11 +159,13 @@ class DiffusionStep:
 @torch.no_grad()
 def render_grid(parts: Components, unet: torch.nn.Module, prompts: list[str], seeds: list[int], *, size: int,
                 steps: int, guidance_scale: float) -> Image.Image:
-    """prompts x seeds images (rows x columns) with the Euler sampler and classifier-free guidance."""
+    """prompts x seeds images (rows x columns) with the Euler sampler and classifier-free guidance, from the same
+    initial latent as pipelines.text_to_image.Pipeline for the same seed and schedule."""
     schedule, vae, text = parts.schedule, parts.vae, parts.text_encoder
     device = next(unet.parameters()).device
     den = CFGDenoiser(DiscreteVPDenoiser(unet, schedule.sigmas(), schedule.prediction_type), guidance_scale)
     sigmas = sampler_sigmas(schedule, steps, "euler")
+    prior_scale = float((1 + sigmas[0] ** 2).sqrt())
     latent = size // vae.downsample_factor
     empty = text.empty_embedding(1)
     rows = []
@@ -178,7 +173,9 @@ def render_grid(parts: Components, unet: torch.nn.Module, prompts: list[str], se
         c = text.encode([prompt])
         for seed in seeds:
             x = randn((1, unet.config.in_channels, latent, latent), torch.Generator().manual_seed(seed), device=device)
-            z = sample(den, x * float(sigmas[0]), sigmas, "euler",
+            # The VP prior, as the Pipeline starts: x_T = eps * sqrt(1 + sigma_max^2) (diffusers' init_noise_sigma),
+            # not eps * sigma_max (the VE prior); the two differ by a factor sqrt(1 + 1/sigma_max^2).
+            z = sample(den, x * prior_scale, sigmas, "euler",
                        cond={"cond": {"encoder_hidden_states": c}, "uncond": {"encoder_hidden_states": empty}})
             rows.append(vae.decode(vae.unscale_latents(z.to(next(vae.parameters()).dtype))).float().cpu())
     images = ((torch.cat(rows).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (P*S, 3, H, W)
@@ -190,14 +187,38 @@ def render_grid(parts: Components, unet: torch.nn.Module, prompts: list[str], se
 # ------------------------------------------------------------------------------------------------------------ run
 
 
+def check_fresh_run(out: Path) -> None:
+    """A fresh run (run.resume unset) must not reuse a run folder: its frozen/ parts or checkpoints would be mixed
+    with this run's U-Net."""
+    taken = [name for name in (FROZEN, "checkpoints") if (out / name).exists()]
+    if taken:
+        raise FileExistsError(f"run.output_dir {out} already holds {' and '.join(f'{t}/' for t in taken)} of another "
+                              "run: continue it with run.resume=latest (--resume latest), or choose another output_dir")
+
+
+def check_frozen(state: dict[str, Any], digest: str, folder: Path) -> None:
+    """The checkpoint resumed from must have been trained with the frozen parts now in `folder`."""
+    recorded = state.get("frozen_sha256")
+    if recorded is not None and recorded != digest:
+        raise ValueError(f"{folder} (sha256 {digest[:12]}...) is not the frozen VAE/text encoder/schedule this "
+                         f"checkpoint was trained with (sha256 {recorded[:12]}...)")
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns {"step", "checkpoint"} of the last checkpoint."""
+    """Run (or resume) training as configured; returns {"step", "checkpoint"} of the last checkpoint.
+
+    `<output_dir>/frozen` is written when there is no checkpoint to resume from, and its sha256 (ldm.checkpoint.
+    folder_digest) goes into every checkpoint's meta.json, where resume and pipelines.export check it."""
     run = config.run
-    accelerator = build_accelerator(run, config.optim)
     out = Path(run.output_dir)
+    if run.resume is None:
+        check_fresh_run(out)
+    accelerator = build_accelerator(run, config.optim)
     parts = build_components(config)
-    if accelerator.is_main_process and not (out / FROZEN).is_dir():
-        save_frozen(out / FROZEN, parts)
+    if accelerator.is_main_process and resolve_resume(out / "checkpoints", run.resume) is None:
+        save_frozen(out / FROZEN, parts)  # replaces a frozen/ left by a run that saved no checkpoint
+    accelerator.wait_for_everyone()
+    digest = folder_digest(out / FROZEN)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.mixed_precision, torch.float32)
     device = accelerator.device
     for frozen in (parts.vae, parts.text_encoder):
@@ -218,23 +239,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
             return
         if accelerator.is_main_process:
             raw = accelerator.unwrap_model(unet_p)
-            if ema is not None:
-                ema.store(raw)
-                ema.copy_to(raw)
-            raw.eval()
-            grid = render_grid(parts, raw, run.validation_prompts, run.validation_seeds,
-                               size=config.data.resolution, steps=run.validation_steps,
-                               guidance_scale=run.guidance_scale)
-            raw.train()
-            if ema is not None:
-                ema.restore(raw)
-            (out / "validation").mkdir(parents=True, exist_ok=True)
-            grid.save(out / "validation" / f"step-{step:08d}.png")
+            with ema.swapped(raw) if ema is not None else contextlib.nullcontext():
+                raw.eval()
+                grid = render_grid(parts, raw, run.validation_prompts, run.validation_seeds,
+                                   size=config.data.resolution, steps=run.validation_steps,
+                                   guidance_scale=run.guidance_scale)
+                raw.train()
+            png = io.BytesIO()
+            grid.save(png, format="PNG")
+            write_bytes(png.getvalue(), out / "validation" / f"step-{step:08d}.png")
         accelerator.wait_for_everyone()
 
-    meta = {"config": to_dict(config), "frozen": f"../../{FROZEN}"}
+    meta = {"config": to_dict(config), "frozen": f"../../{FROZEN}", "frozen_sha256": digest}
     result = run_loop(accelerator, run, config.optim, parts=[Part("unet", unet_p, optimizer_p, scheduler, ema)],
-                      loader=loader_p, position=position, step_fn=step_fn, meta=meta, on_step=validate)
+                      loader=loader_p, position=position, step_fn=step_fn, meta=meta, on_step=validate,
+                      on_resume=lambda state: check_frozen(state, digest, out / FROZEN))
     accelerator.end_training()
     return result
 

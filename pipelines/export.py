@@ -8,12 +8,13 @@ noise schedule) and the U-Net config live once per run in `<output_dir>/frozen/`
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
-from ldm.checkpoint import latest_checkpoint, load_weights_only, read_meta
-from ldm.io import load_weights
-from ldm.train import load_folder_components
-from pipelines.folder import save_pipeline
+from autoencoder.model import AutoencoderKL
+from ldm.checkpoint import folder_digest, latest_checkpoint, load_weights_only, read_meta
+from ldm.io import WeightsError, load_weights
+from pipelines.folder import load_pipeline_folder, save_pipeline
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -37,7 +38,16 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
     if not frozen.is_dir():
         raise FileNotFoundError(f"{ckpt}: the frozen components folder {frozen} named in meta.json is missing "
                                 "(copy the whole run folder, not just the checkpoint)")
-    parts = load_folder_components(frozen, unet_weights=False)
+    recorded = meta.get("frozen_sha256")
+    if recorded is None:
+        warnings.warn(f"{ckpt}: meta.json records no frozen_sha256 (a checkpoint from before it was recorded), so it "
+                      f"is not checked that {frozen} holds the VAE / text encoder this U-Net was trained with",
+                      stacklevel=2)
+    elif folder_digest(frozen) != recorded:
+        raise WeightsError(f"{frozen} is not the frozen VAE / text encoder / schedule the U-Net of {ckpt} was trained "
+                           "with (its sha256 differs from meta.json's frozen_sha256): was another run started in the "
+                           "same output_dir, or the folder edited?")
+    parts = load_pipeline_folder(frozen, vae_class=AutoencoderKL, unet_weights=False)
     load_weights(parts.unet, load_weights_only(ckpt, "unet", use_ema=use_ema), what=f"{ckpt} unet")
     save_pipeline(out_dir, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, schedule=parts.schedule)
     return Path(out_dir)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, resolve_resume,
+from ldm.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, resolve_resume,
                             rng_state, save_checkpoint, set_rng_state, slot_generators)
 from ldm.config import ConfigError
 from ldm.ema import EMA, EMAConfig, ema_decay
@@ -86,6 +86,71 @@ def test_ema_decay_warmups_and_store_restore():
     assert all(torch.equal(p, a) for p, a in zip(model.parameters(), after))
     with pytest.raises(RuntimeError, match="store"):
         ema.restore(model)
+
+
+def test_ema_swapped_holds_the_ema_weights_inside_and_restores_even_on_error():
+    model = nn.Linear(3, 2)
+    ema = EMA(model, EMAConfig(decay=0.5, warmup="none"))
+    _walk(model, 1)
+    ema.update(model)
+    own = [p.detach().clone() for p in model.parameters()]
+    assert not any(torch.equal(p, s) for p, s in zip(own, ema.shadow))  # so the test can tell the two apart
+    with ema.swapped(model) as m:
+        assert m is model and all(torch.equal(p, s) for p, s in zip(model.parameters(), ema.shadow))
+    assert all(torch.equal(p, o) for p, o in zip(model.parameters(), own))
+    with pytest.raises(KeyError), ema.swapped(model):
+        raise KeyError("validation failed")
+    assert all(torch.equal(p, o) for p, o in zip(model.parameters(), own))
+
+
+def test_seeded_init_is_reproducible_and_leaves_the_global_rng_alone():
+    from ldm.random import seeded
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with seeded(7):
+        a = nn.Linear(4, 4).weight.detach().clone()
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's stream continues as if nothing was drawn
+    with seeded(7):
+        b = nn.Linear(4, 4).weight.detach().clone()
+    with seeded(8):
+        c = nn.Linear(4, 4).weight.detach().clone()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_metrics_logger_drops_rows_past_the_resumed_step_atomically(tmp_path):
+    from ldm.loop import MetricsLogger
+
+    path = tmp_path / "losses.csv"
+    log = MetricsLogger(path)
+    for step in range(1, 5):
+        log.log(step, {"loss": step / 10})
+    log.close()
+    log = MetricsLogger(path, resume_step=2)
+    log.log(3, {"loss": 0.5})
+    log.close()
+    assert path.read_text().splitlines() == ["step,loss", "1,0.1", "2,0.2", "3,0.5"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []  # no temporary file left
+
+
+def test_folder_digest_changes_with_any_byte_and_ignores_temporaries(tmp_path):
+    from ldm.checkpoint import folder_digest
+
+    a = tmp_path / "a"
+    (a / "vae").mkdir(parents=True)
+    (a / "vae/config.json").write_text('{"x": 1}')
+    (a / "model_index.json").write_text("{}")
+    first = folder_digest(a)
+    shutil.copytree(a, tmp_path / "b")
+    assert folder_digest(tmp_path / "b") == first  # content, not location
+    (a / ".vae.123.tmp").write_text("half written")
+    assert folder_digest(a) == first
+    (a / "vae/config.json").write_text('{"x": 2}')
+    assert folder_digest(a) != first
+    (a / "vae/config.json").write_text('{"x": 1}')
+    (a / "vae/config.json").rename(a / "vae/other.json")  # same bytes under another name
+    assert folder_digest(a) != first
 
 
 # -------------------------------------------------------------------------------------------------- checkpoints

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,6 @@ from ldm.io import load_state_dict, save_state_dict
 from ldm.shapes import export_imagefolder
 from ldm.train import build_components, render_grid, save_frozen, train
 from ldm.train_config import TrainConfig, load_train_config
-from ldm.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -122,6 +122,69 @@ def test_validation_grid_shape(shapes, tmp_path):
     assert grid.size == (3 * 32, 2 * 32) and grid.mode == "RGB"
 
 
+def test_fresh_run_into_a_used_output_dir_is_refused(straight, shapes):
+    """A new run (no run.resume) into a folder holding another run's frozen/ and checkpoints/ stops before training."""
+    before = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    with pytest.raises(FileExistsError, match=r"frozen/ and checkpoints/.*run\.resume=latest"):
+        train(tiny_config(shapes, straight))
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == before
+
+
+def test_frozen_digest_is_recorded_and_checked_on_resume_and_export(straight, shapes, tmp_path):
+    """meta.json's frozen_sha256 is the digest of frozen/; after frozen/'s VAE changes, resume and export refuse."""
+    from ldm.checkpoint import folder_digest, read_meta
+    from ldm.io import WeightsError
+    from pipelines.export import export
+
+    digest = folder_digest(straight / "frozen")
+    assert [read_meta(p)["frozen_sha256"] for _, p in list_checkpoints(straight / "checkpoints")] == [digest] * 3
+    export(straight, tmp_path / "ok")  # unchanged: exports
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    vae_file = run / "frozen/vae/diffusion_pytorch_model.safetensors"
+    state = load_state_dict(vae_file)
+    key = sorted(state)[0]
+    state[key] = state[key] + 1.0  # another run's VAE, same config
+    save_state_dict(state, vae_file)
+    with pytest.raises(WeightsError, match="frozen_sha256"):
+        export(run, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="not the frozen"):
+        train(tiny_config(shapes, run, "run.resume=latest"))
+
+
+def test_validation_starts_from_the_pipelines_vp_prior(shapes, tmp_path, monkeypatch):
+    """render_grid and Pipeline hand the sampler the same initial latent eps * sqrt(1 + sigma_max^2) for a seed
+    (rtol 1e-6; the VE start eps * sigma_max differs by sqrt(1 + 1/sigma_max^2) - 1 = 2.3e-3), and the same image
+    (max difference 1/255: uint8 rounding of the grid)."""
+    import ldm.train
+    import pipelines.text_to_image as t2i
+    from ldm.random import randn
+
+    parts = build_components(tiny_config(shapes, tmp_path))
+    starts = []
+
+    def spy(original):
+        def wrapped(model, x, sigmas, *args, **kwargs):
+            starts.append((x.detach().clone(), float(sigmas[0])))
+            return original(model, x, sigmas, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(ldm.train, "sample", spy(ldm.train.sample))
+    monkeypatch.setattr(t2i, "sample", spy(t2i.sample))
+    grid = render_grid(parts, parts.unet.eval(), ["a red circle"], [3], size=32, steps=2, guidance_scale=3.0)
+    pipe = t2i.Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.schedule, device="cpu", dtype=torch.float32)
+    image = pipe("a red circle", sampler="euler", num_inference_steps=2, guidance_scale=3.0, seed=3, height=32,
+                 width=32, output_type="pt", progress=False).images
+    (x_grid, sigma_max), (x_pipe, _) = starts
+    eps = randn((1, 4, 4, 4), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(x_grid, eps * (1 + sigma_max**2) ** 0.5, rtol=1e-6, atol=0)
+    torch.testing.assert_close(x_grid, x_pipe, rtol=1e-6, atol=0)
+    assert (1 + 1 / sigma_max**2) ** 0.5 - 1 > 1e-3
+    pixels = torch.tensor(np.array(grid)).permute(2, 0, 1).float()
+    assert (pixels - image[0].float() * 255).abs().max() <= 1.0
+
+
 def make_pretrained(config: TrainConfig, folder: Path) -> None:
     """A diffusers-layout folder of seeded random components (what a fine-tune starts from)."""
     parts = build_components(config)
@@ -149,8 +212,6 @@ def test_finetune_loss_decreases_and_export_loads(shapes, tmp_path):
     assert len(losses) == 40 and last < 0.7 * first, (first, last)
     assert (out / "validation/step-00000040.png").is_file()
 
-    if not hasattr(UNet, "save_pretrained"):
-        pytest.skip("pipelines.folder.save_pipeline needs UNet.save_pretrained (not landed yet)")
     from diffusers import StableDiffusionPipeline
 
     from pipelines.export import export
@@ -197,9 +258,33 @@ def test_vae_training_resumes_bitwise_and_exports(shapes, tmp_path):
         sa, sb = (load_state_dict(tmp_path / r / "checkpoints/step-00000004" / name) for r in "ab")
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
     rows = list(csv.DictReader((tmp_path / "a/eval.csv").open()))
+    assert len(list(csv.DictReader((tmp_path / "a/losses.csv").open()))) == 4
     assert [r["step"] for r in rows] == ["4"] and 0 < float(rows[0]["psnr"]) < 60
     folder = export_vae(tmp_path / "a", tmp_path / "vae")
     vae = build_vae(load_train_config(VAETrainConfig, None, base={
         "model": {"pretrained": str(folder)}, "data": {"path": str(shapes)}}).model)
     ema = load_state_dict(tmp_path / "a/checkpoints/step-00000004/vae.ema.safetensors")
     assert all(torch.equal(v, ema["vae." + k]) for k, v in vae.state_dict().items())
+
+
+def test_vae_training_survives_a_micro_batch_of_only_unreadable_images(shapes, tmp_path):
+    """Images 0 and 1 corrupt, no shuffling, batch 2: update 1 sees an empty micro-batch (pixel_values (0, 3, 0, 0)),
+    which the shared loop turns into a zero loss counted as 2 skipped; update 2 trains on images 2, 3."""
+    from autoencoder.train import VAETrainConfig, train_vae
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    records = (data / "metadata.jsonl").read_text().splitlines()[:4]
+    (data / "metadata.jsonl").write_text("\n".join(records) + "\n")
+    for name in ("000000.png", "000001.png"):
+        (data / name).write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    out = tmp_path / "run"
+    train_vae(load_train_config(VAETrainConfig, ROOT / "configs/vae-train-tiny.yaml", [
+        f"data.path={data}", "data.shuffle=false", "eval_data=null", f"run.output_dir={out}", "run.max_steps=2",
+        "run.batch_size=2", "run.num_workers=0", "run.checkpoint_every=2", "run.log_every=1", "run.validate_every=0",
+        "run.progress_bar=false"]))
+    rows = list(csv.DictReader((out / "losses.csv").open()))
+    assert [(r["step"], float(r["loss"]), float(r["skipped"])) for r in rows[:1]] == [("1", 0.0, 2.0)]
+    assert rows[1]["step"] == "2" and float(rows[1]["loss"]) > 0 and float(rows[1]["skipped"]) == 0
+    weights = load_state_dict(out / "checkpoints/step-00000002/vae.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from ldm.io import load_state_dict
 from ldm.train import train
