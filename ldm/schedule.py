@@ -14,6 +14,12 @@ Three flavors of inference timesteps exist in diffusers and are reproduced here:
   "ddim"      DDIMScheduler / DDPMScheduler: integer timesteps ("linspace" rounded);
   "euler"     Euler / Euler ancestral / Heun: float timesteps ("linspace" NOT rounded, sigma interpolated linearly);
   "dpmsolver" DPMSolverMultistepScheduler: "linspace"/"leading" over n + 1 points with the last dropped.
+
+The final sigma, too, is per flavor, as in diffusers: DDIM (and PNDM) end at alphā_0 instead of 1 when
+`set_alpha_to_one` is False; Euler and DPM-Solver read `final_sigmas_type` and ignore `set_alpha_to_one` (DDPM, Euler
+ancestral and Heun always end at 0: pass final_sigma="zero"). A scheduler_config.json without `timestep_spacing`
+means "the scheduler class's default", which diffusers' `from_config` also applies when switching schedulers:
+"leading" for the ddim flavor, "linspace" for euler and dpmsolver (Stable Diffusion 1.x folders rely on this).
 """
 
 from __future__ import annotations
@@ -101,9 +107,10 @@ class NoiseSchedule:
     trained_betas: list[float] | None = None
     rescale_betas_zero_snr: bool = False
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
-    timestep_spacing: Spacing = "leading"
+    timestep_spacing: Spacing | None = "leading"  # None: each flavor's diffusers default (`default_spacing`)
     steps_offset: int = 0
-    final_sigma: FinalSigma = "zero"  # diffusers: final_sigmas_type, or set_alpha_to_one=True -> "zero"
+    set_alpha_to_one: bool = True  # DDIM flavor: final alphā 1 (sigma 0), else alphā_0 (sigma_min)
+    final_sigmas_type: FinalSigma = "zero"  # Euler / DPM-Solver flavors: the final sigma
     use_karras_sigmas: bool = False
 
     def __post_init__(self) -> None:
@@ -144,22 +151,35 @@ class NoiseSchedule:
 
     @classmethod
     def from_diffusers(cls, config: dict[str, Any]) -> NoiseSchedule:
-        """Build from a diffusers scheduler_config.json dict; keys we do not model are ignored."""
+        """Build from a diffusers scheduler_config.json dict; keys we do not model are ignored. A missing
+        timestep_spacing is None (the class default, as diffusers' from_config); the key "final_sigma" of our
+        earlier configs set both final-sigma keys and is still read."""
         ours = {f.name for f in fields(cls)}
         data = {k: v for k, v in config.items() if k in ours}
-        if "final_sigmas_type" in config:
-            data["final_sigma"] = config["final_sigmas_type"]
-        elif "set_alpha_to_one" in config:
-            data["final_sigma"] = "zero" if config["set_alpha_to_one"] else "sigma_min"
+        data.setdefault("timestep_spacing", None)
+        if "final_sigma" in config:  # legacy: one key for every flavor
+            data.setdefault("final_sigmas_type", config["final_sigma"])
+            data.setdefault("set_alpha_to_one", config["final_sigma"] == "zero")
         return from_dict(cls, data, where="scheduler_config")
 
     def to_diffusers(self) -> dict[str, Any]:
-        """A diffusers scheduler_config.json dict (both spellings of the final sigma are written)."""
+        """A diffusers scheduler_config.json dict, under diffusers' key names; timestep_spacing None is left out."""
         data = to_dict(self)
-        final = data.pop("final_sigma")
-        data["final_sigmas_type"] = final
-        data["set_alpha_to_one"] = final == "zero"
+        if data["timestep_spacing"] is None:
+            del data["timestep_spacing"]
         return data
+
+    def final_sigma(self, flavor: Flavor) -> FinalSigma:
+        """The final sigma diffusers' scheduler of this flavor ends at: set_alpha_to_one for "ddim",
+        final_sigmas_type for "euler" / "dpmsolver"."""
+        if flavor == "ddim":
+            return "zero" if self.set_alpha_to_one else "sigma_min"
+        return self.final_sigmas_type
+
+
+def default_spacing(flavor: Flavor) -> Spacing:
+    """diffusers' default timestep_spacing: "leading" for DDIM/DDPM/PNDM, "linspace" for Euler, Heun, DPM-Solver."""
+    return "leading" if flavor == "ddim" else "linspace"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,11 +278,12 @@ def sampler_sigmas(
     "sigma_min" = sigma(alphā_0) (DDIM's set_alpha_to_one=False, diffusers' final_sigmas_type="sigma_min").
 
     Sigmas are the training table interpolated linearly at the flavor's timesteps (as diffusers does), or Karras
-    sigmas between the ends diffusers uses for that flavor. Arguments left None come from `schedule`.
+    sigmas between the ends diffusers uses for that flavor. Arguments left None come from `schedule`, per flavor
+    (`NoiseSchedule.final_sigma`, `default_spacing`).
     """
-    spacing = spacing or schedule.timestep_spacing
+    spacing = spacing or schedule.timestep_spacing or default_spacing(flavor)
     karras = schedule.use_karras_sigmas if karras is None else karras
-    final_sigma = final_sigma or schedule.final_sigma
+    final_sigma = final_sigma or schedule.final_sigma(flavor)
     table = schedule.sigmas()
     ts = inference_timesteps(schedule.num_train_timesteps, num_steps, spacing, schedule.steps_offset, flavor)
     if ts.max() > schedule.num_train_timesteps - 1:

@@ -27,6 +27,10 @@ from pipelines.loading import DEFAULT_MODEL, load_components
 OutputType = Literal["pil", "np", "pt", "latent"]
 # Which diffusers scheduler's timesteps each sampler walks (so that equal names give equal images).
 FLAVOR = {"ddim": "ddim", "ddpm": "ddim", "dpmpp_2m": "dpmsolver"}
+# diffusers' DDPM, Euler ancestral and Heun schedulers end at sigma 0 whatever set_alpha_to_one/final_sigmas_type say
+FINAL_ZERO = {"ddpm", "euler_ancestral", "heun"}
+# Samplers whose diffusers scheduler returns VP coordinates (a final sigma > 0 is divided out before decoding)
+VP_OUTPUT = {"ddim", "ddpm", "dpmpp_2m"}
 
 
 @dataclass
@@ -207,7 +211,9 @@ class Pipeline:
 
         flavor = FLAVOR.get(sampler, "euler")
         karras = self.schedule.use_karras_sigmas if karras_sigmas is None else karras_sigmas
-        sigmas = sampler_sigmas(self.schedule, num_inference_steps, flavor, karras=karras).float().to(self.device)
+        final = "zero" if sampler in FINAL_ZERO else None  # None: the schedule's key for this flavor
+        sigmas = sampler_sigmas(self.schedule, num_inference_steps, flavor, karras=karras, final_sigma=final)
+        sigmas = sigmas.float().to(self.device)
         if init is not None:
             sigmas, z0 = self._img2img_start(init, n, sigmas, strength, num_inference_steps)
         noise = latents.to(self.device, torch.float32) if latents is not None else randn(
@@ -234,8 +240,8 @@ class Pipeline:
             out = sample(model, x, sigmas, sampler=sampler, callback=step, **options)
         finally:
             bar.close()
-        if sigmas[-1] > 0:
-            out = out / math.sqrt(1 + sigmas[-1].item() ** 2)  # a final sigma > 0 (DDIM set_alpha_to_one=False)
+        if sigmas[-1] > 0 and sampler in VP_OUTPUT:  # a final sigma > 0 (DDIM set_alpha_to_one=False): VP latents
+            out = out / math.sqrt(1 + sigmas[-1].item() ** 2)
         if output_type == "latent":
             return PipelineOutput(images=out, seeds=seeds, latents=out)
         return PipelineOutput(images=to_output(self.decode(out), output_type), seeds=seeds, latents=out)

@@ -1,5 +1,7 @@
 """The Pipeline against diffusers' StableDiffusionPipeline on identical tiny random weights, and its contracts."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionPipeline,
 )
 
@@ -27,6 +30,33 @@ def folder(tmp_path_factory):
     return path
 
 
+# Stable Diffusion 1.5's scheduler_config.json: PNDM, set_alpha_to_one false, no timestep_spacing
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+                  "clip_sample": False}
+
+
+@pytest.fixture(scope="module")
+def sd15_folder(tmp_path_factory):
+    """The tiny weights with SD 1.5's scheduler config."""
+    c = tiny_components(seed=0)
+    path = tmp_path_factory.mktemp("tiny_sd15") / "model"
+    save_pipeline(path, unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd15_pipelines(sd15_folder):
+    ours = Pipeline.from_pretrained(sd15_folder, device="cpu", dtype=torch.float32)
+    theirs = StableDiffusionPipeline.from_pretrained(sd15_folder, safety_checker=None, requires_safety_checker=False)
+    assert type(theirs.scheduler).__name__ == "PNDMScheduler"
+    return ours, theirs, theirs.scheduler.config
+
+
 @pytest.fixture(scope="module")
 def ours(folder):
     return Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
@@ -37,12 +67,11 @@ def theirs(folder):
     return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
 
 
-@pytest.mark.parametrize(
-    "sampler, scheduler_cls",
-    [("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler), ("euler_ancestral", EulerAncestralDiscreteScheduler),
-     ("dpmpp_2m", DPMSolverMultistepScheduler)],
-)  # fmt: skip
-def test_images_equal_diffusers(ours, theirs, sampler, scheduler_cls):
+SAMPLER_SCHEDULERS = [("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler),
+                      ("euler_ancestral", EulerAncestralDiscreteScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)]
+
+
+def _compare_with_diffusers(ours, theirs, sampler, scheduler_cls):
     theirs.scheduler = scheduler_cls.from_config(theirs.scheduler.config)
     latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     ref = theirs(PROMPTS, num_inference_steps=STEPS, guidance_scale=SCALE, latents=latents, height=32, width=32,
@@ -52,6 +81,19 @@ def test_images_equal_diffusers(ours, theirs, sampler, scheduler_cls):
     assert got.shape == ref.shape == (2, 32, 32, 3)
     assert np.abs(got - ref).max() <= 1 / 255, f"{sampler}: max abs pixel difference {np.abs(got - ref).max():.2e}"
     assert np.abs(ref - ref.mean()).max() > 0.01  # the images are not constant, so the comparison can fail
+
+
+@pytest.mark.parametrize("sampler, scheduler_cls", SAMPLER_SCHEDULERS)
+def test_images_equal_diffusers(ours, theirs, sampler, scheduler_cls):
+    _compare_with_diffusers(ours, theirs, sampler, scheduler_cls)
+
+
+@pytest.mark.parametrize("sampler, scheduler_cls", SAMPLER_SCHEDULERS)
+def test_sd15_scheduler_config_images_equal_diffusers(sd15_pipelines, sampler, scheduler_cls):
+    """A folder with SD 1.5's PNDM scheduler config: DDIM ends at alphā_0, Euler/DPM-Solver at 0 with "linspace"."""
+    ours, theirs, pndm_config = sd15_pipelines
+    theirs.scheduler = PNDMScheduler.from_config(pndm_config)  # each case switches from the folder's scheduler
+    _compare_with_diffusers(ours, theirs, sampler, scheduler_cls)
 
 
 def test_scale_one_is_the_conditional_branch_alone(ours):

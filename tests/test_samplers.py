@@ -16,6 +16,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    PNDMScheduler,
 )
 from scipy import stats
 
@@ -62,6 +63,36 @@ def test_full_loop_equals_diffusers(name, opts, ref_cls, ref_kw, flavor, vp, spa
     model = DiscreteVPDenoiser(our_net, table, "epsilon", interpolation="linear")
     out = sample(model, x_start, sigmas, name, generator=gen(), **opts)
     assert len(our_net.calls) == len(ref_net.calls)  # same NFE
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+# Stable Diffusion 1.5's scheduler_config.json (PNDM, set_alpha_to_one false, no timestep_spacing)
+SD15 = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+        "trained_betas": None, "clip_sample": False}
+
+
+@pytest.mark.parametrize("name,opts,ref_cls,ref_kw,flavor,vp", [p for p in PARITY if p[1].get("eta", 0) == 0])
+def test_sd15_pndm_folder_config_equals_diffusers(name, opts, ref_cls, ref_kw, flavor, vp):
+    """Each diffusers scheduler made with from_config of SD 1.5's PNDM config (as a pipeline switches schedulers):
+    DDIM stops at alphā_0, the others at 0, each with its own default spacing. Max abs difference <= 1e-5."""
+    sched, gmm, n = NoiseSchedule.from_diffusers(SD15), mixture_2d(), 12
+    table = sched.sigmas()
+    ref_sched = ref_cls.from_config(PNDMScheduler.from_config(SD15).config)
+    # diffusers' DDPM and Euler ancestral / Heun always end at 0, whatever the config says
+    final = "zero" if name in ("ddpm", "euler_ancestral", "heun") else None
+    sigmas = sampler_sigmas(sched, n, flavor, final_sigma=final)
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x_start = noise * (1 + sigmas[0] ** 2).sqrt() if vp else noise * sigmas[0]
+    gen = (lambda: torch.Generator().manual_seed(1)) if name in STOCHASTIC else (lambda: None)
+    ref_net, our_net = vp_eps_net(gmm, table, "linear"), vp_eps_net(gmm, table, "linear")
+    ref = run_diffusers(ref_sched, ref_net, noise if vp else x_start, n, generator=gen(), **ref_kw)
+    model = DiscreteVPDenoiser(our_net, table, "epsilon", interpolation="linear")
+    out = sample(model, x_start, sigmas, name, generator=gen(), **opts)
+    if vp:  # diffusers' DDIM / DPM-Solver return VP coordinates: x / sqrt(1 + sigma_final^2)
+        out = out / (1 + sigmas[-1] ** 2).sqrt()
+    assert len(our_net.calls) == len(ref_net.calls)
+    assert (sigmas[-1] > 0.029) == (name == "ddim")  # only DDIM stops short of sigma 0 (sigma_min ~ 0.0292)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 

@@ -6,12 +6,19 @@ import warnings
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
 
 from ldm.config import ConfigError
 from ldm.schedule import (
     NoiseSchedule,
     alphas_cumprod_from_sigmas,
+    default_spacing,
     inference_timesteps,
     karras_sigmas,
     sampler_sigmas,
@@ -83,10 +90,50 @@ def test_timesteps_and_sigmas_equal_diffusers(beta, zero_snr, spacing):
 def test_final_sigma_min_matches_set_alpha_to_one_false():
     cfg = _cfg(BETAS[1], False, "leading", 1)
     sched = NoiseSchedule.from_diffusers({**cfg, "set_alpha_to_one": False, "clip_sample": False, "_class_name": "X"})
-    assert sched.final_sigma == "sigma_min"
+    assert sched.final_sigma("ddim") == "sigma_min" and sched.final_sigma("euler") == "zero"
     ref = DDIMScheduler(**cfg, set_alpha_to_one=False)
     sig = sampler_sigmas(sched, 10, "ddim")
     assert sig[-1].item() == pytest.approx(sigmas_from_alphas_cumprod(ref.final_alpha_cumprod).item(), rel=1e-7)
+
+
+# Stable Diffusion 1.5's scheduler_config.json: PNDM, set_alpha_to_one false, no timestep_spacing
+SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+        "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+
+
+@pytest.mark.parametrize("final_sigmas_type", [None, "sigma_min"])
+def test_sd15_pndm_config_gives_each_flavor_its_diffusers_sigmas(final_sigmas_type):
+    """DDIM ends at alphā_0 (set_alpha_to_one false) with "leading" t; Euler and DPM-Solver (from_config of the PNDM
+    config) end at final_sigmas_type (default 0) with their own default "linspace" spacing; atol/rtol 1e-6."""
+    cfg = SD15 if final_sigmas_type is None else {**SD15, "final_sigmas_type": final_sigmas_type}
+    sched = NoiseSchedule.from_diffusers(cfg)
+    pndm_config = PNDMScheduler.from_config(cfg).config
+    for n in (10, 30):
+        ddim = DDIMScheduler.from_config(pndm_config)
+        ddim.set_timesteps(n)
+        ours = sampler_sigmas(sched, n, "ddim")
+        _close(ours[:-1], sched.sigmas()[ddim.timesteps])
+        _close(ours[-1:], sigmas_from_alphas_cumprod(ddim.final_alpha_cumprod.reshape(1)))
+        assert ours[-1] > 0.029  # sigma_min ~ 0.0292: DDIM stops short of sigma 0, as in diffusers
+        for ref_cls, flavor in ((EulerDiscreteScheduler, "euler"), (DPMSolverMultistepScheduler, "dpmsolver")):
+            ref = ref_cls.from_config(pndm_config)
+            ref.set_timesteps(n)
+            ours = sampler_sigmas(sched, n, flavor)
+            _close(ours, ref.sigmas)
+            assert (ours[-1] == 0) == (final_sigmas_type is None)
+
+
+def test_final_sigma_and_spacing_per_flavor_and_legacy_key():
+    sched = NoiseSchedule.from_diffusers({"set_alpha_to_one": False})
+    assert sched.timestep_spacing is None and "timestep_spacing" not in sched.to_diffusers()
+    assert NoiseSchedule.from_diffusers(sched.to_diffusers()) == sched
+    assert (default_spacing("ddim"), default_spacing("euler"), default_spacing("dpmsolver")) == (
+        "leading", "linspace", "linspace")
+    assert sampler_sigmas(sched, 5, "euler", final_sigma="sigma_min")[-1] > 0  # an explicit argument wins
+    legacy = NoiseSchedule.from_diffusers({"final_sigma": "sigma_min"})  # our configs before the two keys
+    assert legacy.set_alpha_to_one is False and legacy.final_sigmas_type == "sigma_min"
+    assert NoiseSchedule.from_diffusers({"final_sigma": "zero"}) == NoiseSchedule(timestep_spacing=None)
 
 
 def test_diffusers_config_round_trip_and_bad_keys():
