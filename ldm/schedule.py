@@ -11,7 +11,9 @@ diffusers' Euler and DPM-Solver schedulers we clamp that one value to alphā_{T-
 building sigma tables; `NoiseSchedule.alphas_cumprod()` itself keeps the exact 0.
 
 Three flavors of inference timesteps exist in diffusers and are reproduced here:
-  "ddim"      DDIMScheduler / DDPMScheduler: integer timesteps ("linspace" rounded);
+  "ddim"      DDIMScheduler / DDPMScheduler: integer timesteps ("linspace" rounded); we step from each timestep to
+              the next, as DDPMScheduler does. DDIMScheduler steps to t - T//n instead, which differs when the
+              timesteps are not T//n apart ("linspace", or "trailing" with n not dividing T): a known deviation;
   "euler"     Euler / Euler ancestral / Heun: float timesteps ("linspace" NOT rounded, sigma interpolated linearly);
   "dpmsolver" DPMSolverMultistepScheduler: "linspace"/"leading" over n + 1 points with the last dropped.
 
