@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from autoencoder.model import AutoencoderKL
@@ -192,6 +192,8 @@ class Pipeline:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; valid: {sorted(SAMPLERS)}")
+        if eta is not None and sampler not in samplers_with_option("eta"):
+            raise ValueError(f"sampler {sampler!r} has no eta; samplers that accept eta: {samplers_with_option('eta')}")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"unknown output_type {output_type!r}; valid: pil, np, pt, latent")
         f = self.vae_scale_factor
@@ -261,7 +263,8 @@ class Pipeline:
     def _img2img_start(
         self, init: torch.Tensor, n: int, sigmas: torch.Tensor, strength: float, steps: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode the image (posterior mode) and keep the last round(steps * strength) steps, as diffusers does."""
+        """Encode the image (posterior mode) and keep the last floor(steps * strength) steps, as diffusers does
+        (int(steps * strength)); strength = 1 keeps them all and starts from z0 + sigma_max * noise."""
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         kept = min(int(steps * strength), steps)
@@ -272,6 +275,11 @@ class Pipeline:
         posterior = self.vae.encode(init.to(self.device, self.vae.dtype))
         z0 = self.vae.scale_latents(posterior.mode()).float().expand(n, -1, -1, -1)
         return sigmas[steps - kept:], z0
+
+
+def samplers_with_option(option: str) -> list[str]:
+    """Names in `SAMPLERS` whose function takes the keyword `option` (e.g. "eta"), sorted."""
+    return sorted(name for name, fn in SAMPLERS.items() if option in inspect.signature(fn).parameters)
 
 
 def _as_prompt_list(prompt: str | list[str]) -> list[str]:

@@ -176,6 +176,8 @@ def test_img2img_keeps_structure_and_strength_one_is_pure_noise(ours):
         (dict(prompt="x", seed=[1, 2]), ValueError, "2 seeds for 1 images"),
         (dict(prompt="x", latents=torch.zeros(1, 4, 8, 8)), ValueError, r"latents must have shape \(1, 4, 4, 4\)"),
         (dict(prompt=3), TypeError, "prompt must be a string or a list of strings"),
+        (dict(prompt="x", sampler="euler", eta=0.5), ValueError,
+         r"sampler 'euler' has no eta; samplers that accept eta: \['ddim', 'euler_ancestral'\]"),
     ],
 )
 def test_bad_input_is_named(ours, kwargs, error, message):
