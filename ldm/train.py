@@ -215,8 +215,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         check_fresh_run(out)
     accelerator = build_accelerator(run, config.optim)
     parts = build_components(config)
-    if accelerator.is_main_process and resolve_resume(out / "checkpoints", run.resume) is None:
-        save_frozen(out / FROZEN, parts)  # replaces a frozen/ left by a run that saved no checkpoint
+    no_checkpoint = resolve_resume(out / "checkpoints", run.resume) is None
+    if accelerator.is_main_process and (no_checkpoint or not (out / FROZEN).is_dir()):
+        save_frozen(out / FROZEN, parts)  # (re)written when no checkpoint names it; resume checks its digest
     accelerator.wait_for_everyone()
     digest = folder_digest(out / FROZEN)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.mixed_precision, torch.float32)
