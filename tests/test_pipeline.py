@@ -11,8 +11,10 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
 )
+from PIL import Image
 
 from pipelines.folder import IncompatibleComponentsError, save_pipeline
 from pipelines.text_to_image import Pipeline
@@ -153,15 +155,57 @@ def test_seeds_are_per_image_and_independent_of_batch(ours):
     assert torch.equal(again, batch.images)  # same seed, same device: the same images
 
 
-def test_img2img_keeps_structure_and_strength_one_is_pure_noise(ours):
-    from PIL import Image
+def _init_image():
+    """A 32x32 image with structure (a gradient and a block), so the comparison has something to get wrong."""
+    y, x = np.mgrid[0:32, 0:32]
+    rgb = np.stack([x * 8, y * 8, np.where((x > 8) & (x < 20) & (y > 10), 230, 20)], -1)
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
 
-    init = Image.new("RGB", (32, 32), (200, 30, 30))
-    kw = dict(num_inference_steps=10, sampler="euler", seed=0, output_type="np", progress=False, guidance_scale=1.0)
-    weak = ours(PROMPTS[0], image=init, strength=0.2, **kw).images
-    assert weak.shape == (1, 32, 32, 3)
+
+@pytest.mark.parametrize("sampler, scheduler_cls",
+                         [("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler),
+                          ("dpmpp_2m", DPMSolverMultistepScheduler)])  # fmt: skip
+def test_img2img_equals_diffusers(ours, theirs, monkeypatch, sampler, scheduler_cls):
+    """StableDiffusionImg2ImgPipeline on the same weights, image, strength, noise and scheduler: max abs pixel
+    difference <= 1/255. diffusers SAMPLES the VAE posterior with the generator, we take its mode: its
+    `retrieve_latents` is patched to return the mode, so both start from the same z0 and the generator draws only
+    the noise (the same torch.randn of the latent shape that we pass as `latents`)."""
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
+
+    monkeypatch.setattr(img2img_module, "retrieve_latents", lambda out, generator=None, **k: out.latent_dist.mode())
+    pipe = StableDiffusionImg2ImgPipeline(**{**theirs.components, "scheduler": scheduler_cls.from_config(
+        theirs.scheduler.config)})
+    kw = dict(num_inference_steps=10, strength=0.6, guidance_scale=SCALE, output_type="np")
+    ref = pipe(PROMPTS[0], image=_init_image(), generator=torch.Generator().manual_seed(2), **kw).images
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    got = ours(PROMPTS[0], image=_init_image(), latents=noise, sampler=sampler, progress=False, **kw).images
+    assert got.shape == ref.shape == (1, 32, 32, 3)
+    assert np.abs(got - ref).max() <= 1 / 255, f"{sampler}: max abs pixel difference {np.abs(got - ref).max():.2e}"
+    full = ours(PROMPTS[0], image=_init_image(), latents=noise, sampler=sampler, progress=False,
+                **{**kw, "strength": 1.0}).images
+    assert np.abs(got - full).max() > 0.01  # strength matters, so the comparison can fail
+
+
+def test_img2img_strength_one_starts_from_z0_plus_sigma_max_noise(ours):
+    """strength = 1 runs every step from z0 + sigma_max * noise: the same as text-to-image whose VP latents are
+    (z0 + sigma_max * noise) / sqrt(1 + sigma_max^2) (fp32 rounding of that rescaling, carried through 10 steps:
+    atol 1e-4 on latents of size ~1; measured 2.5e-5).
+    strength too small for one step is refused."""
+    from ldm.schedule import sampler_sigmas
+    from pipelines.images import from_image
+
+    kw = dict(num_inference_steps=10, sampler="euler", output_type="latent", progress=False, guidance_scale=SCALE)
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    img2img = ours(PROMPTS[0], image=_init_image(), strength=1.0, latents=noise, **kw).images
+    z0 = ours.vae.scale_latents(ours.vae.encode(from_image(_init_image())).mode())
+    sigma_max = sampler_sigmas(ours.schedule, 10, "euler").float()[0]
+    start = (z0 + sigma_max * noise) / (1 + sigma_max**2).sqrt()
+    text2img = ours(PROMPTS[0], latents=start, height=32, width=32, **kw).images
+    torch.testing.assert_close(img2img, text2img, rtol=0, atol=1e-4)
+    pure = ours(PROMPTS[0], latents=noise, height=32, width=32, **kw).images
+    assert (pure - img2img).abs().max() > 1e-3  # the image still enters at strength 1 (sigma_max is finite)
     with pytest.raises(ValueError, match="leaves no step"):
-        ours(PROMPTS[0], image=init, strength=0.05, **kw)
+        ours(PROMPTS[0], image=_init_image(), strength=0.05, **kw)
 
 
 @pytest.mark.parametrize(
