@@ -18,6 +18,7 @@ import torch
 from ldm import diffusion
 from ldm import parameterization as P
 from ldm.random import Generator, randn_like
+from ldm.sde import isotropic_normal_log_prob
 
 Divergence = Literal["exact", "hutchinson"]
 Probe = Literal["rademacher", "gaussian"]
@@ -136,7 +137,7 @@ def pf_ode_log_likelihood(
         delta = delta + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
     dims = x[0].numel()
     if prior_log_prob is None:
-        prior = -0.5 * y.flatten(1).pow(2).sum(1) / sigma_max**2 - 0.5 * dims * math.log(2 * math.pi * sigma_max**2)
+        prior = isotropic_normal_log_prob(y, sigma_max**2)
     else:
         prior = prior_log_prob(y)
     log_prob = prior + delta

@@ -19,7 +19,7 @@ from ldm.sampling import Callback, check_sigmas, denoise
 
 
 
-def _std_normal_log_prob(z: torch.Tensor, var: float) -> torch.Tensor:
+def isotropic_normal_log_prob(z: torch.Tensor, var: float) -> torch.Tensor:
     """log N(z; 0, var I) summed over all but the batch dimension, (B,)."""
     d = z[0].numel()
     return -0.5 * z.flatten(1).pow(2).sum(1) / var - 0.5 * d * math.log(2 * math.pi * var)
@@ -60,7 +60,7 @@ class VPSDE:
         return randn(shape, generator, **kw)
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return _std_normal_log_prob(z, 1.0)
+        return isotropic_normal_log_prob(z, 1.0)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """sigma(t) = sqrt(e^{int beta} - 1), so that alphā(t) = 1 / (1 + sigma^2) (docs/CONVENTIONS.md)."""
@@ -99,7 +99,7 @@ class VESDE:
         return self.sigma_max * randn(shape, generator, **kw)
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return _std_normal_log_prob(z, self.sigma_max**2)
+        return isotropic_normal_log_prob(z, self.sigma_max**2)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** torch.as_tensor(t, dtype=torch.float64)
