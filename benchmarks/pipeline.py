@@ -59,9 +59,9 @@ def model_configs(name: str) -> tuple:
 
     from autoencoder.model import VAEConfig
     from ldm.config import load_config
-    from ldm.schedule import NoiseSchedule
     from ldm.unet import UNetConfig
-    from pipelines.single_file import SD1_TEXT, SD_SCHEDULE
+    from ldm.schedule import sd_schedule
+    from pipelines.single_file import SD1_TEXT
     from pipelines.tiny import tiny_text_config
 
     if name == "tiny":
@@ -72,7 +72,7 @@ def model_configs(name: str) -> tuple:
         unet = load_config(UNetConfig, ROOT / "configs/unet-sd15.yaml")
         vae = load_config(VAEConfig, ROOT / "configs/vae-sd.yaml")
         text = CLIPTextConfig(**SD1_TEXT)
-    return unet, vae, text, NoiseSchedule(**SD_SCHEDULE, timestep_spacing="leading")
+    return unet, vae, text, sd_schedule()
 
 
 def build_pair(name: str, sampler: str, device: torch.device, dtype: torch.dtype):

@@ -27,7 +27,7 @@ from benchmarks.measure import compare, reexec_with_mmap_threshold, write_report
 
 from ldm.config import load_config  # noqa: E402
 from ldm.diffusion import diffusion_loss, q_sample  # noqa: E402
-from ldm.train_config import sd_schedule  # noqa: E402
+from ldm.schedule import sd_schedule  # noqa: E402
 from ldm.unet import UNet, UNetConfig  # noqa: E402
 
 

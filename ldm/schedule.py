@@ -184,6 +184,14 @@ def default_spacing(flavor: Flavor) -> Spacing:
     return "leading" if flavor == "ddim" else "linspace"
 
 
+def sd_schedule() -> NoiseSchedule:
+    """Stable Diffusion 1.x/2.x noise schedule, the one definition in the project: 1000 steps, scaled-linear betas
+    0.00085 -> 0.012, "leading" spacing with steps_offset 1, epsilon prediction, ending at sigma = 0 for every sampler.
+    Override a field with dataclasses.replace(sd_schedule(), prediction_type=...)."""
+    return NoiseSchedule(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         timestep_spacing="leading", steps_offset=1)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # inference timesteps and sigma schedules
 

@@ -25,19 +25,11 @@ import torch
 from ldm.config import ConfigError, apply_overrides, from_dict, load_yaml
 from ldm.data import DataConfig
 from ldm.ema import EMAConfig
-from ldm.schedule import NoiseSchedule
+from ldm.schedule import NoiseSchedule, sd_schedule  # noqa: F401 - sd_schedule re-exported
 
 T = TypeVar("T")
 Precision = Literal["no", "fp16", "bf16"]
 LRSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
-
-
-def sd_schedule() -> NoiseSchedule:
-    """Stable Diffusion 1.x/2.x noise schedule, the one definition in the project: 1000 steps, scaled-linear betas
-    0.00085 -> 0.012, "leading" spacing with steps_offset 1 (SD's scheduler_config.json); epsilon prediction. Override
-    a field with dataclasses.replace(sd_schedule(), prediction_type=...)."""
-    return NoiseSchedule(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         timestep_spacing="leading", steps_offset=1)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from ldm.parameterization import PREDICTIONS
 from ldm.schedule import NoiseSchedule
 from ldm.text import EOS, TextEncoder, build_clip_tokenizer, hub_state_dict, load_hub_state_dict
 from ldm.text_openclip import openclip_text_config, openclip_to_transformers
-from ldm.train_config import sd_schedule
+from ldm.schedule import sd_schedule
 from ldm.unet import UNet, UNetConfig
 from pipelines.convert import (
     CLIP_PREFIX,
@@ -42,9 +42,6 @@ from pipelines.folder import Components
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 METADATA_KEY = "ldm_configs"
-# SD's noise schedule is defined once, ldm.train_config.sd_schedule(); this dict of its keys is kept for callers that
-# unpack it (benchmarks/pipeline.py).
-SD_SCHEDULE = {k: getattr(sd_schedule(), k) for k in ("beta_schedule", "beta_start", "beta_end", "steps_offset")}
 # CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x) text towers.
 SD1_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                 hidden_act="quick_gelu", projection_dim=768)  # fmt: skip
@@ -111,7 +108,10 @@ def load_single_file(
                               "'epsilon' for the 512 base model", stacklevel=2)
         else:
             text_cfg = CLIPTextConfig(**SD1_TEXT)
-        schedule = dataclasses.replace(sd_schedule(), prediction_type="v_prediction" if v2 else "epsilon")
+        # the scheduler_config.json published with SD 1.x/2.x (PNDM: set_alpha_to_one false, no timestep_spacing, so
+        # each sampler takes diffusers' default for its family), as diffusers' own single-file loader uses
+        schedule = dataclasses.replace(sd_schedule(), set_alpha_to_one=False, timestep_spacing=None,
+                                       prediction_type="v_prediction" if v2 else "epsilon")
         pad = "!" if v2 else EOS
     if prediction_type is not None:
         if prediction_type not in PREDICTIONS:

@@ -10,7 +10,7 @@ from autoencoder.model import AutoencoderKL, VAEConfig
 from ldm.config import load_config
 from ldm.random import seeded
 from ldm.text import TextEncoder
-from ldm.train_config import sd_schedule
+from ldm.schedule import sd_schedule
 from ldm.unet import UNet, UNetConfig
 from pipelines.folder import Components
 
