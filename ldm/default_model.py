@@ -37,7 +37,8 @@ from autoencoder.train import VAETrainConfig, export_vae, train_vae
 from ldm.clip_train import ClipTrainConfig, clip_text_encoder, export_clip, load_clip, save_clip, train_clip
 from ldm.config import apply_overrides, from_dict, load_yaml, save_config
 from ldm.train import load_vae, train
-from ldm.train_config import TrainConfig, sd_schedule
+from ldm.schedule import sd_schedule
+from ldm.train_config import TrainConfig
 from ldm.unet import UNet, UNetConfig
 
 logger = logging.getLogger(__name__)
