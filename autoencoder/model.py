@@ -8,7 +8,6 @@ state dict loads with `load_state_dict(strict=True)`. Images are (B, C, H, W) wi
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autoencoder.distribution import DiagonalGaussian
+from autoencoder.tiling import tiled_apply
 from ldm.io import PretrainedMixin
 from ldm.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from ldm.random import Generator
@@ -234,41 +234,6 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             h = _run(block, h, self.gradient_checkpointing)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B, out_channels, H, W)
-
-
-def _blend_ramp(n: int, like: torch.Tensor) -> torch.Tensor:
-    """Linear weights y / n, y = 0..n-1, of the incoming tile in an n-wide overlap."""
-    return (torch.arange(n, dtype=torch.float64) / n).to(device=like.device, dtype=like.dtype)
-
-
-def blend_tiles(prev: torch.Tensor, tile: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
-    """Cross-fade the first `extent` rows (dim 2) or columns (dim 3) of `tile` with the last ones of `prev`:
-    out_y = prev_{-extent + y} (1 - y / extent) + tile_y y / extent, as diffusers' blend_v / blend_h."""
-    extent = min(prev.shape[dim], tile.shape[dim], extent)
-    if extent == 0:
-        return tile
-    w = _blend_ramp(extent, tile).reshape([-1 if d == dim else 1 for d in range(tile.ndim)])
-    head = prev.narrow(dim, prev.shape[dim] - extent, extent) * (1 - w) + tile.narrow(dim, 0, extent) * w
-    return torch.cat([head, tile.narrow(dim, extent, tile.shape[dim] - extent)], dim=dim)
-
-
-def tiled_apply(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, stride: int, out_blend: int, out_keep: int
-) -> torch.Tensor:
-    """Apply `fn` to overlapping `tile`-sized windows of x taken every `stride` pixels, blend each output with its
-    already-blended upper and left neighbours over `out_blend` pixels, keep the top-left `out_keep` of each, stitch."""
-    grid: list[list[torch.Tensor]] = []
-    for i in range(0, x.shape[2], stride):
-        row: list[torch.Tensor] = []
-        for j in range(0, x.shape[3], stride):
-            out = fn(x[:, :, i : i + tile, j : j + tile])
-            if grid:
-                out = blend_tiles(grid[-1][len(row)], out, out_blend, dim=2)
-            if row:
-                out = blend_tiles(row[-1], out, out_blend, dim=3)
-            row.append(out)
-        grid.append(row)
-    return torch.cat([torch.cat([t[:, :, :out_keep, :out_keep] for t in row], dim=3) for row in grid], dim=2)
 
 
 class AutoencoderKL(PretrainedMixin, nn.Module):
