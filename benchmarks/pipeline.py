@@ -259,7 +259,6 @@ def main() -> None:
         del pair
     res["process_max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     md = report_md(res)
     write_report(out, "pipeline", res, md)
     print(md)

@@ -151,7 +151,6 @@ def main() -> None:
         vae["shape"] = f"B=1, 4x{args.latent}x{args.latent} -> 3x{8 * args.latent}x{8 * args.latent}"
         res["results"]["vae-decode"] = vae
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     md = report_md(res)
     write_report(out, "unet", res, md)
     print(md)

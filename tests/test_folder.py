@@ -3,17 +3,12 @@
 import json
 
 import pytest
-import torch
 from diffusers import StableDiffusionPipeline
 
 from ldm.io import WeightsError
 from pipelines.folder import IncompatibleComponentsError, load_pipeline_components, save_pipeline
 from pipelines.tiny import tiny_components
-
-
-def _equal(a, b) -> bool:
-    a, b = a.state_dict(), b.state_dict()
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+from tests._helpers import same_weights
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +25,19 @@ def test_layout_and_our_round_trip(saved):
         "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]  # fmt: skip
     assert not list(path.rglob("*.bin")) and len(list(path.rglob("*.safetensors"))) == 3
     back = load_pipeline_components(path)
-    assert _equal(back.unet, c.unet) and _equal(back.vae, c.vae) and _equal(back.text_encoder.model, c.text_encoder.model)
+    assert same_weights(back.unet, c.unet) and same_weights(back.vae, c.vae) and same_weights(back.text_encoder.model, c.text_encoder.model)
     assert back.schedule == c.schedule
 
 
 def test_diffusers_loads_our_folder_and_we_load_theirs(saved, tmp_path):
     c, path = saved
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
-    assert _equal(pipe.unet, c.unet) and _equal(pipe.vae, c.vae) and _equal(pipe.text_encoder, c.text_encoder.model)
+    assert same_weights(pipe.unet, c.unet) and same_weights(pipe.vae, c.vae) and same_weights(pipe.text_encoder, c.text_encoder.model)
     assert pipe.tokenizer("a red circle").input_ids == c.text_encoder.tokenizer("a red circle").input_ids
     assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.steps_offset == 1
     pipe.save_pretrained(tmp_path / "theirs")
     back = load_pipeline_components(tmp_path / "theirs")
-    assert _equal(back.unet, c.unet) and _equal(back.vae, c.vae) and _equal(back.text_encoder.model, c.text_encoder.model)
+    assert same_weights(back.unet, c.unet) and same_weights(back.vae, c.vae) and same_weights(back.text_encoder.model, c.text_encoder.model)
     assert back.schedule == c.schedule
 
 

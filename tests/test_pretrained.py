@@ -9,10 +9,7 @@ from autoencoder.model import AutoencoderKL, VAEConfig
 from ldm.config import load_config
 from ldm.io import WeightsError, save_state_dict
 from ldm.unet import UNet, UNetConfig
-
-
-def _equal(a: dict, b: dict) -> bool:
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+from tests._helpers import same_weights
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +26,21 @@ def tiny_vae() -> AutoencoderKL:
 
 def test_unet_folder_round_trips_both_ways_with_diffusers(tmp_path, tiny_unet):
     tiny_unet.save_pretrained(tmp_path / "unet")
-    assert _equal(UNet.from_pretrained(tmp_path / "unet").state_dict(), tiny_unet.state_dict())
+    assert same_weights(UNet.from_pretrained(tmp_path / "unet").state_dict(), tiny_unet.state_dict())
     theirs = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
-    assert _equal(theirs.state_dict(), tiny_unet.state_dict())
+    assert same_weights(theirs.state_dict(), tiny_unet.state_dict())
     theirs.save_pretrained(tmp_path / "theirs")
     back = UNet.from_pretrained(tmp_path / "theirs")
-    assert _equal(back.state_dict(), tiny_unet.state_dict()) and back.config == tiny_unet.config
+    assert same_weights(back.state_dict(), tiny_unet.state_dict()) and back.config == tiny_unet.config
 
 
 def test_vae_folder_round_trips_both_ways_with_diffusers(tmp_path, tiny_vae):
     tiny_vae.save_pretrained(tmp_path / "vae")
     theirs = DiffusersVAE.from_pretrained(tmp_path / "vae")
-    assert _equal(theirs.state_dict(), tiny_vae.state_dict())
+    assert same_weights(theirs.state_dict(), tiny_vae.state_dict())
     theirs.save_pretrained(tmp_path / "theirs")
     back = AutoencoderKL.from_pretrained(tmp_path / "theirs")
-    assert _equal(back.state_dict(), tiny_vae.state_dict()) and back.config == tiny_vae.config
+    assert same_weights(back.state_dict(), tiny_vae.state_dict()) and back.config == tiny_vae.config
 
 
 def test_from_pretrained_names_the_bad_key(tmp_path, tiny_unet):

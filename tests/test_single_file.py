@@ -7,11 +7,7 @@ from ldm.io import WeightsError, load_state_dict
 from pipelines.folder import save_pipeline
 from pipelines.single_file import load_single_file, save_single_file
 from pipelines.tiny import tiny_components
-
-
-def _same(a, b) -> bool:
-    a, b = a.state_dict(), b.state_dict()
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+from tests._helpers import same_weights
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +25,7 @@ def test_round_trip_is_bit_exact(saved):
     assert any(k.startswith("first_stage_model.decoder.up.") for k in keys)
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
     back = load_single_file(path)
-    assert _same(back.unet, c.unet) and _same(back.vae, c.vae) and _same(back.text_encoder.model, c.text_encoder.model)
+    assert same_weights(back.unet, c.unet) and same_weights(back.vae, c.vae) and same_weights(back.text_encoder.model, c.text_encoder.model)
     assert back.schedule == c.schedule
 
 
@@ -41,7 +37,7 @@ def test_pickle_checkpoint_needs_the_flag_and_configs_can_come_from_a_folder(sav
         load_single_file(ckpt)
     save_pipeline(tmp_path / "folder", unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
     back = load_single_file(ckpt, allow_pickle=True, config_folder=tmp_path / "folder")
-    assert _same(back.unet, c.unet) and _same(back.vae, c.vae) and _same(back.text_encoder.model, c.text_encoder.model)
+    assert same_weights(back.unet, c.unet) and same_weights(back.vae, c.vae) and same_weights(back.text_encoder.model, c.text_encoder.model)
 
 
 def test_without_metadata_the_sd_presets_apply_and_mismatches_are_named(saved, tmp_path):
