@@ -7,11 +7,11 @@ clamped to [-30, 20] as diffusers and CompVis do so that exp() neither underflow
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
+from ldm.diffusion import continuous_gaussian_log_likelihood, normal_kl
 from ldm.random import Generator, randn
 
 LOGVAR_MIN = -30.0
@@ -31,15 +31,12 @@ def gaussian_kl(
     dims: Sequence[int],
 ) -> torch.Tensor:
     """KL(N(m1, v1) || N(m2, v2)) = 1/2 sum((m1 - m2)^2 / v2 + v1 / v2 - 1 - log v1 + log v2), diagonal covariances."""
-    return 0.5 * torch.sum(
-        (mean - other_mean).pow(2) / other_logvar.exp() + (logvar - other_logvar).exp() - 1.0 - logvar + other_logvar,
-        dim=tuple(dims),
-    )
+    return normal_kl(mean, logvar, other_mean, other_logvar).sum(dim=tuple(dims))
 
 
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     """-log N(x; mean, e^logvar) = 1/2 sum(log 2 pi + logvar + (x - mean)^2 / e^logvar)  (Kingma & Welling 2014)."""
-    return 0.5 * torch.sum(math.log(2.0 * math.pi) + logvar + (x - mean).pow(2) / logvar.exp(), dim=tuple(dims))
+    return -continuous_gaussian_log_likelihood(x, mean, 0.5 * logvar).sum(dim=tuple(dims))
 
 
 class DiagonalGaussian:
