@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -113,11 +115,30 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange_paths(a: str | Path, b: str | Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux/glibc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), f"{a} <-> {b}")
+
+
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` whole, on error it is removed.
 
-    Readers never see a half-written folder: the old folder stays until the new one is complete.
+    Readers never see a half-written folder: the old folder stays until the new one is complete, and on Linux the
+    two are swapped in one step (`exchange_paths`), so `path` is never missing either.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,8 +149,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if path.exists() and exchange_paths(tmp, path):  # one atomic swap: `path` is never missing
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+        return
     old = None
-    if path.exists():
+    if path.exists():  # no atomic swap on this system: a short window without `path`
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
     os.replace(tmp, path)

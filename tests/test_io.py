@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,38 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     with atomic_directory(target) as d:
         write_json({"v": 3}, d / "b.json")
     assert sorted(os.listdir(target)) == ["b.json"]
+
+
+def test_replacing_a_folder_never_leaves_it_missing(tmp_path, monkeypatch):
+    from ldm.io import exchange_paths
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    (a / "x").write_text("a")
+    b.mkdir()
+    (b / "y").write_text("b")
+    if not exchange_paths(a, b):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here")
+    assert (a / "y").read_text() == "b" and (b / "x").read_text() == "a"  # swapped whole
+    with pytest.raises(FileNotFoundError):
+        exchange_paths(a, tmp_path / "missing")
+
+    # with the swap, atomic_directory never renames the live folder away (os.replace would leave a gap)
+    target = tmp_path / "model"
+    with atomic_directory(target) as d:
+        write_json({"v": 1}, d / "a.json")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src) == target or Path(dst) == target:
+            pytest.fail(f"os.replace({src}, {dst}) moved the live folder")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with atomic_directory(target) as d:
+        write_json({"v": 2}, d / "a.json")
+    monkeypatch.undo()
+    assert read_json(target / "a.json") == {"v": 2} and sorted(os.listdir(tmp_path)) == ["a", "b", "model"]
 
 
 def test_model_folder_round_trip_and_pickle_fallback(tmp_path):
