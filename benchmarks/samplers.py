@@ -31,7 +31,7 @@ from ldm.schedule import NoiseSchedule, sampler_sigmas  # noqa: E402
 from ldm.toy import mixture_2d  # noqa: E402
 from ldm.io import write_bytes  # noqa: E402
 from benchmarks.measure import write_report  # noqa: E402
-from tests._sampler_helpers import run_diffusers, vp_eps_net  # noqa: E402
+from ldm.toy import run_diffusers_scheduler, vp_eps_net  # noqa: E402
 
 warnings.filterwarnings("ignore")
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -74,7 +74,7 @@ def main() -> None:
             x = noise * (1 + sig[0] ** 2).sqrt() if vp else noise * sig[0]
             ours = sample(DiscreteVPDenoiser(vp_eps_net(gmm, table, "linear"), table, interpolation="linear"), x, sig,
                           name, generator=torch.Generator().manual_seed(1))
-            ref = run_diffusers(cls(**SD, **extra), vp_eps_net(gmm, table, "linear"), noise if vp else x, n,
+            ref = run_diffusers_scheduler(cls(**SD, **extra), vp_eps_net(gmm, table, "linear"), noise if vp else x, n,
                                 generator=torch.Generator().manual_seed(1) if name in ("ddpm", "euler_ancestral") else None, **kw)
             rows.append(dict(sampler=name, steps=n, nfe=nfe(n), sw_ours=sliced_wasserstein(ours, truth),
                              sw_diffusers=sliced_wasserstein(ref.to(torch.float64), truth)))

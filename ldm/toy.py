@@ -3,17 +3,20 @@
 Data x0 ~ sum_k w_k N(mu_k, s_k^2 I). Under the variance-exploding corruption x = x0 + sigma * eps the marginal is
 p_sigma(x) = sum_k w_k N(x; mu_k, (s_k^2 + sigma^2) I), the score is its log-gradient and Tweedie's formula gives
 the optimal denoiser D(x, sigma) = E[x0 | x] = x + sigma^2 * grad log p_sigma(x) (Efron 2011; Karras et al. 2022).
-Used as ground truth by the sampler, SDE and likelihood tests and by `benchmarks/samplers.py`.
+Used as ground truth by the sampler, SDE and likelihood tests and by `benchmarks/samplers.py`, with `vp_eps_net` (the
+mixture as a discrete-time eps-network) and `run_diffusers_scheduler` (diffusers' loop, the reference).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from ldm.random import Generator, randn
+from ldm.schedule import Interpolation, t_to_sigma
 
 
 class GaussianMixture:
@@ -84,3 +87,35 @@ def mixture_1d() -> GaussianMixture:
 def mixture_2d() -> GaussianMixture:
     """The 2-D test mixture: three modes of unequal weight and width."""
     return GaussianMixture([0.5, 0.3, 0.2], [[-1.5, 0.0], [1.5, 1.0], [0.5, -1.5]], [0.4, 0.3, 0.25])
+
+
+def vp_eps_net(gmm: GaussianMixture, train_sigmas: torch.Tensor,
+               interpolation: Interpolation = "linear") -> Callable[..., torch.Tensor]:
+    """The mixture's exact discrete-time VP eps-network, called like a U-Net: net(x_vp, t) = (x - D(x, sigma(t))) /
+    sigma(t) with x = x_vp sqrt(1 + sigma(t)^2) (eps = -sigma grad log p; Song et al. 2021, eq. 32). `net.calls`
+    counts the evaluations."""
+    calls: list[int] = []
+
+    def net(x_vp: torch.Tensor, t: torch.Tensor, **cond: object) -> torch.Tensor:
+        calls.append(1)
+        t = torch.as_tensor(t, dtype=torch.float64).expand(x_vp.shape[0])
+        sigma = t_to_sigma(t, train_sigmas, interpolation).to(x_vp.dtype)  # (B,)
+        s = sigma.reshape(-1, *([1] * (x_vp.ndim - 1)))
+        x = x_vp * (1 + s**2).sqrt()
+        return (x - gmm.denoiser(x, sigma)) / s
+
+    net.calls = calls  # type: ignore[attr-defined]
+    return net
+
+
+def run_diffusers_scheduler(scheduler: Any, net: Callable[..., torch.Tensor], sample: torch.Tensor, num_steps: int,
+                            generator: torch.Generator | None = None, **step_kwargs: Any) -> torch.Tensor:
+    """diffusers' standard denoising loop (set_timesteps; scale_model_input, net, step) from `sample`: the reference
+    our samplers are compared with in the tests and in benchmarks/samplers.py."""
+    scheduler.set_timesteps(num_steps)
+    if generator is not None:
+        step_kwargs["generator"] = generator
+    for t in scheduler.timesteps:
+        out = net(scheduler.scale_model_input(sample, t), t)
+        sample = scheduler.step(out, t, sample, **step_kwargs).prev_sample
+    return sample

@@ -17,7 +17,7 @@ from ldm.denoiser import (
 from ldm.parameterization import target
 from ldm.schedule import NoiseSchedule
 from ldm.toy import GaussianMixture, mixture_2d
-from tests._sampler_helpers import vp_eps_net
+from ldm.toy import vp_eps_net
 
 TABLE = NoiseSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).sigmas()
 

@@ -24,7 +24,7 @@ from ldm.denoiser import DiscreteVPDenoiser
 from ldm.samplers import SAMPLERS, sample
 from ldm.schedule import NoiseSchedule, karras_sigmas, sampler_sigmas
 from ldm.toy import mixture_1d, mixture_2d
-from tests._sampler_helpers import run_diffusers, vp_eps_net
+from ldm.toy import run_diffusers_scheduler, vp_eps_net
 
 warnings.filterwarnings("ignore")
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -63,7 +63,7 @@ def test_full_loop_equals_diffusers(name, opts, ref_cls, ref_kw, flavor, vp, spa
     stochastic = name in STOCHASTIC or opts.get("eta", 0) > 0
     gen = (lambda: torch.Generator().manual_seed(1)) if stochastic else (lambda: None)
     ref_net, our_net = vp_eps_net(gmm, table, "linear"), vp_eps_net(gmm, table, "linear")
-    ref = run_diffusers(ref_sched, ref_net, noise if vp else x_start, n, generator=gen(), **ref_kw)
+    ref = run_diffusers_scheduler(ref_sched, ref_net, noise if vp else x_start, n, generator=gen(), **ref_kw)
     model = DiscreteVPDenoiser(our_net, table, "epsilon", interpolation="linear")
     out = sample(model, x_start, sigmas, name, generator=gen(), **opts)
     assert len(our_net.calls) == len(ref_net.calls)  # same NFE
@@ -90,7 +90,7 @@ def test_sd15_pndm_folder_config_equals_diffusers(name, opts, ref_cls, ref_kw, f
     x_start = noise * (1 + sigmas[0] ** 2).sqrt() if vp else noise * sigmas[0]
     gen = (lambda: torch.Generator().manual_seed(1)) if name in STOCHASTIC else (lambda: None)
     ref_net, our_net = vp_eps_net(gmm, table, "linear"), vp_eps_net(gmm, table, "linear")
-    ref = run_diffusers(ref_sched, ref_net, noise if vp else x_start, n, generator=gen(), **ref_kw)
+    ref = run_diffusers_scheduler(ref_sched, ref_net, noise if vp else x_start, n, generator=gen(), **ref_kw)
     model = DiscreteVPDenoiser(our_net, table, "epsilon", interpolation="linear")
     out = sample(model, x_start, sigmas, name, generator=gen(), **opts)
     if vp:  # diffusers' DDIM / DPM-Solver return VP coordinates: x / sqrt(1 + sigma_final^2)
@@ -106,7 +106,7 @@ def test_dpmpp_2m_karras_equals_diffusers_with_quantized_t():
     table = sched.sigmas()
     ref_sched = DPMSolverMultistepScheduler(**SD, use_karras_sigmas=True)
     noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ref = run_diffusers(ref_sched, vp_eps_net(gmm, table, "log"), noise, n)
+    ref = run_diffusers_scheduler(ref_sched, vp_eps_net(gmm, table, "log"), noise, n)
     sigmas = sampler_sigmas(sched, n, "dpmsolver", karras=True)
     model = DiscreteVPDenoiser(vp_eps_net(gmm, table, "log"), table, quantize=True)
     out = sample(model, noise * (1 + sigmas[0] ** 2).sqrt(), sigmas, "dpmpp_2m")
