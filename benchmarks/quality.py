@@ -6,9 +6,10 @@ sometimes with a position) and two-object prompts with a relation ("a red circle
 seen (colour, shape) pairs and for the held-out pairs the training split never shows. Also: CLIP score with the
 model's small CLIP (Hessel et al. 2021), a Frechet distance in its image-feature space to the test images (the FID
 recipe of Heusel et al. 2017 with the small CLIP's image tower as the feature map), the VAE's reconstruction PSNR,
-a guidance-scale sweep and a sampler x steps sweep. Writes docs/quality.md and docs/quality-grid.png.
+a guidance-scale sweep and a sampler x steps sweep. Writes docs/quality.md, docs/quality-grid.png and
+benchmarks/results/quality.json.
 
-    python benchmarks/quality.py            # full run (about 10 minutes on 2 CPU cores)
+    python benchmarks/quality.py            # full run (about 15 minutes on 2 CPU cores)
     python benchmarks/quality.py --quick    # a smoke run (a minute): fewer prompts, scales and samplers
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -198,6 +200,7 @@ def _pct(x: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from ldm.clip_train import load_clip
+    from ldm.io import write_text
     from pipelines.loading import DEFAULT_MODEL
     from pipelines.text_to_image import Pipeline
 
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "docs" / "quality.md"))
     parser.add_argument("--grid", default=str(ROOT / "docs" / "quality-grid.png"))
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -221,13 +225,22 @@ def main(argv: list[str] | None = None) -> int:
              f"One image per prompt, prompt i with seed i. Sampler {base['sampler']}, {base['steps']} steps unless "
              "stated. Prompt counts: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()) + ".", ""]
 
-    # 1. guidance sweep
+    # 1. guidance sweep: adherence, CLIP score and the Frechet distance to the test-seen images at each s
+    n_fd = 64 if q else 300
+    seen_x, seen_c = test_images(n_fd, "train", 1)
+    held_x, held_c = test_images(n_fd, "test", 0)
+    train_x, _ = test_images(n_fd, "train", 0)
+    f_seen, f_train = (clip_features(clip, x) for x in (seen_x, train_x))
     sweep = {s: adherence(pipe, clip, sets, guidance=s, **base) for s in scales}
-    lines += ["## All-correct rate and CLIP score vs guidance scale s", "",
-              "| s | " + " | ".join(sets) + " | CLIP score (mean) |", "|---" * (len(sets) + 2) + "|"]
+    fd_by_scale = {s: fd(clip_features(clip, generate(pipe, seen_c, guidance=s, **base)), f_seen) for s in scales}
+    lines += ["## All-correct rate, CLIP score and Frechet distance vs guidance scale s", "",
+              f"FD: {n_fd} images for the test-seen captions vs the {n_fd} test-seen images, in the small CLIP's "
+              "image-feature space (section 3).", "",
+              "| s | " + " | ".join(sets) + " | CLIP score (mean) | FD |", "|---" * (len(sets) + 3) + "|"]
     for s, res in sweep.items():
         cs = np.mean([r["clip_score"] for r in res.values()])
-        lines.append(f"| {s:g} | " + " | ".join(_pct(res[k]["all"]) for k in sets) + f" | {cs:.1f} |")
+        lines.append(f"| {s:g} | " + " | ".join(_pct(res[k]["all"]) for k in sets) + f" | {cs:.1f} | "
+                     f"{fd_by_scale[s]:.3f} |")
     best = max(scales, key=lambda s: sweep[s]["single, seen"]["all"] + sweep[s]["two objects, seen"]["all"])
     lines += ["", f"Best s (single + two-object seen all-correct): **{best:g}**.", "",
               f"## Per attribute at s = {best:g}", "", "| set | " + " | ".join(ATTRIBUTES) + " | CLIP score |",
@@ -241,31 +254,30 @@ def main(argv: list[str] | None = None) -> int:
                                                                                [10, 20, 50]))
     lines += ["", f"## Sampler and steps at s = {best:g} (the first 24 prompts of each seen set)", "",
               "| sampler | steps | single all | two-object all | s / image |", "|---|---|---|---|---|"]
+    by_sampler = []
     for sampler, steps in combos:
         t = time.perf_counter()
         r = adherence(pipe, clip, seen, guidance=best, sampler=sampler, steps=steps)
         per = (time.perf_counter() - t) / sum(len(v) for v in seen.values())
+        by_sampler.append({"sampler": sampler, "steps": steps, "results": r, "s_per_image": per})
         lines.append(f"| {sampler} | {steps} | {_pct(r['single, seen']['all'])} | "
                      f"{_pct(r['two objects, seen']['all'])} | {per:.3f} |")
 
     # 3. Frechet distance (CLIP image features) and VAE PSNR on the test images
-    n_fd = 64 if q else 300
-    seen_x, seen_c = test_images(n_fd, "train", 1)
-    held_x, held_c = test_images(n_fd, "test", 0)
-    train_x, _ = test_images(n_fd, "train", 0)
-    gen_x = generate(pipe, seen_c, guidance=best, **base)
-    f_seen, f_gen, f_train = (clip_features(clip, x) for x in (seen_x, gen_x, train_x))
+    fd_real = fd(f_train, f_seen)
     lines += ["", "## Frechet distance in the small CLIP's image-feature space (64-d projected features)", "",
               f"N = {n_fd} per set; generated images use the test-seen captions at s = {best:g}.", "",
               "| sets | FD |", "|---|---|",
-              f"| generated vs test-seen | {fd(f_gen, f_seen):.4f} |",
-              f"| train vs test-seen (real vs real reference) | {fd(f_train, f_seen):.4f} |",
+              f"| generated vs test-seen | {fd_by_scale[best]:.4f} |",
+              f"| train vs test-seen (real vs real reference) | {fd_real:.4f} |",
               "", f"## VAE reconstructions (posterior mode) of {n_fd} test images", "",
               "PSNR in dB for pixels in [-1, 1]; all-correct = the detector on the reconstruction against the image's "
               "own caption (clean renders score 100%): the ceiling the VAE sets for generated images.", "",
               "| split | PSNR | all-correct |", "|---|---|---|"]
+    vae_rows = {}
     for name, (x, c) in {"test-seen": (seen_x, seen_c), "test-held-out": (held_x, held_c)}.items():
         p, a = vae_reconstruction(pipe, x, c)
+        vae_rows[name] = {"psnr": p, "all_correct": a}
         lines.append(f"| {name} | {p:.2f} | {_pct(a)} |")
 
     # 4. grid
@@ -274,7 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     save_grid(pipe, grid_prompts, 6, Path(args.grid), guidance=best, **base)
     lines += ["", f"## Samples (s = {best:g}, seeds 0-5; rows: " + "; ".join(grid_prompts) + ")", "",
               f"![grid]({Path(args.grid).name})", "", f"Total wall time: {time.perf_counter() - t0:.0f} s.", ""]
-    Path(args.out).write_text("\n".join(lines))
+    write_text("\n".join(lines), args.out)
+    data = {"model": str(args.model), "quick": q, "base": base, "n_fd": n_fd, "best_scale": best,
+            "guidance_sweep": {str(s): {"sets": sweep[s], "fd": fd_by_scale[s]} for s in scales},
+            "sampler_sweep": by_sampler, "fd_real_reference": fd_real, "vae": vae_rows,
+            "wall_s": time.perf_counter() - t0}
+    write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", args.json)
     print("\n".join(lines))
     return 0
 
