@@ -183,6 +183,26 @@ def vae_reconstruction(pipe: Any, images: np.ndarray, captions: list[str]) -> tu
     return float(psnr(x, rec).mean()), summarize([score_image(c, im) for c, im in zip(captions, ims)])["all"]
 
 
+@torch.no_grad()
+def text_separation(text_encoder: Any) -> dict[str, float]:
+    """How far apart the text encoder puts captions that differ in one word: the mean relative distance
+    |E(a) - E(b)| / |E(a)| of the whole (77, D) token sequences, over minimal pairs that change the colour, the
+    shape, the position or the relation word (the U-Net can only follow what these embeddings tell apart)."""
+    colors, shapes, positions = list(S.COLORS), list(S.SHAPES), list(S.POSITION_PHRASES.values())
+    pairs: dict[str, list[tuple[str, str]]] = {
+        "colour": [(f"a {a} circle", f"a {b} circle") for a, b in itertools.combinations(colors, 2)],
+        "shape": [(f"a red {a}", f"a red {b}") for a, b in itertools.combinations(shapes, 2)],
+        "position": [(f"a red circle {a}", f"a red circle {b}") for a, b in itertools.combinations(positions, 2)],
+        "relation": [(f"a red circle {REL_PHRASE[a]} a blue square", f"a red circle {REL_PHRASE[b]} a blue square")
+                     for a, b in itertools.combinations(S.RELATIONS, 2)],
+    }
+    out = {}
+    for name, ps in pairs.items():
+        a, b = (text_encoder.encode([p[i] for p in ps]).flatten(1).double() for i in (0, 1))
+        out[name] = float(((a - b).norm(dim=1) / a.norm(dim=1)).mean())
+    return out
+
+
 def fd(a: torch.Tensor, b: torch.Tensor) -> float:
     return frechet_distance(*feature_stats(a.double().numpy()), *feature_stats(b.double().numpy()))
 
@@ -280,7 +300,15 @@ def main(argv: list[str] | None = None) -> int:
         vae_rows[name] = {"psnr": p, "all_correct": a}
         lines.append(f"| {name} | {p:.2f} | {_pct(a)} |")
 
-    # 4. grid
+    # 4. what the text conditioning tells apart
+    sep = text_separation(pipe.text_encoder)
+    lines += ["", "## Text conditioning: relative distance between captions that differ in one word", "",
+              "|E(a) - E(b)| / |E(a)| over the (77, D) text-encoder outputs the U-Net attends to, averaged over all "
+              "minimal pairs of each kind (text_separation).", "",
+              "| " + " | ".join(sep) + " |", "|---" * len(sep) + "|", "| " + " | ".join(f"{v:.3f}" for v in sep.values())
+              + " |"]
+
+    # 5. grid
     grid_prompts = ["a red circle", "a blue square on the left", "a yellow star at the top", "a green circle",
                     "a red circle above a blue square", "a white cross to the left of an orange triangle"]
     save_grid(pipe, grid_prompts, 6, Path(args.grid), guidance=best, **base)
@@ -289,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text("\n".join(lines), args.out)
     data = {"model": str(args.model), "quick": q, "base": base, "n_fd": n_fd, "best_scale": best,
             "guidance_sweep": {str(s): {"sets": sweep[s], "fd": fd_by_scale[s]} for s in scales},
-            "sampler_sweep": by_sampler, "fd_real_reference": fd_real, "vae": vae_rows,
+            "sampler_sweep": by_sampler, "fd_real_reference": fd_real, "vae": vae_rows, "text_separation": sep,
             "wall_s": time.perf_counter() - t0}
     write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", args.json)
     print("\n".join(lines))

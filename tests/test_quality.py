@@ -111,3 +111,21 @@ def test_scoring_clean_test_renders_is_all_correct():
     images, captions = Q.test_images(12, "test", 0)
     assert images.shape == (12, 64, 64, 3) and 0 <= images.min() and images.max() <= 1
     assert Q.summarize([Q.score_image(c, im) for c, im in zip(captions, images)])["all"] == 1.0
+
+
+def test_text_separation_sees_only_the_words_the_encoder_distinguishes():
+    """An encoder that reads only the colour word: colour pairs are apart by the closed form, the rest at 0."""
+
+    class ColourOnly:
+        def encode(self, prompts):
+            out = torch.ones(len(prompts), 77, 2, dtype=torch.float64)
+            for i, p in enumerate(prompts):
+                if "red" not in p.split():  # "a blue circle" etc.: the first token's feature moves by 1
+                    out[i, 0, 0] += 1.0
+            return out
+
+    sep = Q.text_separation(ColourOnly())
+    assert sep["shape"] == sep["position"] == sep["relation"] == 0.0
+    # colour pairs (a, b) over the 8 colours: 7 of the 28 include red; |E(a) - E(b)| = 1 when exactly one is red
+    expected = 7 * (1 / np.sqrt(154.0)) / 28  # red comes first in its pairs (dict order): |E(red)| = sqrt(77 * 2)
+    assert sep["colour"] == pytest.approx(expected, rel=1e-12)
