@@ -16,8 +16,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,6 +54,7 @@ class ClipTrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98),
                                                                    eps=1e-6, lr_scheduler="cosine", warmup_steps=50))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/clip", batch_size=64, max_steps=500))
+    hard_negatives: int = 0  # negative captions per image (NegCLIP); needs train_clip's negative_caption
 
     def __post_init__(self) -> None:
         for key in ("embed_dim", "vision_cfg", "text_cfg"):
@@ -63,6 +65,8 @@ class ClipTrainConfig:
             raise ValueError("the text tower must have vocab_size 49408 and context_length 77 (the CLIP tokenizer's)")
         if self.run.cache_latents:
             raise ValueError("run.cache_latents has no meaning for CLIP training; set it to false")
+        if self.hard_negatives < 0:
+            raise ValueError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
 
 
 def build_clip(model: dict[str, Any], seed: int = 0) -> nn.Module:
@@ -79,28 +83,60 @@ def text_heads(model: dict[str, Any]) -> int:
     return int(model["text_cfg"].get("heads", 8))
 
 
+def negclip_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
+                 scale: torch.Tensor) -> torch.Tensor:
+    """(CE(s I [T; N]^T, diag) + CE(s T I^T, diag)) / 2 over normalised features: ClipLoss with extra negative texts N
+    in the image-to-text direction (NegCLIP, Yuksekgonul et al. 2023, sec. 5); with no negatives it is ClipLoss."""
+    labels = torch.arange(len(image), device=image.device)
+    per_image = scale * image @ torch.cat([text, negatives]).T  # (B, B + M)
+    per_text = scale * text @ image.T  # (B, B)
+    return (nn.functional.cross_entropy(per_image, labels) + nn.functional.cross_entropy(per_text, labels)) / 2
+
+
+NegativeCaption = Callable[[str, np.random.Generator], str]
+
+
 class ContrastiveStep:
-    """One micro-batch of ClipLoss: L = (CE(s I T^T, diag) + CE(s T I^T, diag)) / 2 over normalised features."""
+    """One micro-batch of the contrastive loss (negclip_loss), with `k` hard-negative captions per image."""
 
-    def __init__(self, model: nn.Module, raw: nn.Module, device: torch.device) -> None:
-        import open_clip
-
-        self.model, self.raw, self.device = model, raw, device
+    def __init__(self, model: nn.Module, raw: nn.Module, device: torch.device, *, k: int = 0,
+                 negative_caption: NegativeCaption | None = None) -> None:
+        if k > 0 and negative_caption is None:
+            raise ValueError("hard_negatives > 0 needs a negative_caption function (e.g. "
+                             "ldm.shapes_negatives.hard_negative for the shapes data)")
+        self.model, self.raw, self.device, self.k, self.negative_caption = model, raw, device, k, negative_caption
         self.tokenizer = build_clip_tokenizer(pad_token=OPENCLIP_PAD)
-        self.loss = open_clip.loss.ClipLoss()
+
+    def _ids(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts, padding="max_length", max_length=77, truncation=True,
+                              return_tensors="pt").input_ids.to(self.device)  # (N, 77)
+
+    def negatives(self, captions: list[str], ctx: StepContext) -> list[str]:
+        """k negatives per caption, caption-major; slot i's come from its own seeded generator (resumable)."""
+        if self.k == 0:
+            return []
+        rngs = [np.random.default_rng(int(torch.randint(2**62, (1,), generator=g))) for g in
+                ctx.generators(len(captions))]
+        return [self.negative_caption(c, rng) for c, rng in zip(captions, rngs) for _ in range(self.k)]  # type: ignore
 
     def __call__(self, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         clamp_logit_scale(self.raw)  # before the forward, so that a resumed run repeats an uninterrupted one
         pixels = batch["pixel_values"].to(self.device)  # (B, 3, H, W) in [-1, 1]
-        ids = self.tokenizer(list(batch["captions"]), padding="max_length", max_length=77, truncation=True,
-                             return_tensors="pt").input_ids.to(self.device)  # (B, 77)
+        captions = list(batch["captions"])
+        ids = self._ids(captions + self.negatives(captions, ctx))  # (B (1 + k), 77)
         out = self.model(pixels, ids)
         scale = out["logit_scale"]  # open_clip returns exp(log scale)
-        loss = self.loss(out["image_features"], out["text_features"], scale)
+        b = len(captions)
+        text, neg = out["text_features"][:b], out["text_features"][b:]
+        loss = negclip_loss(out["image_features"], text, neg, scale)
         with torch.no_grad():
-            logits = out["image_features"] @ out["text_features"].T  # (B, B)
-            acc = (logits.argmax(1) == torch.arange(len(ids), device=self.device)).float().mean()
-        return loss, {"i2t_acc": float(acc), "logit_scale": float(scale.detach())}
+            logits = out["image_features"] @ text.T  # (B, B)
+            metrics = {"i2t_acc": float((logits.argmax(1) == torch.arange(b, device=self.device)).float().mean()),
+                       "logit_scale": float(scale.detach())}
+            if self.k:  # the true caption beats all of its own negatives
+                own = (out["image_features"][:, None] * neg.view(b, self.k, -1)).sum(-1)  # (B, k)
+                metrics["neg_acc"] = float((logits.diagonal()[:, None] > own).all(1).float().mean())
+        return loss, metrics
 
 
 @torch.no_grad()
@@ -109,8 +145,10 @@ def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:
     model.logit_scale.clamp_(0.0, math.log(max_scale))
 
 
-def train_clip(config: ClipTrainConfig) -> dict[str, Any]:
-    """Run (or resume, run.resume="latest") contrastive training; returns {"step", "checkpoint"}."""
+def train_clip(config: ClipTrainConfig, negative_caption: NegativeCaption | None = None) -> dict[str, Any]:
+    """Run (or resume, run.resume="latest") contrastive training; returns {"step", "checkpoint"}.
+
+    negative_caption(caption, rng) writes a caption false of the image (config.hard_negatives per image)."""
     run = config.run
     accelerator = build_accelerator(run, config.optim)
     model = build_clip(config.model, config.init_seed).to(accelerator.device).train()
@@ -122,8 +160,10 @@ def train_clip(config: ClipTrainConfig) -> dict[str, Any]:
     loader, position = build_dataloader(config.data, run.batch_size, num_workers=run.num_workers,
                                         num_processes=accelerator.num_processes)
     model_p, optimizer_p, loader_p = accelerator.prepare(model, optimizer, loader)
+    step_fn = ContrastiveStep(model_p, model, accelerator.device, k=config.hard_negatives,
+                              negative_caption=negative_caption)
     result = run_loop(accelerator, run, config.optim, parts=[Part("clip", model_p, optimizer_p, scheduler)],
-                      loader=loader_p, position=position, step_fn=ContrastiveStep(model_p, model, accelerator.device),
+                      loader=loader_p, position=position, step_fn=step_fn,
                       meta={"config": to_dict(config)})
     accelerator.end_training()
     return result

@@ -38,6 +38,7 @@ from ldm.clip_train import ClipTrainConfig, clip_text_encoder, export_clip, load
 from ldm.config import apply_overrides, from_dict, load_yaml, save_config
 from ldm.train import load_vae, train
 from ldm.schedule import sd_schedule
+from ldm.shapes_negatives import hard_negative
 from ldm.train_config import TrainConfig
 from ldm.unet import UNet, UNetConfig
 
@@ -117,7 +118,7 @@ def stage_data(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
 
 
 def stage_clip(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
-    result = train_clip(cfg.clip)
+    result = train_clip(cfg.clip, negative_caption=hard_negative)
     export_clip(out / "clip", out / "clip-export")
     return {"step": result["step"], **_last_losses(out / "clip")}
 

@@ -1,0 +1,106 @@
+"""Hard-negative captions for the shapes domain: a caption made false by changing exactly one thing it states.
+
+Contrastive training with in-batch negatives only learns what tells random captions apart (in the shapes data,
+mostly colour). NegCLIP (Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words")
+adds, for each image, captions that differ from the true one in one attribute or in how attributes are bound, so
+the text tower must encode shape, position, relation, count and binding too. Here a negative is written from the
+parsed caption (ldm.shapes.parse_caption) with one edit:
+
+  colour    one object's colour -> another colour             "a red circle"            -> "a blue circle"
+  shape     one object's shape -> another shape               "a red circle"            -> "a red star"
+  position  a stated position -> another position             "... on the left"         -> "... at the top"
+  count     a group's count 2 <-> 3                           "two red circles"         -> "three red circles"
+  relation  the relation -> its opposite or a perpendicular one "A above B"             -> "A below B"
+  swap      two objects' colours (binding)                    "a red circle above a blue square"
+                                                              -> "a blue circle above a red square"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ldm.shapes import COLORS, PLURALS, POSITION_PHRASES, POSITIONS, RELATIONS, SHAPES, Prompt, PromptObject
+from ldm.shapes import parse_caption
+
+NEGATIVE_KINDS: tuple[str, ...] = ("colour", "shape", "position", "count", "relation", "swap")
+_NUMBER_WORDS = {2: "two", 3: "three"}
+_REL_PHRASES = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
+
+
+def group_text(o: PromptObject) -> str:
+    """A noun group in the caption grammar of ldm.shapes ("a small red circle on the left", "two blue stars")."""
+    words = [w for w in (o.size, o.color) if w is not None] + [o.shape if o.count == 1 else PLURALS[o.shape]]
+    if o.count == 1:
+        words.insert(0, "an" if words[0][0] in "aeiou" else "a")
+    else:
+        words.insert(0, _NUMBER_WORDS[o.count])
+    if o.position is not None:
+        words.append(POSITION_PHRASES[o.position])
+    return " ".join(words)
+
+
+def prompt_caption(p: Prompt) -> str:
+    """The caption of a Prompt in the grammar of ldm.shapes; parse_caption(prompt_caption(p)) == p."""
+    groups = [group_text(o) for o in p.objects]
+    if p.relation is not None:
+        a, rel, b = p.relation
+        text = f"{groups[a]} {_REL_PHRASES[rel]} {groups[b]}"
+    elif len(groups) == 1:
+        text = groups[0]
+    else:
+        text = ", ".join(groups[:-1]) + " and " + groups[-1]
+    return text + (f" on a {p.background} background" if p.background is not None else "")
+
+
+def _other(rng: np.random.Generator, values: list[str], current: str | None) -> str:
+    choices = [v for v in values if v != current]
+    return choices[int(rng.integers(len(choices)))]
+
+
+def _edits(p: Prompt) -> list[tuple[str, int]]:
+    """(kind, object index) of every edit that makes a negative of p."""
+    out: list[tuple[str, int]] = []
+    for i, o in enumerate(p.objects):
+        if o.color is not None:
+            out.append(("colour", i))
+        out.append(("shape", i))
+        if o.position is not None:
+            out.append(("position", i))
+        if o.count > 1:
+            out.append(("count", i))
+    if p.relation is not None:
+        out.append(("relation", 0))
+    colours = [o.color for o in p.objects]
+    if len(p.objects) >= 2 and None not in colours[:2] and colours[0] != colours[1] \
+            and p.objects[0].shape != p.objects[1].shape:
+        out.append(("swap", 0))
+    return out
+
+
+def negative_prompt(p: Prompt, rng: np.random.Generator) -> Prompt:
+    """p with one stated thing changed (an edit of `_edits`, drawn uniformly): a prompt false of any scene p is true of."""
+    kind, i = (edits := _edits(p))[int(rng.integers(len(edits)))]
+    objects = list(p.objects)
+    o = objects[i]
+    if kind == "colour":
+        objects[i] = dataclasses.replace(o, color=_other(rng, list(COLORS), o.color))
+    elif kind == "shape":
+        objects[i] = dataclasses.replace(o, shape=_other(rng, list(SHAPES), o.shape))
+    elif kind == "position":
+        objects[i] = dataclasses.replace(o, position=_other(rng, list(POSITIONS), o.position))
+    elif kind == "count":
+        objects[i] = dataclasses.replace(o, count=5 - o.count)  # 2 <-> 3
+    elif kind == "relation":
+        a, rel, b = p.relation  # type: ignore[misc]
+        return dataclasses.replace(p, relation=(a, _other(rng, list(RELATIONS), rel), b))
+    else:  # swap the first two objects' colours
+        objects[0], objects[1] = (dataclasses.replace(objects[0], color=objects[1].color),
+                                  dataclasses.replace(objects[1], color=objects[0].color))
+    return dataclasses.replace(p, objects=tuple(objects))
+
+
+def hard_negative(caption: str, rng: np.random.Generator) -> str:
+    """A caption that differs from `caption` in exactly one stated attribute or binding (module docstring)."""
+    return prompt_caption(negative_prompt(parse_caption(caption), rng))
