@@ -79,9 +79,20 @@ def _edits(p: Prompt) -> list[tuple[str, int]]:
     return out
 
 
-def negative_prompt(p: Prompt, rng: np.random.Generator) -> Prompt:
-    """p with one stated thing changed (an edit of `_edits`, drawn uniformly): a prompt false of any scene p is true of."""
-    kind, i = (edits := _edits(p))[int(rng.integers(len(edits)))]
+def applicable_kinds(p: Prompt) -> set[str]:
+    """The kinds of negative that p admits (e.g. no "relation" for a single object)."""
+    return {kind for kind, _ in _edits(p)}
+
+
+def negative_prompt(p: Prompt, rng: np.random.Generator, kind: str | None = None) -> Prompt:
+    """p with one stated thing changed (an edit of `_edits`, drawn uniformly; only edits of `kind` if given): a prompt
+    false of any scene p is true of. Raises ValueError when p states nothing that `kind` can change."""
+    edits = [e for e in _edits(p) if kind is None or e[0] == kind]
+    if kind is not None and kind not in NEGATIVE_KINDS:
+        raise ValueError(f"unknown negative kind {kind!r}; valid: {list(NEGATIVE_KINDS)}")
+    if not edits:
+        raise ValueError(f"{prompt_caption(p)!r} has no {kind} to change")
+    kind, i = edits[int(rng.integers(len(edits)))]
     objects = list(p.objects)
     o = objects[i]
     if kind == "colour":

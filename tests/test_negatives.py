@@ -94,3 +94,16 @@ def test_contrastive_step_needs_a_negative_function():
 
     with pytest.raises(ValueError, match="negative_caption"):
         ContrastiveStep(torch.nn.Identity(), torch.nn.Identity(), torch.device("cpu"), k=1)
+
+
+def test_negative_of_a_given_kind():
+    import pytest
+
+    rng = np.random.default_rng(0)
+    p = S.parse_caption("a red circle on the left")
+    assert negative_prompt(p, rng, "position").objects[0].position in set(S.POSITIONS) - {"left"}
+    assert negative_prompt(p, rng, "shape").objects[0].shape != "circle"
+    with pytest.raises(ValueError, match="no relation"):
+        negative_prompt(p, rng, "relation")
+    with pytest.raises(ValueError, match="unknown negative kind"):
+        negative_prompt(p, rng, "texture")

@@ -129,3 +129,34 @@ def test_text_separation_sees_only_the_words_the_encoder_distinguishes():
     # colour pairs (a, b) over the 8 colours: 7 of the 28 include red; |E(a) - E(b)| = 1 when exactly one is red
     expected = 7 * (1 / np.sqrt(154.0)) / 28  # red comes first in its pairs (dict order): |E(red)| = sqrt(77 * 2)
     assert sep["colour"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_caption_sensitivity_is_zero_for_a_unet_that_ignores_text_and_not_otherwise():
+    """A U-Net that ignores the caption scores exactly 0 for every kind and band; the tiny text-conditioned U-Net
+    does not (the empty caption changes its x0 estimate); every kind the test captions admit is measured."""
+    from types import SimpleNamespace
+
+    from pipelines.tiny import tiny_components
+
+    c = tiny_components(seed=0)
+
+    class Deaf(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, x, t, encoder_hidden_states):
+            return self.unet(x, t, encoder_hidden_states=torch.zeros_like(encoder_hidden_states))
+
+    images, captions = Q.test_images(24, "train", 1)
+    images = images[:, ::2, ::2]  # 32 x 32: the tiny VAE's sample size
+    with torch.no_grad():
+        deaf = Q.caption_sensitivity(SimpleNamespace(vae=c.vae, unet=Deaf(c.unet), text_encoder=c.text_encoder,
+                                                     schedule=c.schedule), images, captions)
+        real = Q.caption_sensitivity(SimpleNamespace(vae=c.vae, unet=c.unet, text_encoder=c.text_encoder,
+                                                     schedule=c.schedule), images, captions)
+    assert list(deaf) == [f"t {lo}-{hi - 1}" for lo, hi in Q.SENSITIVITY_BANDS]
+    for band in deaf.values():
+        assert {"empty", "colour", "shape"} <= set(band)
+        assert all(v == 0.0 for v in band.values() if v == v), band
+    assert all(abs(band["empty"]) > 1e-6 for band in real.values()), real
