@@ -16,6 +16,7 @@ benchmarks/results/quality.json.
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import sys
@@ -252,7 +253,11 @@ def save_grid(pipe: Any, prompts: list[str], seeds: int, path: Path, **gen: Any)
     """prompts x seeds images as one PNG (rows: prompts)."""
     rows = [generate(pipe, [p] * seeds, **gen) for p in prompts]  # each (seeds, H, W, 3)
     grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-    Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
+    from ldm.io import write_bytes
+
+    png = io.BytesIO()
+    Image.fromarray((grid * 255).round().astype(np.uint8)).save(png, format="PNG")
+    write_bytes(png.getvalue(), path)  # atomic; creates the folder
 
 
 def _pct(x: float) -> str:
