@@ -239,9 +239,11 @@ def caption_sensitivity(pipe: Any, images: np.ndarray, captions: list[str], *, s
             x0 = to_x0(pipe.schedule.prediction_type, z_t[idx], pred.float(), ab[idx])
             return ((x0 - z0[idx]) ** 2).flatten(1).mean(1)  # (n,)
 
-        # the true caption on the same sub-batch: identical kernels, so a deaf U-Net scores exactly 0
-        out[f"t {lo}-{hi - 1}"] = {k: float(x0_error(idx, texts).mean() / x0_error(idx, [captions[i] for i in idx])
-                                            .mean() - 1) if idx else float("nan") for k, (idx, texts) in variants.items()}
+        row = out.setdefault(f"t {lo}-{hi - 1}", {})
+        for kind, (idx, texts) in variants.items():
+            # the true caption on the same sub-batch: identical kernels, so a text-blind U-Net scores exactly 0
+            true = x0_error(idx, [captions[i] for i in idx]).mean() if idx else torch.tensor(float("nan"))
+            row[kind] = float(x0_error(idx, texts).mean() / true - 1) if idx else float("nan")
     return out
 
 
