@@ -31,11 +31,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm import shapes as S  # noqa: E402
+from ldm.io import write_bytes  # noqa: E402
 from ldm.shapes_detect import score_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTRIBUTES = ("shape", "color", "position", "count", "relation", "all")
-REL_PHRASE = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -96,8 +96,8 @@ def single_prompts(n: int, held_out: bool, seed: int = 0) -> list[str]:
     out = []
     for i in range(n):
         c, s = pairs[i % len(pairs)] if i < len(pairs) else pairs[rng.integers(len(pairs))]
-        where = f" {S.POSITION_PHRASES[S.POSITIONS[rng.integers(len(S.POSITIONS))]]}" if i % 2 else ""
-        out.append(f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}{where}")
+        where = S.POSITIONS[rng.integers(len(S.POSITIONS))] if i % 2 else None
+        out.append(S.prompt_caption(S.Prompt((S.PromptObject(s, c, position=where),))))
     return out
 
 
@@ -113,8 +113,8 @@ def pair_prompts(n: int, held_out: bool, seed: int = 0) -> list[str]:
             continue
         first, second = (a, b) if rng.random() < 0.5 else (b, a)
         rel = S.RELATIONS[rng.integers(len(S.RELATIONS))]
-        art = lambda c: "an" if c[0] in "aeiou" else "a"  # noqa: E731
-        out.append(f"{art(first[0])} {first[0]} {first[1]} {REL_PHRASE[rel]} {art(second[0])} {second[0]} {second[1]}")
+        objects = (S.PromptObject(first[1], first[0]), S.PromptObject(second[1], second[0]))
+        out.append(S.prompt_caption(S.Prompt(objects, (0, rel, 1))))
     return out
 
 
@@ -194,7 +194,7 @@ def text_separation(text_encoder: Any) -> dict[str, float]:
         "colour": [(f"a {a} circle", f"a {b} circle") for a, b in itertools.combinations(colors, 2)],
         "shape": [(f"a red {a}", f"a red {b}") for a, b in itertools.combinations(shapes, 2)],
         "position": [(f"a red circle {a}", f"a red circle {b}") for a, b in itertools.combinations(positions, 2)],
-        "relation": [(f"a red circle {REL_PHRASE[a]} a blue square", f"a red circle {REL_PHRASE[b]} a blue square")
+        "relation": [(f"a red circle {S.RELATION_PHRASES[a]} a blue square", f"a red circle {S.RELATION_PHRASES[b]} a blue square")
                      for a, b in itertools.combinations(S.RELATIONS, 2)],
     }
     out = {}
@@ -214,8 +214,9 @@ def caption_sensitivity(pipe: Any, images: np.ndarray, captions: list[str], *, s
     estimate with a caption changed in one attribute (ldm.shapes_negatives, per kind; "empty" = the caption "")
     over that with the true caption, minus 1, on the same z_t. 0 means the word is ignored; a model that reads the
     word scores > 0 where the word decides the image (e.g. layout at high noise)."""
+    from ldm.diffusion import q_sample
     from ldm.parameterization import to_x0
-    from ldm.shapes_negatives import NEGATIVE_KINDS, applicable_kinds, negative_prompt, prompt_caption
+    from ldm.shapes_negatives import NEGATIVE_KINDS, applicable_kinds, negative_prompt
 
     x = torch.from_numpy(images).float().permute(0, 3, 1, 2) * 2 - 1
     z0 = pipe.vae.scale_latents(torch.cat([pipe.vae.encode(x[i:i + 64]).mode() for i in range(0, len(x), 64)]))
@@ -225,13 +226,13 @@ def caption_sensitivity(pipe: Any, images: np.ndarray, captions: list[str], *, s
     variants: dict[str, tuple[list[int], list[str]]] = {"empty": (list(range(len(captions))), [""] * len(captions))}
     for kind in NEGATIVE_KINDS:
         idx = [i for i, p in enumerate(prompts) if kind in applicable_kinds(p)]
-        variants[kind] = (idx, [prompt_caption(negative_prompt(prompts[i], rng, kind)) for i in idx])
+        variants[kind] = (idx, [S.prompt_caption(negative_prompt(prompts[i], rng, kind)) for i in idx])
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, dict[str, float]] = {}
     for lo, hi in bands:
         t = torch.randint(lo, hi, (len(z0),), generator=gen)
         ab = alphas[t].view(-1, 1, 1, 1)
-        z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * torch.randn(z0.shape, generator=gen)
+        z_t = q_sample(z0, t, alphas, torch.randn(z0.shape, generator=gen))
 
         def x0_error(idx: list[int], texts: list[str]) -> torch.Tensor:
             c = pipe.text_encoder.encode(texts).to(z_t.dtype)
@@ -241,9 +242,12 @@ def caption_sensitivity(pipe: Any, images: np.ndarray, captions: list[str], *, s
 
         row = out.setdefault(f"t {lo}-{hi - 1}", {})
         for kind, (idx, texts) in variants.items():
+            if not idx:
+                row[kind] = float("nan")
+                continue
             # the true caption on the same sub-batch: identical kernels, so a text-blind U-Net scores exactly 0
-            true = x0_error(idx, [captions[i] for i in idx]).mean() if idx else torch.tensor(float("nan"))
-            row[kind] = float(x0_error(idx, texts).mean() / true - 1) if idx else float("nan")
+            true = x0_error(idx, [captions[i] for i in idx]).mean()
+            row[kind] = float(x0_error(idx, texts).mean() / true - 1)
     return out
 
 
@@ -255,8 +259,6 @@ def save_grid(pipe: Any, prompts: list[str], seeds: int, path: Path, **gen: Any)
     """prompts x seeds images as one PNG (rows: prompts)."""
     rows = [generate(pipe, [p] * seeds, **gen) for p in prompts]  # each (seeds, H, W, 3)
     grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-    from ldm.io import write_bytes
-
     png = io.BytesIO()
     Image.fromarray((grid * 255).round().astype(np.uint8)).save(png, format="PNG")
     write_bytes(png.getvalue(), path)  # atomic; creates the folder

@@ -41,6 +41,8 @@ POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 POSITION_PHRASES: dict[str, str] = {"left": "on the left", "right": "on the right", "top": "at the top",
                                     "bottom": "at the bottom", "center": "in the center"}
 RELATIONS: tuple[str, ...] = ("above", "below", "left of", "right of")
+RELATION_PHRASES: dict[str, str] = {"above": "above", "below": "below", "left of": "to the left of",
+                                    "right of": "to the right of"}
 HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset({
     ("green", "circle"), ("yellow", "square"), ("blue", "triangle"),
     ("orange", "star"), ("purple", "cross"), ("white", "diamond"),
@@ -281,17 +283,34 @@ def sample_scene(rng: np.random.Generator, split: str = "train", layout: str | N
             return Scene(objects, background)
 
 
-def _group_phrase(rng: np.random.Generator, objs: list[ShapeSpec], with_position: bool) -> str:
+def _group(rng: np.random.Generator, objs: list[ShapeSpec], with_position: bool) -> PromptObject:
+    """The noun group a caption states for objects of one (colour, shape): size (if shared) and position drawn."""
     o, n = objs[0], len(objs)
-    words = [] if n == 1 else [_NUMBER_WORDS[n]]
-    if len({x.size for x in objs}) == 1 and rng.random() < 0.5:
-        words.append(o.size)
-    words += [o.color, o.shape if n == 1 else PLURALS[o.shape]]
-    if n == 1:
-        words.insert(0, "an" if words[0][0] in "aeiou" else "a")
-    if with_position and n == 1 and o.position is not None and rng.random() < 0.6:
+    size = o.size if len({x.size for x in objs}) == 1 and rng.random() < 0.5 else None
+    stated = with_position and n == 1 and o.position is not None and rng.random() < 0.6
+    return PromptObject(o.shape, o.color, n, size, o.position if stated else None)
+
+
+def group_text(o: PromptObject) -> str:
+    """A noun group in the caption grammar ("a small red circle on the left", "two blue stars")."""
+    words = [w for w in (o.size, o.color) if w is not None] + [o.shape if o.count == 1 else PLURALS[o.shape]]
+    words.insert(0, ("an" if words[0][0] in "aeiou" else "a") if o.count == 1 else _NUMBER_WORDS[o.count])
+    if o.position is not None:
         words.append(POSITION_PHRASES[o.position])
     return " ".join(words)
+
+
+def prompt_caption(p: Prompt) -> str:
+    """The caption of a Prompt in the module's grammar; parse_caption(prompt_caption(p)) == p."""
+    groups = [group_text(o) for o in p.objects]
+    if p.relation is not None:
+        a, rel, b = p.relation
+        text = f"{groups[a]} {RELATION_PHRASES[rel]} {groups[b]}"
+    elif len(groups) == 1:
+        text = groups[0]
+    else:
+        text = ", ".join(groups[:-1]) + " and " + groups[-1]
+    return text + (f" on a {p.background} background" if p.background is not None else "")
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
@@ -305,17 +324,9 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     if len(gs) == 2 and len(scene.objects) == 2 and rng.random() < 0.85:
         a, b = gs[0][0], gs[1][0]
         rel = relation_of((a.cx, a.cy), (b.cx, b.cy), strict=True)
-    phrases = [_group_phrase(rng, g, with_position=len(gs) == 1) for g in gs]
-    if rel is not None:
-        rel_text = {"left of": "to the left of", "right of": "to the right of"}.get(rel, rel)
-        text = f"{phrases[0]} {rel_text} {phrases[1]}"
-    elif len(phrases) == 1:
-        text = phrases[0]
-    else:
-        text = ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    if rng.random() < 0.25:
-        text += f" on a {scene.background} background"
-    return text
+    objects = tuple(_group(rng, g, with_position=len(gs) == 1) for g in gs)
+    background = scene.background if rng.random() < 0.25 else None
+    return prompt_caption(Prompt(objects, None if rel is None else (0, rel, 1), background))
 
 
 def _match(tokens: list[str], i: int, phrase: str) -> int:

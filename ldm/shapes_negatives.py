@@ -4,7 +4,7 @@ Contrastive training with in-batch negatives only learns what tells random capti
 mostly colour). NegCLIP (Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words")
 adds, for each image, captions that differ from the true one in one attribute or in how attributes are bound, so
 the text tower must encode shape, position, relation, count and binding too. Here a negative is written from the
-parsed caption (ldm.shapes.parse_caption) with one edit:
+parsed caption (ldm.shapes.parse_caption), edited once and written back (ldm.shapes.prompt_caption):
 
   colour    one object's colour -> another colour             "a red circle"            -> "a blue circle"
   shape     one object's shape -> another shape               "a red circle"            -> "a red star"
@@ -21,37 +21,9 @@ import dataclasses
 
 import numpy as np
 
-from ldm.shapes import COLORS, PLURALS, POSITION_PHRASES, POSITIONS, RELATIONS, SHAPES, Prompt, PromptObject
-from ldm.shapes import parse_caption
+from ldm.shapes import COLORS, POSITIONS, RELATIONS, SHAPES, Prompt, parse_caption, prompt_caption
 
 NEGATIVE_KINDS: tuple[str, ...] = ("colour", "shape", "position", "count", "relation", "swap")
-_NUMBER_WORDS = {2: "two", 3: "three"}
-_REL_PHRASES = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
-
-
-def group_text(o: PromptObject) -> str:
-    """A noun group in the caption grammar of ldm.shapes ("a small red circle on the left", "two blue stars")."""
-    words = [w for w in (o.size, o.color) if w is not None] + [o.shape if o.count == 1 else PLURALS[o.shape]]
-    if o.count == 1:
-        words.insert(0, "an" if words[0][0] in "aeiou" else "a")
-    else:
-        words.insert(0, _NUMBER_WORDS[o.count])
-    if o.position is not None:
-        words.append(POSITION_PHRASES[o.position])
-    return " ".join(words)
-
-
-def prompt_caption(p: Prompt) -> str:
-    """The caption of a Prompt in the grammar of ldm.shapes; parse_caption(prompt_caption(p)) == p."""
-    groups = [group_text(o) for o in p.objects]
-    if p.relation is not None:
-        a, rel, b = p.relation
-        text = f"{groups[a]} {_REL_PHRASES[rel]} {groups[b]}"
-    elif len(groups) == 1:
-        text = groups[0]
-    else:
-        text = ", ".join(groups[:-1]) + " and " + groups[-1]
-    return text + (f" on a {p.background} background" if p.background is not None else "")
 
 
 def _other(rng: np.random.Generator, values: list[str], current: str | None) -> str:
@@ -87,9 +59,9 @@ def applicable_kinds(p: Prompt) -> set[str]:
 def negative_prompt(p: Prompt, rng: np.random.Generator, kind: str | None = None) -> Prompt:
     """p with one stated thing changed (an edit of `_edits`, drawn uniformly; only edits of `kind` if given): a prompt
     false of any scene p is true of. Raises ValueError when p states nothing that `kind` can change."""
-    edits = [e for e in _edits(p) if kind is None or e[0] == kind]
     if kind is not None and kind not in NEGATIVE_KINDS:
         raise ValueError(f"unknown negative kind {kind!r}; valid: {list(NEGATIVE_KINDS)}")
+    edits = [e for e in _edits(p) if kind is None or e[0] == kind]
     if not edits:
         raise ValueError(f"{prompt_caption(p)!r} has no {kind} to change")
     kind, i = edits[int(rng.integers(len(edits)))]

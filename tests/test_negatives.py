@@ -1,4 +1,5 @@
-"""Hard-negative captions (ldm.shapes_negatives) and the NegCLIP loss of ldm.clip_train."""
+"""Hard-negative captions (ldm.shapes_negatives), the caption writer ldm.shapes.prompt_caption and the NegCLIP loss
+of ldm.clip_train."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ldm import shapes as S
 from ldm.clip_train import ContrastiveStep, negclip_loss
 from ldm.loop import StepContext
 from ldm.shapes_detect import check, detect
-from ldm.shapes_negatives import NEGATIVE_KINDS, hard_negative, negative_prompt, prompt_caption
+from ldm.shapes_negatives import NEGATIVE_KINDS, hard_negative, negative_prompt
 
 
 def _differences(a: S.Prompt, b: S.Prompt) -> int:
@@ -24,11 +25,11 @@ def _differences(a: S.Prompt, b: S.Prompt) -> int:
 
 
 def test_prompt_caption_inverts_parse_caption_on_the_dataset():
-    """prompt_caption writes every generated caption back word for word (2000 train + test captions)."""
+    """Parsing a generated caption and writing it back gives it word for word (2000 train + test captions)."""
     for split in ("train", "test"):
         for i in range(1000):
             _, text, _ = S.dataset_item(3, split, i)
-            assert prompt_caption(S.parse_caption(text)) == text
+            assert S.prompt_caption(S.parse_caption(text)) == text
 
 
 def test_negatives_change_one_thing_and_are_false_of_the_image():
@@ -43,11 +44,11 @@ def test_negatives_change_one_thing_and_are_false_of_the_image():
         for j in range(3):
             rng = np.random.default_rng([i, j])
             neg = negative_prompt(truth, np.random.default_rng([i, j]))
-            assert hard_negative(text, rng) == prompt_caption(neg)  # the same draw
+            assert hard_negative(text, rng) == S.prompt_caption(neg)  # the same draw
             d = _differences(truth, neg)
             swapped = d == 2 and [o.color for o in neg.objects[:2]] == [o.color for o in truth.objects[1::-1]]
-            assert d == 1 or swapped, (text, prompt_caption(neg))
-            assert not check(neg, dets)["all"], (text, prompt_caption(neg))
+            assert d == 1 or swapped, (text, S.prompt_caption(neg))
+            assert not check(neg, dets)["all"], (text, S.prompt_caption(neg))
             changed = [f for o, p in zip(truth.objects, neg.objects) for f in ("color", "shape", "position", "count")
                        if getattr(o, f) != getattr(p, f)]
             kinds["swap" if swapped else "relation" if not changed else
