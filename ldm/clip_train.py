@@ -199,15 +199,15 @@ def export_clip(run_or_checkpoint: str | Path, folder: str | Path) -> Path:
 
 
 def load_clip(folder: str | Path, text_encoder_folder: str | Path | None = None) -> nn.Module:
-    """An open_clip CLIP (eval mode) from a folder written by save_clip; the text tower comes from the folder, or
-    from a diffusers pipeline folder's text_encoder/ (converted back) when the CLIP folder was saved without it."""
+    """An open_clip CLIP (eval mode) from a folder written by save_clip; the text tower comes from the folder when it
+    has one, else from a diffusers pipeline folder's text_encoder/ (converted back; save_clip(text=False))."""
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder} is not a CLIP folder: {CONFIG_NAME} is missing")
     config = json.loads((folder / CONFIG_NAME).read_text())
     model = build_clip(config)
     state = load_state_dict(folder / WEIGHTS_NAME)
-    if text_encoder_folder is not None:
+    if text_encoder_folder is not None and not set(text_tower_state_dict(state)) - {"text_projection"}:
         enc = TextEncoder.from_pretrained(text_encoder_folder)
         state.update(transformers_to_openclip(dict(enc.model.state_dict()), enc.model.config))
     own = {k for k in model.state_dict() if k != "attn_mask"}

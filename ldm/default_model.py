@@ -165,7 +165,9 @@ def stage_export(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     from pipelines.export import export
 
     export(out / "unet", out / "pipeline", use_ema=True)
-    save_clip(load_clip(out / "clip-export"), cfg.clip.model, out / "pipeline" / "clip", text=False)
+    # The CLIP ships without its text tower (it is text_encoder/) unless the U-Net stage trained that one further.
+    save_clip(load_clip(out / "clip-export"), cfg.clip.model, out / "pipeline" / "clip",
+              text=cfg.unet.train_text_encoder)
     return {"bytes": folder_bytes(out / "pipeline")}
 
 

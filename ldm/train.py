@@ -1,8 +1,9 @@
 """Latent-diffusion training and fine-tuning with accelerate (Rombach et al. 2022, sec. 3-4).
 
 One step on a batch of (image, caption): z = scaling * (E(x) sample) from the frozen VAE, c = text encoder(caption)
-with the caption replaced by "" with probability p (condition dropout, for classifier-free guidance), t ~ U{0..T-1},
-eps ~ N(0, I), z_t = sqrt(alphā_t) z + sqrt(1 - alphā_t) eps, and the U-Net regresses the eps / v / z target
+(frozen, or trained jointly with train_text_encoder) with the caption replaced by "" with probability p
+(condition dropout, for classifier-free guidance), t ~ U{0..T-1}, eps ~ N(0, I),
+z_t = sqrt(alphā_t) z + sqrt(1 - alphā_t) eps, and the U-Net regresses the eps / v / z target
 (ldm.parameterization.target) under MSE, optionally min-SNR-gamma weighted (ldm.diffusion.diffusion_loss).
 
 Every random draw of sample i comes from a generator seeded by (seed, step, micro-batch, global slot), so a resumed
@@ -45,7 +46,8 @@ from ldm.train_config import (TrainConfig, build_accelerator, build_lr_scheduler
 from ldm.unet import UNet, UNetConfig
 
 logger = logging.getLogger(__name__)
-FROZEN = "frozen"  # <output_dir>/frozen: the diffusers-layout folder of everything but the U-Net weights
+FROZEN = "frozen"  # <output_dir>/frozen: the diffusers-layout folder of everything but the U-Net weights (with
+# train_text_encoder, the text encoder there is the initial one; checkpoints hold the trained one)
 
 
 # ------------------------------------------------------------------------------------------------------ building
@@ -104,13 +106,13 @@ def dropout_mask(generators: list[torch.Generator], p: float) -> torch.Tensor:
 
 
 class DiffusionStep:
-    """The per-micro-batch loss of latent diffusion (module docstring); holds the frozen VAE/text encoder and the
-    latent cache."""
+    """The per-micro-batch loss of latent diffusion (module docstring); holds the frozen VAE, the text encoder
+    (`text`: the prepared module when it is trained, else parts.text_encoder) and the latent cache."""
 
     def __init__(self, config: TrainConfig, parts: Components, unet: torch.nn.Module, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, text: torch.nn.Module | None = None) -> None:
         self.config, self.unet, self.device, self.dtype = config, unet, device, dtype
-        self.vae, self.text = parts.vae, parts.text_encoder
+        self.vae, self.text = parts.vae, parts.text_encoder if text is None else text
         self.alphas_cumprod = parts.schedule.alphas_cumprod().to(device)
         self.prediction = parts.schedule.prediction_type
         self.cache: dict[int, torch.Tensor] = {}
@@ -138,8 +140,8 @@ class DiffusionStep:
         drop = dropout_mask(gens, obj.condition_dropout)
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         z = self.latents(batch, gens)
-        with torch.no_grad():
-            c = self.text.encode(captions).to(self.dtype)  # (B, 77, D)
+        with contextlib.nullcontext() if self.config.train_text_encoder else torch.no_grad():
+            c = self.text(captions).to(self.dtype)  # (B, 77, D); forward = encode (through DDP when wrapped)
         T = len(self.alphas_cumprod)
         t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in gens]).to(self.device)  # (B,)
         noise = randn(z.shape, gens, device=self.device)
@@ -187,6 +189,17 @@ def render_grid(parts: Components, unet: torch.nn.Module, prompts: list[str], se
 # ------------------------------------------------------------------------------------------------------------ run
 
 
+def text_part(config: TrainConfig, text: torch.nn.Module, accelerator: Any) -> Part:
+    """The text encoder as a trained Part: float32 weights, its own AdamW (text_encoder_lr), schedule and EMA."""
+    text.requires_grad_(True).train().to(accelerator.device)
+    ema = EMA(text, config.ema) if config.ema.enabled else None
+    optim = dataclasses.replace(config.optim, lr=config.text_encoder_lr or config.optim.lr)
+    optimizer = build_optimizer(list(text.parameters()), optim)
+    scheduler = build_lr_scheduler(optimizer, optim, config.run.max_steps)
+    text_p, optimizer_p = accelerator.prepare(text, optimizer)
+    return Part("text_encoder", text_p, optimizer_p, scheduler, ema)
+
+
 def check_fresh_run(out: Path) -> None:
     """A fresh run (run.resume unset) must not reuse a run folder: its frozen/ parts or checkpoints would be mixed
     with this run's U-Net."""
@@ -222,7 +235,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     digest = folder_digest(out / FROZEN)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.mixed_precision, torch.float32)
     device = accelerator.device
-    for frozen in (parts.vae, parts.text_encoder):
+    train_text = config.train_text_encoder
+    for frozen in (parts.vae,) if train_text else (parts.vae, parts.text_encoder):
         frozen.requires_grad_(False).eval().to(device, dtype)
     unet = parts.unet.to(device)
     unet.gradient_checkpointing = run.gradient_checkpointing
@@ -233,26 +247,36 @@ def train(config: TrainConfig) -> dict[str, Any]:
     loader, position = build_dataloader(config.data, run.batch_size, num_workers=run.num_workers,
                                         num_processes=accelerator.num_processes)
     unet_p, optimizer_p, loader_p = accelerator.prepare(unet, optimizer, loader)
-    step_fn = DiffusionStep(config, parts, unet_p, device, dtype)
+    trained = [Part("unet", unet_p, optimizer_p, scheduler, ema)]
+    text_p = None
+    if train_text:
+        trained.append(text_part(config, parts.text_encoder, accelerator))
+        text_p = trained[-1].model
+    step_fn = DiffusionStep(config, parts, unet_p, device, dtype, text=text_p)
 
     def validate(step: int) -> None:
         if not run.validate_every or step % run.validate_every:
             return
         if accelerator.is_main_process:
             raw = accelerator.unwrap_model(unet_p)
-            with ema.swapped(raw) if ema is not None else contextlib.nullcontext():
+            with contextlib.ExitStack() as swaps:
+                for part in trained:
+                    if part.ema is not None:
+                        swaps.enter_context(part.ema.swapped(accelerator.unwrap_model(part.model)))
+                parts.text_encoder.clear_cache()  # its empty-prompt embedding changes when it is trained
                 raw.eval()
                 grid = render_grid(parts, raw, run.validation_prompts, run.validation_seeds,
                                    size=config.data.resolution, steps=run.validation_steps,
                                    guidance_scale=run.guidance_scale)
                 raw.train()
+            parts.text_encoder.clear_cache()
             png = io.BytesIO()
             grid.save(png, format="PNG")
             write_bytes(png.getvalue(), out / "validation" / f"step-{step:08d}.png")
         accelerator.wait_for_everyone()
 
     meta = {"config": to_dict(config), "frozen": f"../../{FROZEN}", "frozen_sha256": digest}
-    result = run_loop(accelerator, run, config.optim, parts=[Part("unet", unet_p, optimizer_p, scheduler, ema)],
+    result = run_loop(accelerator, run, config.optim, parts=trained,
                       loader=loader_p, position=position, step_fn=step_fn, meta=meta, on_step=validate,
                       on_resume=lambda state: check_frozen(state, digest, out / FROZEN))
     accelerator.end_training()

@@ -170,8 +170,14 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Train the text encoder jointly with the U-Net (as LDM's text-to-image model did; diffusers' --train_text_encoder),
+    # with its own AdamW at text_encoder_lr (null: optim.lr), the same schedule and EMA; the export writes it.
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None
 
     def __post_init__(self) -> None:
+        if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
+            raise ValueError(f"text_encoder_lr must be > 0 (or null for optim.lr), got {self.text_encoder_lr}")
         if self.run.cache_latents and (self.data.crop == "random" or self.data.random_flip):
             raise ValueError("run.cache_latents needs deterministic images: set data.crop=center, data.random_flip=false")
 

@@ -1,8 +1,9 @@
 """Export a training checkpoint as a diffusers-format pipeline folder (safetensors) that our loader
 (pipelines.folder.load_pipeline_components) and diffusers' StableDiffusionPipeline.from_pretrained both read.
 
-A checkpoint holds only the trained U-Net (raw and EMA weights); the frozen parts (VAE, text encoder, tokenizer,
-noise schedule) and the U-Net config live once per run in `<output_dir>/frozen/`, named by the checkpoint's meta.json.
+A checkpoint holds the trained U-Net (raw and EMA weights), and the text encoder too when it was trained jointly
+(train_text_encoder); the frozen parts (VAE, text encoder, tokenizer, noise schedule) and the U-Net config live once
+per run in `<output_dir>/frozen/`, named by the checkpoint's meta.json.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
                            "same output_dir, or the folder edited?")
     parts = load_pipeline_folder(frozen, vae_class=AutoencoderKL, unet_weights=False)
     load_weights(parts.unet, load_weights_only(ckpt, "unet", use_ema=use_ema), what=f"{ckpt} unet")
+    if "text_encoder" in meta["parts"]:  # trained jointly (train_text_encoder): frozen/ holds the initial one
+        load_weights(parts.text_encoder, load_weights_only(ckpt, "text_encoder", use_ema=use_ema),
+                     what=f"{ckpt} text_encoder")
     save_pipeline(out_dir, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, schedule=parts.schedule)
     return Path(out_dir)
 

@@ -14,6 +14,7 @@ from ldm.clip_train import build_clip, clip_text_encoder, load_clip, save_clip
 from ldm.default_model import DEFAULT_CONFIG, load_recipe, run_recipe
 from ldm.shapes_detect import score_image
 from ldm.text import OpenCLIPTextEncoder
+from ldm.text_openclip import transformers_to_openclip
 from pipelines.loading import DEFAULT_MODEL
 
 TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
@@ -89,7 +90,14 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     c = load_pipeline_components(tmp_path / "model")
     assert c.unet.config.sample_size * c.vae.config.downsample_factor == 64
     assert c.vae.config.scaling_factor == report["init"]["vae_scaling_factor"] > 0
-    assert load_clip(tmp_path / "model" / "clip", text_encoder_folder=tmp_path / "model") is not None
+    # unet.train_text_encoder: text_encoder/ was trained on, so clip/ keeps the CLIP's own text tower and load_clip
+    # takes that one, not text_encoder/ (which has moved: its CLIP score would pair towers never trained together)
+    assert cfg.unet.train_text_encoder
+    shipped = load_clip(tmp_path / "model" / "clip", text_encoder_folder=tmp_path / "model").state_dict()
+    trained_clip = load_clip(out / "clip-export").state_dict()
+    assert all(torch.equal(shipped[k], trained_clip[k]) for k in trained_clip)
+    moved = transformers_to_openclip(dict(c.text_encoder.model.state_dict()), c.text_encoder.model.config)
+    assert not all(torch.equal(moved[k], trained_clip[k]) for k in moved)
     with pytest.raises(FileExistsError, match="--resume"):
         run_recipe(cfg, out)
     again = run_recipe(cfg, out, resume=True)

@@ -49,18 +49,19 @@ def straight(shapes, tmp_path_factory) -> Path:
     return out
 
 
-def assert_same_checkpoint(a: Path, b: Path) -> None:
-    """Bitwise equal weights, EMA weights, optimizer state, LR schedule and data position."""
-    for name in ("unet.safetensors", "unet.ema.safetensors"):
-        sa, sb = load_state_dict(a / name), load_state_dict(b / name)
-        assert sa.keys() == sb.keys()
-        bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
-        assert not bad, f"{name}: {len(bad)} tensors differ, e.g. {bad[0]} max |diff| {(sa[bad[0]] - sb[bad[0]]).abs().max()}"
-    oa, ob = (torch.load(p / "unet.optim.pt", weights_only=True) for p in (a, b))
-    assert oa["lr_scheduler"] == ob["lr_scheduler"]
-    for k, state in oa["optimizer"]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, ob["optimizer"]["state"][k][key])
+def assert_same_checkpoint(a: Path, b: Path, parts: tuple[str, ...] = ("unet",)) -> None:
+    """Bitwise equal weights, EMA weights, optimizer state, LR schedule (of every part) and data position."""
+    for part in parts:
+        for name in (f"{part}.safetensors", f"{part}.ema.safetensors"):
+            sa, sb = load_state_dict(a / name), load_state_dict(b / name)
+            assert sa.keys() == sb.keys()
+            bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
+            assert not bad, f"{name}: {len(bad)} tensors differ, e.g. {bad[0]} max |diff| {(sa[bad[0]] - sb[bad[0]]).abs().max()}"
+        oa, ob = (torch.load(p / f"{part}.optim.pt", weights_only=True) for p in (a, b))
+        assert oa["lr_scheduler"] == ob["lr_scheduler"]
+        for k, state in oa["optimizer"]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, ob["optimizer"]["state"][k][key])
     ma, mb = (load_checkpoint.__globals__["read_meta"](p) for p in (a, b))
     assert ma["data"] == mb["data"] and ma["ema"] == mb["ema"] and ma["step"] == mb["step"] == STEPS
 
@@ -113,6 +114,50 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(straight, shapes, tmp_
     result = subprocess.run([*cmd, "--resume", "latest"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_checkpoint(straight / "checkpoints/step-00000006", out / "checkpoints/step-00000006")
+
+
+@pytest.mark.slow
+def test_joint_text_encoder_training_resumes_bitwise_and_exports_the_trained_encoder(straight, shapes, tmp_path):
+    """train_text_encoder: checkpoints hold a second part, text_encoder, whose weights move away from frozen/'s
+    (the initial ones, the same seeded init as the frozen run's, whose checkpoints hold the U-Net only); resuming at step 2 reproduces step 6
+    bit for bit for both parts; the export carries the EMA text encoder (frozen/'s is left as it was); resuming it
+    without train_text_encoder is refused naming the parts."""
+    from autoencoder.model import AutoencoderKL
+    from ldm.checkpoint import read_meta
+    from ldm.components import load_pipeline_folder
+    from ldm.io import WeightsError
+    from pipelines.export import export
+    from pipelines.folder import load_pipeline_components
+
+    def frozen_text(folder: Path) -> dict[str, torch.Tensor]:
+        return load_pipeline_folder(folder, vae_class=AutoencoderKL, unet_weights=False).text_encoder.state_dict()
+
+    out = tmp_path / "joint"
+    extra = ("train_text_encoder=true", "text_encoder_lr=3e-3", "run.validate_every=3", "run.validation_steps=2")
+    train(tiny_config(shapes, out, *extra))
+    final = out / "checkpoints/step-00000006"
+    assert read_meta(final)["parts"] == ["unet", "text_encoder"]
+    initial = frozen_text(out / "frozen")
+    trained, ema = (load_state_dict(final / f"text_encoder{s}.safetensors") for s in ("", ".ema"))
+    assert trained.keys() == ema.keys() == initial.keys()
+    still = [k for k in initial if torch.equal(initial[k], trained[k])]
+    assert not still, still
+    assert read_meta(straight / "checkpoints/step-00000006")["parts"] == ["unet"]
+    frozen_run = frozen_text(straight / "frozen")
+    assert all(torch.equal(frozen_run[k], initial[k]) for k in initial)  # same seeded init in both runs
+    assert (out / "validation/step-00000006.png").is_file()
+
+    resumed = tmp_path / "joint-resumed"
+    shutil.copytree(out / "checkpoints/step-00000002", resumed / "checkpoints/step-00000002")
+    train(tiny_config(shapes, resumed, *extra, "run.resume=latest"))
+    assert_same_checkpoint(final, resumed / "checkpoints/step-00000006", ("unet", "text_encoder"))
+
+    folder = export(out, tmp_path / "exported")
+    exported = load_pipeline_components(folder).text_encoder.state_dict()
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    assert not all(torch.equal(exported[k], initial[k]) for k in initial)
+    with pytest.raises(WeightsError, match=r"holds parts \['unet', 'text_encoder'\], this run trains \['unet'\]"):
+        train(tiny_config(shapes, out, "run.resume=latest", "run.max_steps=8"))
 
 
 def test_validation_grid_shape(shapes, tmp_path):
