@@ -132,7 +132,7 @@ def _fit_shape(alpha: np.ndarray, region: np.ndarray, size: int) -> tuple[str, f
     norm = (a * a).sum()
     best = ("", 0.0, 0.0, 0.0, -np.inf)
     for shape in S.SHAPES:
-        amp = 1.0
+        amp, fitted = 1.0, None
         for _ in range(2):
             side = float(np.sqrt(max(area, 1.0) / (amp * S.FILL[shape]))) / size
             cx, cy = gx - S.CENTROID[shape][0] * side, gy - S.CENTROID[shape][1] * side
@@ -140,11 +140,17 @@ def _fit_shape(alpha: np.ndarray, region: np.ndarray, size: int) -> tuple[str, f
             fits = []
             for blur in TEMPLATE_BLURS:
                 t = _gaussian(t0, blur * size / 64)
-                amp_b = float((a * t).sum() / (t * t).sum())
+                energy = (t * t).sum()
+                if energy == 0:  # the template lies outside the window (a speck of a region): no fit
+                    continue
+                amp_b = float((a * t).sum() / energy)
                 fits.append((1 - ((a - amp_b * t) ** 2).sum() / norm, amp_b))
+            if not fits:
+                break
             score, amp = max(fits)
-        if score > best[4]:
-            best = (shape, cx, cy, side, score)
+            fitted = (shape, cx, cy, side, score)
+        if fitted is not None and fitted[4] > best[4]:
+            best = fitted
     shape, cx, cy, side, score = best
     return shape, cx, cy, side, float(area), float(score)
 
