@@ -264,6 +264,12 @@ def save_grid(pipe: Any, prompts: list[str], seeds: int, path: Path, **gen: Any)
     write_bytes(png.getvalue(), path)  # atomic; creates the folder
 
 
+def _shown(folder: str) -> str:
+    """A model folder as the report names it: relative to the repository when inside it."""
+    path = Path(folder).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def _pct(x: float) -> str:
     return "–" if x != x else f"{100 * x:.0f}%"
 
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     scales = [1.0, 3.0] if q else [1.0, 2.0, 3.0, 5.0, 7.5]
     base = {"sampler": "dpmpp_2m", "steps": 20}
     lines = [f"# Default model quality ({'quick' if q else 'full'} run of benchmarks/quality.py)", "",
-             f"Model: `{Path(args.model).name}`. Detector: ldm.shapes_detect (GenEval-style; 100% on clean renders). "
+             f"Model: `{_shown(args.model)}`. Detector: ldm.shapes_detect (GenEval-style; 100% on clean renders). "
              f"One image per prompt, prompt i with seed i. Sampler {base['sampler']}, {base['steps']} steps unless "
              "stated. Prompt counts: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()) + ".", ""]
 
@@ -376,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"## Samples (s = {best:g}, seeds 0-5; rows: " + "; ".join(grid_prompts) + ")", "",
               f"![grid]({Path(args.grid).name})", "", f"Total wall time: {time.perf_counter() - t0:.0f} s.", ""]
     write_text("\n".join(lines), args.out)
-    data = {"model": str(args.model), "quick": q, "base": base, "n_fd": n_fd, "best_scale": best,
+    data = {"model": _shown(args.model), "quick": q, "base": base, "n_fd": n_fd, "best_scale": best,
             "guidance_sweep": {str(s): {"sets": sweep[s], "fd": fd_by_scale[s]} for s in scales},
             "sampler_sweep": by_sampler, "fd_real_reference": fd_real, "vae": vae_rows, "text_separation": sep,
             "caption_sensitivity": sens,
