@@ -193,8 +193,12 @@ class PromptEncoder(nn.Module):
         return self.encode(prompts, **options)
 
     def empty_embedding(self, batch_size: int = 1, *, layer: Layer | None = None) -> torch.Tensor:
-        """encode("") repeated batch_size times: the unconditional c for classifier-free guidance, cached."""
+        """encode("") repeated batch_size times: the unconditional c for classifier-free guidance, cached in eval
+        mode (in training mode the weights change under it, e.g. ldm.train's train_text_encoder: encoded afresh)."""
         skip = clip_skip_of(self.layer if layer is None else layer, self.num_layers)
+        if self.training:
+            with torch.no_grad():
+                return self.encode("", clip_skip=skip).detach().expand(batch_size, -1, -1).clone()
         key = (self._param.device, self._param.dtype, skip)
         if key not in self._empty:
             with torch.no_grad():
@@ -251,6 +255,7 @@ class TextEncoder(PromptEncoder):
         if not isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
             raise TypeError(f"model must be a CLIPTextModel, got {type(model).__name__}")
         self.model = model
+        self.train(model.training)  # the wrapper's mode is its model's (empty_embedding caches in eval mode)
 
     @classmethod
     def from_config(cls, config: CLIPTextConfig, *, seed: int = 0, pad_token: str = EOS,
@@ -344,6 +349,7 @@ class OpenCLIPTextEncoder(PromptEncoder):
             raise NotImplementedError("open_clip text towers without a causal mask are not supported")
         self.model = model
         self.tower = tower
+        self.train(model.training)  # the wrapper's mode is its model's (empty_embedding caches in eval mode)
 
     @classmethod
     def from_config(cls, config: dict, *, seed: int = 0, layer: Layer = "last") -> OpenCLIPTextEncoder:

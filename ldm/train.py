@@ -248,11 +248,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                         num_processes=accelerator.num_processes)
     unet_p, optimizer_p, loader_p = accelerator.prepare(unet, optimizer, loader)
     trained = [Part("unet", unet_p, optimizer_p, scheduler, ema)]
-    text_p = None
-    if train_text:
+    if train_text:  # in training mode: validation encodes its empty prompt afresh (PromptEncoder.empty_embedding)
         trained.append(text_part(config, parts.text_encoder, accelerator))
-        text_p = trained[-1].model
-    step_fn = DiffusionStep(config, parts, unet_p, device, dtype, text=text_p)
+    step_fn = DiffusionStep(config, parts, unet_p, device, dtype, text=trained[1].model if train_text else None)
 
     def validate(step: int) -> None:
         if not run.validate_every or step % run.validate_every:
@@ -263,13 +261,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 for part in trained:
                     if part.ema is not None:
                         swaps.enter_context(part.ema.swapped(accelerator.unwrap_model(part.model)))
-                parts.text_encoder.clear_cache()  # its empty-prompt embedding changes when it is trained
                 raw.eval()
                 grid = render_grid(parts, raw, run.validation_prompts, run.validation_seeds,
                                    size=config.data.resolution, steps=run.validation_steps,
                                    guidance_scale=run.guidance_scale)
                 raw.train()
-            parts.text_encoder.clear_cache()
             png = io.BytesIO()
             grid.save(png, format="PNG")
             write_bytes(png.getvalue(), out / "validation" / f"step-{step:08d}.png")

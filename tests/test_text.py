@@ -204,6 +204,20 @@ def test_empty_embedding_is_encode_empty_and_cached(clip_enc):
 
 
 @torch.no_grad()
+def test_empty_embedding_is_not_cached_in_training_mode():
+    """A text encoder being trained (ldm.train's train_text_encoder) changes under the cache: in training mode
+    empty_embedding encodes afresh and follows a weight change; back in eval mode it caches again."""
+    enc = TextEncoder.from_config(CLIP_CFG, seed=2).train()
+    before = enc.empty_embedding(1)
+    next(enc.parameters()).add_(0.5)  # an optimizer step, not a load_state_dict
+    after = enc.empty_embedding(1)
+    assert not torch.equal(before, after) and torch.equal(after, enc.encode(""))
+    assert len(enc._empty) == 0
+    enc.eval()
+    assert torch.equal(enc.empty_embedding(2), enc.encode(["", ""])) and len(enc._empty) == 1
+
+
+@torch.no_grad()
 def test_save_load_round_trip_bit_exact(tmp_path, clip_enc):
     clip_enc.save_pretrained(tmp_path)
     assert sorted(p.name for p in (tmp_path / "text_encoder").iterdir()) == ["config.json", "model.safetensors"]
