@@ -172,13 +172,18 @@ def train_clip(config: ClipTrainConfig, negative_caption: NegativeCaption | None
 # ------------------------------------------------------------------------------------------------ export / load
 
 
+def _text_tower_keys(state: dict[str, torch.Tensor]) -> set[str]:
+    """The keys save_clip(text=False) leaves out: the text tower but its text_projection (kept with the CLIP)."""
+    return set(text_tower_state_dict(state)) - {"text_projection"}
+
+
 def save_clip(model: nn.Module, config: dict[str, Any], folder: str | Path, *, text: bool = True) -> Path:
     """Write open_clip_config.json + open_clip_model.safetensors; text=False leaves out the text tower (it ships
     as text_encoder/ beside it) and keeps the image tower, logit_scale and text_projection."""
     folder = Path(folder)
     state = model.state_dict()
     if not text:
-        tower = set(text_tower_state_dict(state)) - {"text_projection"}
+        tower = _text_tower_keys(state)
         state = {k: v for k, v in state.items() if k not in tower}
     state = {k: v.detach().contiguous().cpu() for k, v in state.items() if k != "attn_mask"}
     save_state_dict(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -207,7 +212,7 @@ def load_clip(folder: str | Path, text_encoder_folder: str | Path | None = None)
     config = json.loads((folder / CONFIG_NAME).read_text())
     model = build_clip(config)
     state = load_state_dict(folder / WEIGHTS_NAME)
-    if text_encoder_folder is not None and not set(text_tower_state_dict(state)) - {"text_projection"}:
+    if text_encoder_folder is not None and not _text_tower_keys(state):
         enc = TextEncoder.from_pretrained(text_encoder_folder)
         state.update(transformers_to_openclip(dict(enc.model.state_dict()), enc.model.config))
     own = {k for k in model.state_dict() if k != "attn_mask"}
