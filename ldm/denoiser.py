@@ -153,13 +153,20 @@ def rescale_guidance(eps_cfg: torch.Tensor, eps_cond: torch.Tensor, phi: float) 
 class CFGDenoiser(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022): eps_hat = eps(∅) + s (eps(c) - eps(∅)), with optional guidance
     rescale phi computed on eps like diffusers. Called as cfg(x, sigma, cond={...}, uncond={...}); the inner model is
-    called ONCE on the batch [uncond; cond] (each kwarg tensor concatenated along dim 0, uncond first)."""
+    called ONCE on the batch [uncond; cond] (each kwarg tensor concatenated along dim 0, uncond first).
 
-    def __init__(self, model: Denoiser, scale: float, rescale: float = 0.0) -> None:
+    `interval=(lo, hi)` guides only where lo < sigma <= hi and is the plain conditional denoiser elsewhere
+    (Kynkäänniemi et al. 2024, eq. 2); a step with no item inside runs only the conditional branch."""
+
+    def __init__(
+        self, model: Denoiser, scale: float, rescale: float = 0.0, interval: tuple[float, float] | None = None
+    ) -> None:
         super().__init__()
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
-        self.model, self.scale, self.rescale = model, scale, rescale
+        if interval is not None and (len(interval) != 2 or not 0.0 <= interval[0] < interval[1]):
+            raise ValueError(f"guidance interval must be (lo, hi) in sigma with 0 <= lo < hi, got {interval}")
+        self.model, self.scale, self.rescale, self.interval = model, scale, rescale, interval
 
     @staticmethod
     def _join(uncond: dict[str, Any], cond: dict[str, Any]) -> dict[str, Any]:
@@ -184,12 +191,18 @@ class CFGDenoiser(nn.Module):
         self, x: torch.Tensor, sigma: torch.Tensor, *, cond: dict[str, Any], uncond: dict[str, Any]
     ) -> torch.Tensor:
         s = _bcast(sigma, x)
-        d_u, d_c = self.model(torch.cat([x, x]), torch.cat([s, s]).reshape(-1), **self._join(uncond, cond)).chunk(2)
+        joined = self._join(uncond, cond)
+        inside = torch.ones_like(s, dtype=torch.bool)
+        if self.interval is not None:
+            inside = (s > self.interval[0]) & (s <= self.interval[1])  # (B, 1, ..., 1)
+            if not inside.any():
+                return self.model(x, s.reshape(-1), **cond)
+        d_u, d_c = self.model(torch.cat([x, x]), torch.cat([s, s]).reshape(-1), **joined).chunk(2)
         eps_u, eps_c = (x - d_u) / s, (x - d_c) / s
         eps = eps_u + self.scale * (eps_c - eps_u)
         if self.rescale > 0:
             eps = rescale_guidance(eps, eps_c, self.rescale)
-        return x - s * eps
+        return torch.where(inside, x - s * eps, d_c)
 
 
 class ClassifierGuidedDenoiser(nn.Module):

@@ -170,6 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             guidance_rescale=args.guidance_rescale,
+            guidance_interval=args.guidance_interval,
             sampler=args.sampler,
             height=args.height,
             width=args.width,
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     g.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (default 0)")
+    g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at noise levels LO < sigma <= HI (default: every step)")
     g.add_argument("--sampler", default="dpmpp_2m",
                    help="a name of ldm.samplers.SAMPLERS (an unknown name lists them); default dpmpp_2m")
     g.add_argument("--seed", type=int, default=None, help="seed of the first image (image i gets seed + i)")

@@ -164,6 +164,7 @@ class Pipeline:
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         sampler: str = "dpmpp_2m",
         height: int | None = None,
         width: int | None = None,
@@ -183,6 +184,8 @@ class Pipeline:
 
         Seeds: `seed=s` gives image i the seed s + i, so an image does not depend on the batch it is in; a list gives
         one seed per image; `generator` (one or one per image) overrides both. The returned `seeds` reproduce a run.
+        `guidance_interval=(lo, hi)` applies guidance only at noise levels lo < sigma <= hi (Kynkäänniemi et al.
+        2024), in the schedule's sigma = sqrt((1 - alphā) / alphā); elsewhere the conditional branch runs alone.
         """
         prompts = _as_prompt_list(prompt)
         negatives = _as_negative_list(negative_prompt, len(prompts))
@@ -227,7 +230,8 @@ class Pipeline:
         else:
             x = noise * math.sqrt(1 + sigmas[0].item() ** 2)  # the VP prior N(0, I) at sigma_max, in sigma space
 
-        model, cond = self._guided(prompts, negatives, guidance_scale, guidance_rescale, karras, flavor)
+        guidance = (guidance_scale, guidance_rescale, guidance_interval)
+        model, cond = self._guided(prompts, negatives, guidance, karras, flavor)
         options: dict[str, Any] = {"cond": cond, "generator": generators}
         if eta is not None:
             options["eta"] = eta
@@ -249,15 +253,22 @@ class Pipeline:
         return PipelineOutput(images=to_output(self.decode(out), output_type), seeds=seeds, latents=out)
 
     def _guided(
-        self, prompts: list[str], negatives: list[str], scale: float, rescale: float, karras: bool, flavor: str
+        self,
+        prompts: list[str],
+        negatives: list[str],
+        guidance: tuple[float, float, tuple[float, float] | None],
+        karras: bool,
+        flavor: str,
     ) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
-        """The denoiser with classifier-free guidance; at scale 1 only the conditional branch is run."""
+        """The denoiser with classifier-free guidance (scale, rescale, interval); at scale 1 only the conditional
+        branch is run."""
+        scale, rescale, interval = guidance
         base = self.denoiser(karras=karras, flavor=flavor)
         cond = {"encoder_hidden_states": self.encode_prompts(prompts)}
         if scale == 1.0 and rescale == 0.0:
             return base, cond
         uncond = {"encoder_hidden_states": self.encode_prompts(negatives)}
-        cfg = CFGDenoiser(base, scale, rescale)
+        cfg = CFGDenoiser(base, scale, rescale, None if interval is None else tuple(interval))
         return cfg, {"cond": cond, "uncond": uncond}
 
     def _img2img_start(

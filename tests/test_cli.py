@@ -41,6 +41,8 @@ def test_generate_writes_png_of_the_requested_size_and_is_reproducible(model, tm
     assert a.read_bytes() == b.read_bytes()  # same seed, same device: identical bytes
     assert generate(model, c, "--seed", "8", "--height", "48", "--width", "32") == 0
     assert a.read_bytes() != c.read_bytes()  # so the equality above could fail
+    assert generate(model, c, "--seed", "7", "--height", "48", "--width", "32", "--guidance-interval", "0", "1e9") == 0
+    assert a.read_bytes() == c.read_bytes()  # an interval holding every step is plain guidance
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.png"]  # no temporary files left
 
 

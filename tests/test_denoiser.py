@@ -129,6 +129,24 @@ def test_cfg_rescale_matches_diffusers():
         torch.testing.assert_close(eps_from_denoised(x, sigma, out), ref_eps, atol=1e-10, rtol=0)
 
 
+def test_cfg_guidance_interval_guides_only_inside_it():
+    x, sigma, cond, uncond = _cfg_inputs()
+    inner = _Counting()
+    d_c, d_u = inner(x, sigma, **cond), inner(x, sigma, **uncond)
+    lo, hi = sigma.sort().values[[2, 5]].tolist()  # items 3..5 of 8 (by sigma) inside (lo, hi]
+    inside = ((sigma > lo) & (sigma <= hi))[:, None]
+    assert 0 < int(inside.sum()) < len(sigma)
+    out = CFGDenoiser(inner, 4.0, interval=(lo, hi))(x, sigma, cond=cond, uncond=uncond)
+    torch.testing.assert_close(out, torch.where(inside, d_u + 4.0 * (d_c - d_u), d_c), atol=1e-10, rtol=0)
+    inner.batches.clear()
+    below = float(sigma.min()) / 2
+    out = CFGDenoiser(inner, 4.0, interval=(0.0, below))(x, sigma, cond=cond, uncond=uncond)
+    torch.testing.assert_close(out, d_c, atol=0, rtol=0)
+    assert inner.batches == [8]  # no item inside: the unconditional branch is not run
+    with pytest.raises(ValueError, match="guidance interval"):
+        CFGDenoiser(inner, 4.0, interval=(2.0, 1.0))
+
+
 def test_cfg_bad_inputs():
     x, sigma, cond, uncond = _cfg_inputs()
     with pytest.raises(ValueError, match="same keys"):

@@ -128,6 +128,25 @@ def test_scale_one_is_the_conditional_branch_alone(ours):
     assert not torch.equal(guided, cfg)
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(ours):
+    kw = dict(num_inference_steps=3, sampler="euler", height=32, width=32, seed=0, output_type="latent", progress=False)
+    sigmas = []
+    full = ours(PROMPTS[0], guidance_scale=3.0, callback=lambda i, s, x, x0: sigmas.append(s), **kw).images
+    assert len(sigmas) == 3 and sigmas[0] > sigmas[1] > sigmas[2] > 0
+    everywhere = ours(PROMPTS[0], guidance_scale=3.0, guidance_interval=(0.0, 2 * sigmas[0]), **kw).images
+    assert torch.equal(everywhere, full)
+    calls = []
+    unet_forward = ours.unet.forward
+    ours.unet.forward = lambda *a, **k: calls.append(a[0].shape[0]) or unet_forward(*a, **k)
+    try:
+        middle = ours(PROMPTS[0], guidance_scale=3.0, guidance_interval=(sigmas[2], sigmas[1]), **kw).images
+    finally:
+        ours.unet.forward = unet_forward
+    assert calls == [1, 2, 1]  # only the step at sigmas[1] runs the unconditional branch
+    cond_only = ours(PROMPTS[0], guidance_scale=1.0, **kw).images
+    assert not torch.equal(middle, full) and not torch.equal(middle, cond_only)
+
+
 def test_negative_prompt_replaces_the_empty_prompt(ours, monkeypatch):
     seen = []
     encode = ours.encode_prompts
