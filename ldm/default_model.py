@@ -10,8 +10,8 @@ Stages (each trains through the same code a user's data would go through):
   clip    ldm.clip_train: a small open_clip CLIP, contrastive (ClipLoss) -> clip/ (open_clip folder)
   vae     autoencoder.train: KL autoencoder, 4 latent channels, f = 4 -> vae/ run, vae-export/ (diffusers vae/)
   init    the U-Net's seeded initial weights + trained VAE + the CLIP text tower as a CLIPTextModel -> init/
-  unet    ldm.train with model.pretrained = init/: frozen VAE latents (cached), frozen text embeddings, condition
-          dropout, EMA -> unet/ run
+  unet    ldm.train with model.pretrained = init/: frozen VAE latents (cached), the text encoder trained jointly,
+          condition dropout, EMA -> unet/ run; then resumed with a longer LR horizon for each of unet_extend_to
   export  pipelines.export (EMA U-Net) -> pipeline/, plus clip/ (image tower, logit scale, text projection)
 
 Paths (data, run folders, the init folder) are set by the recipe under --out; the YAML holds hyperparameters only.
@@ -26,7 +26,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch
 
 from autoencoder.model import VAEConfig
 from autoencoder.train import VAETrainConfig, export_vae, train_vae
+from ldm.checkpoint import list_checkpoints
 from ldm.clip_train import ClipTrainConfig, clip_text_encoder, export_clip, load_clip, save_clip, train_clip
 from ldm.config import apply_overrides, from_dict, load_yaml, save_config
 from ldm.train import load_vae, train
@@ -69,6 +70,15 @@ class DefaultModelConfig:
     seed: int = 0
     num_threads: int | None = 1  # torch CPU threads (None: torch's default); 1 is fastest on a shared 2-core CPU
     data: DataStageConfig = field(default_factory=DataStageConfig)
+    # After unet.run.max_steps, continue the same run to each of these step counts in turn, the LR schedule's
+    # horizon moved to each (a warm restart: cosine resumes at lr(step) of the longer schedule)
+    unet_extend_to: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        horizons = [self.unet.run.max_steps, *self.unet_extend_to]
+        if any(b <= a for a, b in zip(horizons, horizons[1:])):
+            raise ValueError(f"unet_extend_to must rise above unet.run.max_steps ({self.unet.run.max_steps}), "
+                             f"got {self.unet_extend_to}")
 
 
 # Where each stage's paths point, relative to --out (dotted keys into the config dict).
@@ -157,7 +167,13 @@ def latent_scaling_factor(vae: torch.nn.Module, folder: Path, n: int = 512) -> f
 
 
 def stage_unet(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
-    result = train(cfg.unet)
+    """ldm.train to unet.run.max_steps, then resumed to each of unet_extend_to (phases already passed are skipped)."""
+    horizons = [cfg.unet.run.max_steps, *cfg.unet_extend_to]
+    for i, steps in enumerate(horizons):
+        done = list_checkpoints(out / "unet" / "checkpoints")
+        if i < len(horizons) - 1 and done and done[-1][0] >= steps:
+            continue
+        result = train(replace(cfg.unet, run=replace(cfg.unet.run, max_steps=steps)))
     return {"step": result["step"], **_last_losses(out / "unet")}
 
 
