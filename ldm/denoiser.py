@@ -150,6 +150,15 @@ def rescale_guidance(eps_cfg: torch.Tensor, eps_cond: torch.Tensor, phi: float) 
     return phi * eps_cfg * ratio + (1 - phi) * eps_cfg
 
 
+def check_interval(interval: tuple[float, float] | None) -> tuple[float, float] | None:
+    """A guidance interval (lo, hi) in sigma with 0 <= lo < hi, as a tuple of floats (None: guide everywhere)."""
+    if interval is None:
+        return None
+    if len(interval) != 2 or not 0.0 <= interval[0] < interval[1]:
+        raise ValueError(f"guidance interval must be (lo, hi) in sigma with 0 <= lo < hi, got {interval}")
+    return float(interval[0]), float(interval[1])
+
+
 class CFGDenoiser(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022): eps_hat = eps(∅) + s (eps(c) - eps(∅)), with optional guidance
     rescale phi computed on eps like diffusers. Called as cfg(x, sigma, cond={...}, uncond={...}); the inner model is
@@ -164,9 +173,7 @@ class CFGDenoiser(nn.Module):
         super().__init__()
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
-        if interval is not None and (len(interval) != 2 or not 0.0 <= interval[0] < interval[1]):
-            raise ValueError(f"guidance interval must be (lo, hi) in sigma with 0 <= lo < hi, got {interval}")
-        self.model, self.scale, self.rescale, self.interval = model, scale, rescale, interval
+        self.model, self.scale, self.rescale, self.interval = model, scale, rescale, check_interval(interval)
 
     @staticmethod
     def _join(uncond: dict[str, Any], cond: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from autoencoder.model import AutoencoderKL
-from ldm.denoiser import CFGDenoiser, DiscreteVPDenoiser
+from ldm.denoiser import CFGDenoiser, DiscreteVPDenoiser, check_interval
 from ldm.random import randn
 from ldm.samplers import SAMPLERS, sample
 from ldm.schedule import NoiseSchedule, sampler_sigmas
@@ -262,13 +262,13 @@ class Pipeline:
     ) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
         """The denoiser with classifier-free guidance (scale, rescale, interval); at scale 1 only the conditional
         branch is run."""
-        scale, rescale, interval = guidance
+        scale, rescale, interval = guidance[0], guidance[1], check_interval(guidance[2])  # checked even at s = 1
         base = self.denoiser(karras=karras, flavor=flavor)
         cond = {"encoder_hidden_states": self.encode_prompts(prompts)}
         if scale == 1.0 and rescale == 0.0:
             return base, cond
         uncond = {"encoder_hidden_states": self.encode_prompts(negatives)}
-        cfg = CFGDenoiser(base, scale, rescale, None if interval is None else tuple(interval))
+        cfg = CFGDenoiser(base, scale, rescale, interval)
         return cfg, {"cond": cond, "uncond": uncond}
 
     def _img2img_start(

@@ -145,6 +145,8 @@ def test_guidance_interval_guides_only_the_steps_inside_it(ours):
     assert calls == [1, 2, 1]  # only the step at sigmas[1] runs the unconditional branch
     cond_only = ours(PROMPTS[0], guidance_scale=1.0, **kw).images
     assert not torch.equal(middle, full) and not torch.equal(middle, cond_only)
+    with pytest.raises(ValueError, match="guidance interval"):
+        ours(PROMPTS[0], guidance_scale=1.0, guidance_interval=(5.0, 1.0), **kw)  # refused even where unused
 
 
 def test_negative_prompt_replaces_the_empty_prompt(ours, monkeypatch):
