@@ -197,6 +197,7 @@ class Pipeline:
             raise ValueError(f"unknown sampler {sampler!r}; valid: {sorted(SAMPLERS)}")
         if eta is not None and sampler not in samplers_with_option("eta"):
             raise ValueError(f"sampler {sampler!r} has no eta; samplers that accept eta: {samplers_with_option('eta')}")
+        interval = check_interval(guidance_interval)  # refused even at guidance_scale 1, where it is unused
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"unknown output_type {output_type!r}; valid: pil, np, pt, latent")
         f = self.vae_scale_factor
@@ -230,8 +231,7 @@ class Pipeline:
         else:
             x = noise * math.sqrt(1 + sigmas[0].item() ** 2)  # the VP prior N(0, I) at sigma_max, in sigma space
 
-        guidance = (guidance_scale, guidance_rescale, guidance_interval)
-        model, cond = self._guided(prompts, negatives, guidance, karras, flavor)
+        model, cond = self._guided(prompts, negatives, guidance_scale, guidance_rescale, interval, karras, flavor)
         options: dict[str, Any] = {"cond": cond, "generator": generators}
         if eta is not None:
             options["eta"] = eta
@@ -256,13 +256,13 @@ class Pipeline:
         self,
         prompts: list[str],
         negatives: list[str],
-        guidance: tuple[float, float, tuple[float, float] | None],
+        scale: float,
+        rescale: float,
+        interval: tuple[float, float] | None,
         karras: bool,
         flavor: str,
     ) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
-        """The denoiser with classifier-free guidance (scale, rescale, interval); at scale 1 only the conditional
-        branch is run."""
-        scale, rescale, interval = guidance[0], guidance[1], check_interval(guidance[2])  # checked even at s = 1
+        """The denoiser with classifier-free guidance; at scale 1 only the conditional branch is run."""
         base = self.denoiser(karras=karras, flavor=flavor)
         cond = {"encoder_hidden_states": self.encode_prompts(prompts)}
         if scale == 1.0 and rescale == 0.0:
