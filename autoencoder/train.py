@@ -60,6 +60,7 @@ class VAETrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     disc_lr: float | None = None  # discriminator learning rate; None: optim.lr
     sample_posterior: bool = True  # decode z ~ q(z|x) (True) or its mode
+    train_encoder: bool = True  # False: fine-tune the decoder only, keeping the latent space (see `trainable`)
     ema: EMAConfig = field(default_factory=EMAConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -89,6 +90,17 @@ def frozen(module: nn.Module | None) -> Iterator[None]:
     finally:
         for p, f in zip(module.parameters(), flags, strict=True):
             p.requires_grad_(f)
+
+
+def trainable(vae: AutoencoderKL, train_encoder: bool) -> list[nn.Parameter]:
+    """The parameters to optimize. With train_encoder False the encoder and quant_conv are frozen, so q(z|x) and the
+    latents a diffusion model was trained on stay exactly as they are while the decoder learns to draw them better
+    (the decoder-only fine-tuning of Stable Diffusion's ft-EMA / ft-MSE VAEs)."""
+    if not train_encoder:
+        for part in (vae.encoder, vae.quant_conv):
+            if part is not None:
+                part.requires_grad_(False)
+    return [p for p in vae.parameters() if p.requires_grad]
 
 
 def build_vae(model: VAEModelConfig) -> AutoencoderKL:
@@ -154,7 +166,7 @@ def train_vae(config: VAETrainConfig) -> dict[str, Any]:
     disc = loss.discriminator
     model = Reconstruct(vae)
     ema = EMA(model, config.ema) if config.ema.enabled else None
-    opt = build_optimizer(list(model.parameters()), config.optim)
+    opt = build_optimizer(trainable(vae, config.train_encoder), config.optim)
     sched = build_lr_scheduler(opt, config.optim, run.max_steps)
     loader, position = build_dataloader(config.data, run.batch_size, num_workers=run.num_workers,
                                         num_processes=accelerator.num_processes)

@@ -12,11 +12,16 @@ Stages (each trains through the same code a user's data would go through):
   init    the U-Net's seeded initial weights + trained VAE + the CLIP text tower as a CLIPTextModel -> init/
   unet    ldm.train with model.pretrained = init/: frozen VAE latents (cached), the text encoder trained jointly,
           condition dropout, EMA -> unet/ run; then resumed with a longer LR horizon for each of unet_extend_to
-  export  pipelines.export (EMA U-Net) -> pipeline/, plus clip/ (image tower, logit scale, text projection)
+  decoder autoencoder.train with train_encoder=false: the VAE decoder fine-tuned from init/vae with the encoder
+          frozen, so the latents the U-Net learned stay exactly the same -> vae-decoder/ run (skipped when
+          vae_decoder is null)
+  export  pipelines.export (EMA U-Net, and the fine-tuned decoder's VAE) -> pipeline/, plus clip/ (image tower,
+          logit scale, text projection)
 
 Paths (data, run folders, the init folder) are set by the recipe under --out; the YAML holds hyperparameters only.
 `seed` seeds the data, every initialisation and every training run. A finished stage leaves `<stage>.done`; with
---resume finished stages are skipped and training stages continue from their latest checkpoint.
+--resume finished stages are skipped and training stages continue from their latest checkpoint; a stage that runs
+makes every later stage run again (e.g. a decoder stage added to a finished run re-exports the pipeline).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any
 
 import torch
 
-from autoencoder.model import VAEConfig
+from autoencoder.model import AutoencoderKL, VAEConfig
 from autoencoder.train import VAETrainConfig, export_vae, train_vae
 from ldm.checkpoint import list_checkpoints
 from ldm.clip_train import ClipTrainConfig, clip_text_encoder, export_clip, load_clip, save_clip, train_clip
@@ -45,7 +50,7 @@ from ldm.unet import UNet, UNetConfig
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default-model.yaml"
-STAGES = ("data", "clip", "vae", "init", "unet", "export")
+STAGES = ("data", "clip", "vae", "init", "unet", "decoder", "export")
 
 
 @dataclass
@@ -73,8 +78,12 @@ class DefaultModelConfig:
     # After unet.run.max_steps, continue the same run to each of these step counts in turn, the LR schedule's
     # horizon moved to each (a warm restart: cosine resumes at lr(step) of the longer schedule)
     unet_extend_to: list[int] = field(default_factory=list)
+    # Decoder-only fine-tuning of the VAE after the U-Net (SD's ft-EMA / ft-MSE practice); null: ship the vae stage's
+    vae_decoder: VAETrainConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.vae_decoder is not None and self.vae_decoder.train_encoder:
+            raise ValueError("vae_decoder.train_encoder must be false: the U-Net was trained on the encoder's latents")
         horizons = [self.unet.run.max_steps, *self.unet_extend_to]
         if any(b <= a for a, b in zip(horizons, horizons[1:])):
             raise ValueError(f"unet_extend_to must rise above unet.run.max_steps ({self.unet.run.max_steps}), "
@@ -87,6 +96,10 @@ _PATHS: dict[str, str] = {
     "vae.data.path": "data/train", "vae.eval_data.path": "data/test-held-out", "vae.run.output_dir": "vae",
     "vae.model.config": "vae-model.yaml",
     "unet.data.path": "data/train", "unet.run.output_dir": "unet", "unet.model.pretrained": "init",
+}
+_DECODER_PATHS: dict[str, str] = {
+    "vae_decoder.data.path": "data/train", "vae_decoder.eval_data.path": "data/test-held-out",
+    "vae_decoder.run.output_dir": "vae-decoder", "vae_decoder.model.pretrained": "init/vae",
 }
 _SEEDS = ("clip.init_seed", "clip.run.seed", "clip.data.seed", "vae.model.init_seed", "vae.run.seed", "vae.data.seed",
           "unet.run.seed", "unet.data.seed")
@@ -103,13 +116,14 @@ def load_recipe(path: str | Path, out: str | Path, overrides: list[str] | None =
     """The recipe config from YAML with `key.sub=value` overrides, its paths placed under `out`, seeds from `seed`."""
     data = apply_overrides(load_yaml(path), list(overrides or []))
     out = Path(out)
-    for key, rel in _PATHS.items():
+    decoder = data.get("vae_decoder") is not None
+    for key, rel in {**_PATHS, **(_DECODER_PATHS if decoder else {})}.items():
         _set(data, key, str(out / rel))
     seed = int(data.get("seed", 0))
-    for key in _SEEDS:
+    for key in (*_SEEDS, *(("vae_decoder.run.seed", "vae_decoder.data.seed") if decoder else ())):
         _set(data, key, seed)
-    for key in ("clip.run.resume", "vae.run.resume", "unet.run.resume"):
-        _set(data, key, "latest")  # None when there is no checkpoint yet: a fresh run
+    for key in ("clip", "vae", "unet", *(("vae_decoder",) if decoder else ())):
+        _set(data, f"{key}.run.resume", "latest")  # None when there is no checkpoint yet: a fresh run
     return from_dict(DefaultModelConfig, data, where=str(path))
 
 
@@ -177,10 +191,19 @@ def stage_unet(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     return {"step": result["step"], **_last_losses(out / "unet")}
 
 
+def stage_decoder(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
+    if cfg.vae_decoder is None:
+        return {}
+    result = train_vae(cfg.vae_decoder)
+    export_vae(out / "vae-decoder", out / "vae-decoder-export")
+    return {"step": result["step"], **_last_losses(out / "vae-decoder"), **_last_losses(out / "vae-decoder", "eval.csv")}
+
+
 def stage_export(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     from pipelines.export import export
 
-    export(out / "unet", out / "pipeline", use_ema=True)
+    vae = AutoencoderKL.from_pretrained(out / "vae-decoder-export") if cfg.vae_decoder is not None else None
+    export(out / "unet", out / "pipeline", use_ema=True, vae=vae)
     # The CLIP ships without its text tower (it is text_encoder/) unless the U-Net stage trained that one further.
     save_clip(load_clip(out / "clip-export"), cfg.clip.model, out / "pipeline" / "clip",
               text=cfg.unet.train_text_encoder)
@@ -209,7 +232,7 @@ def _last_losses(run_dir: Path, name: str = "losses.csv") -> dict[str, float]:
 
 
 _RUN = {"data": stage_data, "clip": stage_clip, "vae": stage_vae, "init": stage_init, "unet": stage_unet,
-        "export": stage_export}
+        "decoder": stage_decoder, "export": stage_export}
 
 
 def run_recipe(cfg: DefaultModelConfig, out: str | Path, *, resume: bool = False, stop_after: str | None = None,
@@ -222,9 +245,11 @@ def run_recipe(cfg: DefaultModelConfig, out: str | Path, *, resume: bool = False
     save_config(cfg, out / "recipe.yaml")
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    stale = False  # once a stage runs, every later one runs again: its inputs may have changed
     for stage in STAGES:
         done = out / f"{stage}.done"
-        if not done.is_file():
+        if stale or not done.is_file():
+            stale = True
             logger.info("stage %s", stage)
             start = time.perf_counter()
             info = _RUN[stage](cfg, out)

@@ -30,9 +30,27 @@ def find_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True) -> Path:
+def check_same_latents(trained: AutoencoderKL, other: AutoencoderKL, what: str) -> None:
+    """Refuse `other` as a stand-in for `trained` under a U-Net trained on trained's latents unless both map images
+    to the same latents: equal encoder and quant_conv tensors, latent channels, scaling and shift factors (only the
+    decoder may differ, as after decoder-only fine-tuning)."""
+    for key in ("latent_channels", "scaling_factor", "shift_factor"):
+        if getattr(trained.config, key) != getattr(other.config, key):
+            raise WeightsError(f"{what}: config {key} is {getattr(other.config, key)!r}, but the U-Net was trained "
+                               f"with {getattr(trained.config, key)!r}")
+    mine, theirs = trained.state_dict(), other.state_dict()
+    for key in (k for k in mine if k.startswith(("encoder.", "quant_conv."))):
+        if key not in theirs or theirs[key].shape != mine[key].shape or not theirs[key].equal(mine[key]):
+            raise WeightsError(f"{what}: {key} differs from the VAE the U-Net was trained with, so its latents are "
+                               "not the U-Net's (only the decoder may be fine-tuned)")
+
+
+def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True,
+           vae: AutoencoderKL | None = None) -> Path:
     """Write the pipeline of `checkpoint_dir` (a checkpoint, or a run folder: its latest) to `out_dir`, with the EMA
-    U-Net weights (use_ema=True) or the raw ones. Returns out_dir."""
+    U-Net weights (use_ema=True) or the raw ones. `vae` replaces the training VAE (e.g. its decoder fine-tuned,
+    autoencoder.train's train_encoder=false); it must encode exactly as the training VAE (check_same_latents).
+    Returns out_dir."""
     ckpt = find_checkpoint(checkpoint_dir)
     meta = read_meta(ckpt)
     frozen = (ckpt / meta["frozen"]).resolve()
@@ -53,7 +71,9 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
     if "text_encoder" in meta["parts"]:  # trained jointly (train_text_encoder): frozen/ holds the initial one
         load_weights(parts.text_encoder, load_weights_only(ckpt, "text_encoder", use_ema=use_ema),
                      what=f"{ckpt} text_encoder")
-    save_pipeline(out_dir, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, schedule=parts.schedule)
+    if vae is not None:
+        check_same_latents(parts.vae, vae, "export: the replacement VAE")
+    save_pipeline(out_dir, unet=parts.unet, vae=vae or parts.vae, text_encoder=parts.text_encoder, schedule=parts.schedule)
     return Path(out_dir)
 
 
@@ -62,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     parser.add_argument("out_dir")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    parser.add_argument("--vae", default=None,
+                        help="a diffusers vae/ folder to ship instead of the training VAE (same encoder, e.g. a "
+                             "decoder-only fine-tune)")
     args = parser.parse_args(argv)
-    print(export(args.checkpoint, args.out_dir, use_ema=not args.no_ema))
+    vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else None
+    print(export(args.checkpoint, args.out_dir, use_ema=not args.no_ema, vae=vae))
     return 0
 
 

@@ -71,6 +71,16 @@ def test_recipe_refuses_an_extension_that_does_not_rise(tmp_path):
         load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet.run.max_steps=10", "unet_extend_to=[5]"])
 
 
+def test_recipe_decoder_stage_is_decoder_only_and_optional(tmp_path):
+    cfg = load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["seed=3"])
+    assert cfg.vae_decoder is not None and not cfg.vae_decoder.train_encoder
+    assert cfg.vae_decoder.model.pretrained == str(tmp_path / "run" / "init" / "vae")
+    assert cfg.vae_decoder.run.output_dir == str(tmp_path / "run" / "vae-decoder") and cfg.vae_decoder.run.seed == 3
+    with pytest.raises(ValueError, match="train_encoder must be false"):
+        load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["vae_decoder.train_encoder=true"])
+    assert load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["vae_decoder=null"]).vae_decoder is None
+
+
 def test_recipe_config_places_paths_and_seeds(tmp_path):
     cfg = load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["seed=7", "unet.run.max_steps=11"])
     assert cfg.unet.model.pretrained == str(tmp_path / "run" / "init") and cfg.unet.run.max_steps == 11
@@ -83,12 +93,15 @@ def test_recipe_config_places_paths_and_seeds(tmp_path):
 
 TINY_RUN = ["data.n_train=24", "data.n_test_held_out=8", "data.n_test_seen=8", "clip.run.max_steps=2",
             "clip.run.batch_size=8", "vae.run.max_steps=2", "vae.run.batch_size=4", "vae.run.validate_every=2",
-            "unet.run.max_steps=2", "unet.run.batch_size=4", "unet.run.validate_every=0", "unet_extend_to=[3]"]
+            "unet.run.max_steps=2", "unet.run.batch_size=4", "unet.run.validate_every=0", "unet_extend_to=[3]",
+            "vae_decoder.run.max_steps=2", "vae_decoder.run.batch_size=4", "vae_decoder.run.validate_every=2"]
 
 
 @pytest.mark.slow  # about 25 s on the shared 2-core CPU
 def test_recipe_runs_end_to_end_and_resumes(tmp_path):
-    """All stages at tiny sizes; the export loads; a second run without --resume refuses, with it skips every stage."""
+    """All stages at tiny sizes; the export loads and ships the decoder-tuned VAE on the U-Net's encoder; a second
+    run without --resume refuses, with it skips every stage; a stage re-run re-runs the later ones."""
+    from autoencoder.model import AutoencoderKL
     from pipelines.folder import load_pipeline_components
 
     out = tmp_path / "run"
@@ -102,6 +115,13 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     c = load_pipeline_components(tmp_path / "model")
     assert c.unet.config.sample_size * c.vae.config.downsample_factor == 64
     assert c.vae.config.scaling_factor == report["init"]["vae_scaling_factor"] > 0
+    # the decoder stage: the shipped VAE is vae-decoder's EMA export, its encoder bit-identical to init/vae's
+    start = AutoencoderKL.from_pretrained(out / "init" / "vae").state_dict()
+    tuned = AutoencoderKL.from_pretrained(out / "vae-decoder-export").state_dict()
+    shipped_vae = c.vae.state_dict()
+    assert report["decoder"]["step"] == 2 and all(torch.equal(shipped_vae[k], tuned[k]) for k in tuned)
+    assert all(torch.equal(shipped_vae[k], start[k]) for k in start if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(shipped_vae[k], start[k]) for k in start if k.startswith("decoder."))
     # unet.train_text_encoder: text_encoder/ was trained on, so clip/ keeps the CLIP's own text tower and load_clip
     # takes that one, not text_encoder/ (which has moved: its CLIP score would pair towers never trained together)
     assert cfg.unet.train_text_encoder
@@ -114,6 +134,9 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
         run_recipe(cfg, out)
     again = run_recipe(cfg, out, resume=True)
     assert again == json.loads((out / "report.json").read_text()) == report  # nothing re-ran
+    (out / "decoder.done").unlink()
+    rerun = run_recipe(cfg, out, resume=True)
+    assert rerun["unet"] == report["unet"] and rerun["export"]["wall_s"] > report["export"]["wall_s"]
 
 
 # ---------------------------------------------------------------------------------------- the bundled model

@@ -198,6 +198,33 @@ def test_frozen_digest_is_recorded_and_checked_on_resume_and_export(straight, sh
         train(tiny_config(shapes, run, "run.resume=latest"))
 
 
+def test_export_ships_a_decoder_finetuned_vae_and_refuses_another_encoder(straight, tmp_path):
+    """export(vae=...) writes the given VAE when only its decoder differs from the training VAE; a changed encoder
+    tensor or latent scaling factor is refused by name, and nothing is written."""
+    from autoencoder.model import AutoencoderKL
+    from ldm.io import WeightsError
+    from pipelines.export import export
+    from pipelines.folder import load_pipeline_components
+
+    def variant(prefix: str, scaling: float | None = None) -> AutoencoderKL:
+        vae = AutoencoderKL.from_pretrained(straight / "frozen/vae")
+        with torch.no_grad():
+            next(p for n, p in vae.named_parameters() if n.startswith(prefix)).add_(0.5)
+        if scaling is not None:
+            vae.config.scaling_factor = scaling
+        return vae
+
+    tuned = variant("decoder.")
+    export(straight, tmp_path / "ok", vae=tuned)
+    shipped = load_pipeline_components(tmp_path / "ok").vae.state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in tuned.state_dict().items())
+    with pytest.raises(WeightsError, match=r"encoder\.conv_in\.weight differs"):
+        export(straight, tmp_path / "bad", vae=variant("encoder."))
+    with pytest.raises(WeightsError, match="scaling_factor"):
+        export(straight, tmp_path / "bad", vae=variant("decoder.", scaling=0.3))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_validation_starts_from_the_pipelines_vp_prior(shapes, tmp_path, monkeypatch):
     """render_grid and Pipeline hand the sampler the same initial latent eps * sqrt(1 + sigma_max^2) for a seed
     (rtol 1e-6; the VE start eps * sigma_max differs by sqrt(1 + 1/sigma_max^2) - 1 = 2.3e-3), and the same image
@@ -333,3 +360,28 @@ def test_vae_training_survives_a_micro_batch_of_only_unreadable_images(shapes, t
     assert rows[1]["step"] == "2" and float(rows[1]["loss"]) > 0 and float(rows[1]["skipped"]) == 0
     weights = load_state_dict(out / "checkpoints/step-00000002/vae.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_decoder_only_vae_finetuning_keeps_the_encoder_bitwise(shapes, tmp_path):
+    """train_encoder=false: 2 updates from an exported VAE leave encoder and quant_conv bit-identical (so latents a
+    U-Net was trained on are unchanged) while every decoder tensor moves; the discriminator-free loss still trains."""
+    from autoencoder.train import VAETrainConfig, export_vae, train_vae
+
+    def cfg(out, *extra):
+        return load_train_config(VAETrainConfig, ROOT / "configs/vae-train-tiny.yaml", [
+            f"data.path={shapes}", "eval_data=null", f"run.output_dir={out}", "run.max_steps=2", "run.batch_size=2",
+            "run.checkpoint_every=2", "run.log_every=1", "run.validate_every=0", "run.progress_bar=false",
+            "loss.use_discriminator=false", *extra])
+
+    train_vae(cfg(tmp_path / "a"))
+    start = export_vae(tmp_path / "a", tmp_path / "vae", use_ema=False)
+    train_vae(cfg(tmp_path / "b", "model.config=null", f"model.pretrained={start}", "train_encoder=false"))
+    before = load_state_dict(start / "diffusion_pytorch_model.safetensors")
+    after = {k.removeprefix("vae."): v for k, v in
+             load_state_dict(tmp_path / "b/checkpoints/step-00000002/vae.safetensors").items()}
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    moved = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and moved and len(frozen) + len(moved) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in moved)
