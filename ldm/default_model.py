@@ -196,7 +196,8 @@ def stage_decoder(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
         return {}
     result = train_vae(cfg.vae_decoder)
     export_vae(out / "vae-decoder", out / "vae-decoder-export")
-    return {"step": result["step"], **_last_losses(out / "vae-decoder"), **_last_losses(out / "vae-decoder", "eval.csv")}
+    run = out / "vae-decoder"
+    return {"step": result["step"], **_last_losses(run), **_last_losses(run, "eval.csv")}
 
 
 def stage_export(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:

@@ -274,9 +274,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from autoencoder.model import AutoencoderKL
     from pipelines.export import export
 
-    print(f"wrote {export(args.checkpoint, args.out_dir, use_ema=not args.no_ema)}")
+    vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else None
+    print(f"wrote {export(args.checkpoint, args.out_dir, use_ema=not args.no_ema, vae=vae)}")
     return EXIT_OK
 
 
@@ -339,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     e.add_argument("out_dir")
     e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    e.add_argument("--vae", default=None, help="a diffusers vae/ folder to ship instead of the training VAE; it must "
+                   "encode exactly as that one (e.g. a decoder-only fine-tune, autoencoder.train train_encoder=false)")
     e.set_defaults(func=cmd_export)
     return p
 

@@ -8,7 +8,6 @@ per run in `<output_dir>/frozen/`, named by the checkpoint's meta.json.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
@@ -73,22 +72,18 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
                      what=f"{ckpt} text_encoder")
     if vae is not None:
         check_same_latents(parts.vae, vae, "export: the replacement VAE")
-    save_pipeline(out_dir, unet=parts.unet, vae=vae or parts.vae, text_encoder=parts.text_encoder, schedule=parts.schedule)
+    save_pipeline(out_dir, unet=parts.unet, vae=vae or parts.vae, text_encoder=parts.text_encoder,
+                  schedule=parts.schedule)
     return Path(out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ldm export", description="Export a training checkpoint as a pipeline folder.")
-    parser.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
-    parser.add_argument("out_dir")
-    parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
-    parser.add_argument("--vae", default=None,
-                        help="a diffusers vae/ folder to ship instead of the training VAE (same encoder, e.g. a "
-                             "decoder-only fine-tune)")
-    args = parser.parse_args(argv)
-    vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else None
-    print(export(args.checkpoint, args.out_dir, use_ema=not args.no_ema, vae=vae))
-    return 0
+    """`python -m pipelines.export ARGS` is `ldm export ARGS` (pipelines.cli)."""
+    import sys
+
+    from pipelines.cli import main as cli_main
+
+    return cli_main(["export", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -198,9 +198,11 @@ def test_frozen_digest_is_recorded_and_checked_on_resume_and_export(straight, sh
         train(tiny_config(shapes, run, "run.resume=latest"))
 
 
-def test_export_ships_a_decoder_finetuned_vae_and_refuses_another_encoder(straight, tmp_path):
+def test_export_ships_a_decoder_finetuned_vae_and_refuses_another_encoder(straight, tmp_path, capsys):
     """export(vae=...) writes the given VAE when only its decoder differs from the training VAE; a changed encoder
-    tensor or latent scaling factor is refused by name, and nothing is written."""
+    tensor or latent scaling factor is refused by name, and nothing is written; the same through `ldm export --vae`
+    (exit 2, one line naming the key)."""
+    from pipelines.cli import main as cli
     from autoencoder.model import AutoencoderKL
     from ldm.io import WeightsError
     from pipelines.export import export
@@ -223,6 +225,14 @@ def test_export_ships_a_decoder_finetuned_vae_and_refuses_another_encoder(straig
     with pytest.raises(WeightsError, match="scaling_factor"):
         export(straight, tmp_path / "bad", vae=variant("decoder.", scaling=0.3))
     assert not (tmp_path / "bad").exists()
+    variant("encoder.").save_pretrained(tmp_path / "other-vae")
+    assert cli(["export", str(straight), str(tmp_path / "bad"), "--vae", str(tmp_path / "other-vae")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "encoder.conv_in.weight differs" in err and not (tmp_path / "bad").exists()
+    tuned.save_pretrained(tmp_path / "tuned-vae")
+    assert cli(["export", str(straight), str(tmp_path / "cli"), "--vae", str(tmp_path / "tuned-vae")]) == 0
+    shipped = load_pipeline_components(tmp_path / "cli").vae
+    assert torch.equal(shipped.decoder.conv_in.weight, tuned.decoder.conv_in.weight)
 
 
 def test_validation_starts_from_the_pipelines_vp_prior(shapes, tmp_path, monkeypatch):
