@@ -175,7 +175,7 @@ def adherence(pipe: Any, clip: Any, sets: dict[str, list[str]], **gen: Any) -> d
 
 def vae_reconstruction(pipe: Any, images: np.ndarray, captions: list[str]) -> tuple[float, float]:
     """Mean PSNR (peak-to-peak 2 in [-1, 1]) of the VAE's mode reconstructions, and their all-correct rate against
-    the images' captions (the ceiling the VAE puts on any generated image's score)."""
+    the images' captions: how well the VAE draws test scenes (not a bound on generated images, scored on others)."""
     from autoencoder.train import psnr
 
     x = torch.from_numpy(images).float().permute(0, 3, 1, 2) * 2 - 1
@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
               f"| train vs test-seen (real vs real reference) | {fd_real:.4f} |",
               "", f"## VAE reconstructions (posterior mode) of {n_fd} test images", "",
               "PSNR in dB for pixels in [-1, 1]; all-correct = the detector on the reconstruction against the image's "
-              "own caption (clean renders score 100%): the ceiling the VAE sets for generated images.", "",
+              "own caption (clean renders score 100%): how well the VAE draws test scenes (not a bound on generated "
+              "images).", "",
               "| split | PSNR | all-correct |", "|---|---|---|"]
     vae_rows = {}
     for name, (x, c) in {"test-seen": (seen_x, seen_c), "test-held-out": (held_x, held_c)}.items():
