@@ -25,7 +25,7 @@ from torch import nn
 from autoencoder.distribution import DiagonalGaussian
 from autoencoder.losses import VAELoss, VAELossConfig
 from autoencoder.model import AutoencoderKL, VAEConfig
-from ldm.checkpoint import latest_checkpoint, load_weights_only
+from ldm.checkpoint import latest_checkpoint, load_weights_only, read_meta, resolve_resume
 from ldm.loop import MetricsLogger, Part, StepContext, run_loop
 from ldm.config import ConfigError, load_config, to_dict
 from ldm.data import DataConfig, build_dataloader
@@ -103,6 +103,14 @@ def trainable(vae: AutoencoderKL, train_encoder: bool) -> list[nn.Parameter]:
     return [p for p in vae.parameters() if p.requires_grad]
 
 
+def check_same_trainable(state: dict[str, Any], train_encoder: bool) -> None:
+    """A run resumes with the parameters it was optimizing: refuse a flipped train_encoder (`state`: its meta.json)."""
+    recorded = state.get("config", {}).get("train_encoder", True)
+    if recorded != train_encoder:
+        raise ConfigError(f"train_encoder is {train_encoder} but the checkpoint resumed from was trained with "
+                          f"train_encoder={recorded}: resume with the same setting, or start a new run.output_dir")
+
+
 def build_vae(model: VAEModelConfig) -> AutoencoderKL:
     """The VAE to train: a diffusers vae/ folder (AutoencoderKL.from_pretrained) or a seeded random init."""
     if model.pretrained is not None:
@@ -158,6 +166,9 @@ def evaluate_psnr(vae: AutoencoderKL, loader: Any, device: torch.device) -> floa
 def train_vae(config: VAETrainConfig) -> dict[str, Any]:
     """Run (or resume) VAE training; returns {"step", "checkpoint"}."""
     run = config.run
+    resume = resolve_resume(Path(run.output_dir) / "checkpoints", run.resume)
+    if resume is not None:  # before the optimizer state (of other parameters) is loaded
+        check_same_trainable(read_meta(resume), config.train_encoder)
     accelerator = build_accelerator(run, config.optim)
     device = accelerator.device
     vae = build_vae(config.model).to(device).train()

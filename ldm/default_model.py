@@ -20,8 +20,10 @@ Stages (each trains through the same code a user's data would go through):
 
 Paths (data, run folders, the init folder) are set by the recipe under --out; the YAML holds hyperparameters only.
 `seed` seeds the data, every initialisation and every training run. A finished stage leaves `<stage>.done`; with
---resume finished stages are skipped and training stages continue from their latest checkpoint; a stage that runs
-makes every later stage run again (e.g. a decoder stage added to a finished run re-exports the pipeline).
+--resume finished stages are skipped and training stages continue from their latest checkpoint. Before a stage runs,
+the markers of every later stage are removed, so they run again (a training stage resumes its latest checkpoint: it
+re-exports, it does not retrain); `decoder.done` records whether the stage was skipped (vae_decoder null), so
+switching vae_decoder on or off re-runs it and the export.
 """
 
 from __future__ import annotations
@@ -192,12 +194,13 @@ def stage_unet(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
 
 
 def stage_decoder(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
+    """Decoder-only fine-tuning of init/vae (the encoder frozen) -> vae-decoder/ run and vae-decoder-export/."""
     if cfg.vae_decoder is None:
-        return {}
+        return {"skipped": True}
     result = train_vae(cfg.vae_decoder)
     export_vae(out / "vae-decoder", out / "vae-decoder-export")
     run = out / "vae-decoder"
-    return {"step": result["step"], **_last_losses(run), **_last_losses(run, "eval.csv")}
+    return {"skipped": False, "step": result["step"], **_last_losses(run), **_last_losses(run, "eval.csv")}
 
 
 def stage_export(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
@@ -236,6 +239,16 @@ _RUN = {"data": stage_data, "clip": stage_clip, "vae": stage_vae, "init": stage_
         "decoder": stage_decoder, "export": stage_export}
 
 
+def _marker(cfg: DefaultModelConfig, stage: str) -> str:
+    """What `<stage>.done` holds: "skipped" for a decoder stage with vae_decoder null, else nothing."""
+    return "skipped" if stage == "decoder" and cfg.vae_decoder is None else ""
+
+
+def _finished(cfg: DefaultModelConfig, done: Path) -> bool:
+    """The stage's marker exists and matches the config (a decoder stage skipped or run as vae_decoder says)."""
+    return done.is_file() and done.read_text() == _marker(cfg, done.stem)
+
+
 def run_recipe(cfg: DefaultModelConfig, out: str | Path, *, resume: bool = False, stop_after: str | None = None,
                export_to: str | Path | None = None) -> dict[str, Any]:
     """Run the stages in order (skipping finished ones when resuming); returns and writes out/report.json."""
@@ -246,11 +259,11 @@ def run_recipe(cfg: DefaultModelConfig, out: str | Path, *, resume: bool = False
     save_config(cfg, out / "recipe.yaml")
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    stale = False  # once a stage runs, every later one runs again: its inputs may have changed
-    for stage in STAGES:
+    for i, stage in enumerate(STAGES):
         done = out / f"{stage}.done"
-        if stale or not done.is_file():
-            stale = True
+        if not _finished(cfg, done):
+            for later in STAGES[i + 1:]:  # their inputs may change: they run again, even after a stop
+                (out / f"{later}.done").unlink(missing_ok=True)
             logger.info("stage %s", stage)
             start = time.perf_counter()
             info = _RUN[stage](cfg, out)
@@ -259,7 +272,7 @@ def run_recipe(cfg: DefaultModelConfig, out: str | Path, *, resume: bool = False
             entry["wall_s"] = entry.get("wall_s", 0.0) + time.perf_counter() - start  # summed over resumed runs
             report[stage] = entry
             report_path.write_text(json.dumps(report, indent=2))
-            done.write_text("")
+            done.write_text(_marker(cfg, stage))
         if stage == stop_after:
             break
     if export_to is not None and (out / "export.done").is_file():

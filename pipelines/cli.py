@@ -278,7 +278,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipelines.export import export
 
     vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else None
-    print(f"wrote {export(args.checkpoint, args.out_dir, use_ema=not args.no_ema, vae=vae)}")
+    out = export(args.checkpoint, args.out_dir, use_ema=not args.no_ema, vae=vae, vae_name=f"--vae {args.vae}")
+    print(f"wrote {out}")
     return EXIT_OK
 
 

@@ -8,8 +8,12 @@ per run in `<output_dir>/frozen/`, named by the checkpoint's meta.json.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import warnings
 from pathlib import Path
+
+import torch
 
 from autoencoder.model import AutoencoderKL
 from ldm.checkpoint import folder_digest, latest_checkpoint, load_weights_only, read_meta
@@ -30,26 +34,34 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def check_same_latents(trained: AutoencoderKL, other: AutoencoderKL, what: str) -> None:
-    """Refuse `other` as a stand-in for `trained` under a U-Net trained on trained's latents unless both map images
-    to the same latents: equal encoder and quant_conv tensors, latent channels, scaling and shift factors (only the
-    decoder may differ, as after decoder-only fine-tuning)."""
-    for key in ("latent_channels", "scaling_factor", "shift_factor"):
-        if getattr(trained.config, key) != getattr(other.config, key):
-            raise WeightsError(f"{what}: config {key} is {getattr(other.config, key)!r}, but the U-Net was trained "
-                               f"with {getattr(trained.config, key)!r}")
-    mine, theirs = trained.state_dict(), other.state_dict()
-    for key in (k for k in mine if k.startswith(("encoder.", "quant_conv."))):
-        if key not in theirs or theirs[key].shape != mine[key].shape or not theirs[key].equal(mine[key]):
+    """Refuse `other` in place of `trained` (the VAE a U-Net learned the latents of) unless it encodes identically."""
+    # Only the decoder may differ (decoder-only fine-tuning): every config field but force_upcast, a precision hint,
+    # and every encoder / quant_conv tensor, both ways, so an added quant_conv or encoder attention is caught too.
+    for f in dataclasses.fields(trained.config):
+        mine, theirs = getattr(trained.config, f.name), getattr(other.config, f.name)
+        if f.name != "force_upcast" and mine != theirs:
+            raise WeightsError(f"{what}: config {f.name} is {theirs!r}, but the U-Net was trained with {mine!r}")
+    prefixes = ("encoder.", "quant_conv.")
+    mine = {k: v for k, v in trained.state_dict().items() if k.startswith(prefixes)}
+    theirs = {k: v for k, v in other.state_dict().items() if k.startswith(prefixes)}
+    for key in sorted(mine.keys() ^ theirs.keys()):
+        raise WeightsError(f"{what}: {key} is {'missing' if key in mine else 'unexpected'}; the VAE the U-Net was "
+                           "trained with has the same encoder keys (only the decoder may be fine-tuned)")
+    for key, value in mine.items():
+        if theirs[key].shape != value.shape:
+            raise WeightsError(f"{what}: {key} has shape {tuple(theirs[key].shape)}, the training VAE's "
+                               f"{tuple(value.shape)}")
+        if not torch.equal(theirs[key].to(value.device, value.dtype), value):
             raise WeightsError(f"{what}: {key} differs from the VAE the U-Net was trained with, so its latents are "
                                "not the U-Net's (only the decoder may be fine-tuned)")
 
 
 def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True,
-           vae: AutoencoderKL | None = None) -> Path:
+           vae: AutoencoderKL | None = None, vae_name: str = "the replacement VAE") -> Path:
     """Write the pipeline of `checkpoint_dir` (a checkpoint, or a run folder: its latest) to `out_dir`, with the EMA
     U-Net weights (use_ema=True) or the raw ones. `vae` replaces the training VAE (e.g. its decoder fine-tuned,
-    autoencoder.train's train_encoder=false); it must encode exactly as the training VAE (check_same_latents).
-    Returns out_dir."""
+    autoencoder.train's train_encoder=false); it must encode exactly as the training VAE (check_same_latents, whose
+    errors call it `vae_name`). Returns out_dir."""
     ckpt = find_checkpoint(checkpoint_dir)
     meta = read_meta(ckpt)
     frozen = (ckpt / meta["frozen"]).resolve()
@@ -66,21 +78,19 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
                            "with (its sha256 differs from meta.json's frozen_sha256): was another run started in the "
                            "same output_dir, or the folder edited?")
     parts = load_pipeline_folder(frozen, vae_class=AutoencoderKL, unet_weights=False)
+    if vae is not None:
+        check_same_latents(parts.vae, vae, f"export: {vae_name}")
     load_weights(parts.unet, load_weights_only(ckpt, "unet", use_ema=use_ema), what=f"{ckpt} unet")
     if "text_encoder" in meta["parts"]:  # trained jointly (train_text_encoder): frozen/ holds the initial one
         load_weights(parts.text_encoder, load_weights_only(ckpt, "text_encoder", use_ema=use_ema),
                      what=f"{ckpt} text_encoder")
-    if vae is not None:
-        check_same_latents(parts.vae, vae, "export: the replacement VAE")
-    save_pipeline(out_dir, unet=parts.unet, vae=vae or parts.vae, text_encoder=parts.text_encoder,
-                  schedule=parts.schedule)
+    save_pipeline(out_dir, unet=parts.unet, vae=vae if vae is not None else parts.vae,
+                  text_encoder=parts.text_encoder, schedule=parts.schedule)
     return Path(out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.export ARGS` is `ldm export ARGS` (pipelines.cli)."""
-    import sys
-
     from pipelines.cli import main as cli_main
 
     return cli_main(["export", *(sys.argv[1:] if argv is None else argv)])

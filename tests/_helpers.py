@@ -1,10 +1,16 @@
-"""Assertion helpers shared by the weight-I/O tests."""
+"""Helpers shared by the tests: weight assertions, the tiny training config."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+
+from ldm.train_config import TrainConfig, load_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
 
 
 def same_weights(a: torch.nn.Module | Mapping[str, torch.Tensor], b: torch.nn.Module | Mapping[str, torch.Tensor]) -> bool:
@@ -12,3 +18,14 @@ def same_weights(a: torch.nn.Module | Mapping[str, torch.Tensor], b: torch.nn.Mo
     a = a.state_dict() if isinstance(a, torch.nn.Module) else a
     b = b.state_dict() if isinstance(b, torch.nn.Module) else b
     return set(a) == set(b) and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def tiny_overrides(data: Path, out: Path, *extra: str) -> list[str]:
+    """configs/train-tiny.yaml shrunk for tests: 16 images of 32 px, batch 2 x 2 accumulation, 6 updates."""
+    return [f"data.path={data}", f"run.output_dir={out}", f"run.max_steps={STEPS}", "run.batch_size=2",
+            "optim.gradient_accumulation_steps=2", "run.checkpoint_every=2", "run.keep_last=10", "run.validate_every=0",
+            "run.log_every=1", "run.progress_bar=false", "optim.warmup_steps=2", "ema.decay=0.9", *extra]
+
+
+def tiny_config(data: Path, out: Path, *extra: str) -> TrainConfig:
+    return load_train_config(TrainConfig, ROOT / "configs/train-tiny.yaml", tiny_overrides(data, out, *extra))

@@ -137,6 +137,14 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     (out / "decoder.done").unlink()
     rerun = run_recipe(cfg, out, resume=True)
     assert rerun["unet"] == report["unet"] and rerun["export"]["wall_s"] > report["export"]["wall_s"]
+    # switching the decoder stage off re-runs it (skipped) and the export, which then ships init/vae
+    off = run_recipe(load_recipe(DEFAULT_CONFIG, out, [*TINY_RUN, "vae_decoder=null"]), out, resume=True)
+    assert off["decoder"]["skipped"] and (out / "decoder.done").read_text() == "skipped"
+    assert all(torch.equal(v, start[k]) for k, v in load_pipeline_components(out / "pipeline").vae.state_dict().items())
+    # a stage that runs removes the later markers first, so a stop after it cannot leave a stale export behind
+    (out / "unet.done").unlink()
+    run_recipe(cfg, out, resume=True, stop_after="unet")
+    assert (out / "unet.done").is_file() and not (out / "decoder.done").exists() and not (out / "export.done").exists()
 
 
 # ---------------------------------------------------------------------------------------- the bundled model

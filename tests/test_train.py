@@ -20,20 +20,9 @@ from ldm.io import load_state_dict, save_state_dict
 from ldm.shapes import export_imagefolder
 from ldm.train import build_components, render_grid, save_frozen, train
 from ldm.train_config import TrainConfig, load_train_config
+from tests._helpers import STEPS, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 6
-
-
-def tiny_overrides(data: Path, out: Path, *extra: str) -> list[str]:
-    """configs/train-tiny.yaml shrunk for tests: 16 images of 32 px, batch 2 x 2 accumulation, 6 updates."""
-    return [f"data.path={data}", f"run.output_dir={out}", f"run.max_steps={STEPS}", "run.batch_size=2",
-            "optim.gradient_accumulation_steps=2", "run.checkpoint_every=2", "run.keep_last=10", "run.validate_every=0",
-            "run.log_every=1", "run.progress_bar=false", "optim.warmup_steps=2", "ema.decay=0.9", *extra]
-
-
-def tiny_config(data: Path, out: Path, *extra: str) -> TrainConfig:
-    return load_train_config(TrainConfig, ROOT / "configs/train-tiny.yaml", tiny_overrides(data, out, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -198,43 +187,6 @@ def test_frozen_digest_is_recorded_and_checked_on_resume_and_export(straight, sh
         train(tiny_config(shapes, run, "run.resume=latest"))
 
 
-def test_export_ships_a_decoder_finetuned_vae_and_refuses_another_encoder(straight, tmp_path, capsys):
-    """export(vae=...) writes the given VAE when only its decoder differs from the training VAE; a changed encoder
-    tensor or latent scaling factor is refused by name, and nothing is written; the same through `ldm export --vae`
-    (exit 2, one line naming the key)."""
-    from pipelines.cli import main as cli
-    from autoencoder.model import AutoencoderKL
-    from ldm.io import WeightsError
-    from pipelines.export import export
-    from pipelines.folder import load_pipeline_components
-
-    def variant(prefix: str, scaling: float | None = None) -> AutoencoderKL:
-        vae = AutoencoderKL.from_pretrained(straight / "frozen/vae")
-        with torch.no_grad():
-            next(p for n, p in vae.named_parameters() if n.startswith(prefix)).add_(0.5)
-        if scaling is not None:
-            vae.config.scaling_factor = scaling
-        return vae
-
-    tuned = variant("decoder.")
-    export(straight, tmp_path / "ok", vae=tuned)
-    shipped = load_pipeline_components(tmp_path / "ok").vae.state_dict()
-    assert all(torch.equal(v, shipped[k]) for k, v in tuned.state_dict().items())
-    with pytest.raises(WeightsError, match=r"encoder\.conv_in\.weight differs"):
-        export(straight, tmp_path / "bad", vae=variant("encoder."))
-    with pytest.raises(WeightsError, match="scaling_factor"):
-        export(straight, tmp_path / "bad", vae=variant("decoder.", scaling=0.3))
-    assert not (tmp_path / "bad").exists()
-    variant("encoder.").save_pretrained(tmp_path / "other-vae")
-    assert cli(["export", str(straight), str(tmp_path / "bad"), "--vae", str(tmp_path / "other-vae")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "encoder.conv_in.weight differs" in err and not (tmp_path / "bad").exists()
-    tuned.save_pretrained(tmp_path / "tuned-vae")
-    assert cli(["export", str(straight), str(tmp_path / "cli"), "--vae", str(tmp_path / "tuned-vae")]) == 0
-    shipped = load_pipeline_components(tmp_path / "cli").vae
-    assert torch.equal(shipped.decoder.conv_in.weight, tuned.decoder.conv_in.weight)
-
-
 def test_validation_starts_from_the_pipelines_vp_prior(shapes, tmp_path, monkeypatch):
     """render_grid and Pipeline hand the sampler the same initial latent eps * sqrt(1 + sigma_max^2) for a seed
     (rtol 1e-6; the VE start eps * sigma_max differs by sqrt(1 + 1/sigma_max^2) - 1 = 2.3e-3), and the same image
@@ -371,27 +323,3 @@ def test_vae_training_survives_a_micro_batch_of_only_unreadable_images(shapes, t
     weights = load_state_dict(out / "checkpoints/step-00000002/vae.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
 
-
-def test_decoder_only_vae_finetuning_keeps_the_encoder_bitwise(shapes, tmp_path):
-    """train_encoder=false: 2 updates from an exported VAE leave encoder and quant_conv bit-identical (so latents a
-    U-Net was trained on are unchanged) while every decoder tensor moves; the discriminator-free loss still trains."""
-    from autoencoder.train import VAETrainConfig, export_vae, train_vae
-
-    def cfg(out, *extra):
-        return load_train_config(VAETrainConfig, ROOT / "configs/vae-train-tiny.yaml", [
-            f"data.path={shapes}", "eval_data=null", f"run.output_dir={out}", "run.max_steps=2", "run.batch_size=2",
-            "run.checkpoint_every=2", "run.log_every=1", "run.validate_every=0", "run.progress_bar=false",
-            "loss.use_discriminator=false", *extra])
-
-    train_vae(cfg(tmp_path / "a"))
-    start = export_vae(tmp_path / "a", tmp_path / "vae", use_ema=False)
-    train_vae(cfg(tmp_path / "b", "model.config=null", f"model.pretrained={start}", "train_encoder=false"))
-    before = load_state_dict(start / "diffusion_pytorch_model.safetensors")
-    after = {k.removeprefix("vae."): v for k, v in
-             load_state_dict(tmp_path / "b/checkpoints/step-00000002/vae.safetensors").items()}
-    assert before.keys() == after.keys()
-    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
-    moved = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
-    assert frozen and moved and len(frozen) + len(moved) == len(before)
-    assert all(torch.equal(before[k], after[k]) for k in frozen)
-    assert all(not torch.equal(before[k], after[k]) for k in moved)
