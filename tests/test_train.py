@@ -17,17 +17,11 @@ import torch
 
 from ldm.checkpoint import list_checkpoints, load_checkpoint
 from ldm.io import load_state_dict, save_state_dict
-from ldm.shapes import export_imagefolder
 from ldm.train import build_components, render_grid, save_frozen, train
 from ldm.train_config import TrainConfig, load_train_config
 from tests._helpers import STEPS, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    return export_imagefolder(tmp_path_factory.mktemp("data") / "shapes", 16, "train", 0, size=32)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from autoencoder.model import AutoencoderKL, VAEConfig
 from autoencoder.train import VAETrainConfig, export_vae, train_vae
 from ldm.config import ConfigError
 from ldm.io import WeightsError, load_state_dict
-from ldm.shapes import export_imagefolder
 from ldm.train import train
 from ldm.train_config import load_train_config
 from pipelines.cli import main as cli
@@ -24,11 +23,6 @@ from tests._helpers import ROOT, tiny_config
 
 TINY_VAE = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
                      sample_size=32)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    return export_imagefolder(tmp_path_factory.mktemp("data") / "shapes", 16, "train", 0, size=32)
 
 
 @pytest.fixture(scope="module")
