@@ -25,7 +25,7 @@ from torch import nn
 from autoencoder.distribution import DiagonalGaussian
 from autoencoder.losses import VAELoss, VAELossConfig
 from autoencoder.model import AutoencoderKL, VAEConfig
-from ldm.checkpoint import latest_checkpoint, load_weights_only, read_meta, resolve_resume
+from ldm.checkpoint import latest_checkpoint, load_weights_only
 from ldm.loop import MetricsLogger, Part, StepContext, run_loop
 from ldm.config import ConfigError, load_config, to_dict
 from ldm.data import DataConfig, build_dataloader
@@ -103,9 +103,9 @@ def trainable(vae: AutoencoderKL, train_encoder: bool) -> list[nn.Parameter]:
     return [p for p in vae.parameters() if p.requires_grad]
 
 
-def check_same_trainable(state: dict[str, Any], train_encoder: bool) -> None:
-    """A run resumes with the parameters it was optimizing: refuse a flipped train_encoder (`state`: its meta.json)."""
-    recorded = state.get("config", {}).get("train_encoder", True)
+def check_same_trainable(meta: dict[str, Any], train_encoder: bool) -> None:
+    """A run resumes with the parameters it was optimizing: refuse a flipped train_encoder (`meta`: its meta.json)."""
+    recorded = meta.get("config", {}).get("train_encoder", True)
     if recorded != train_encoder:
         raise ConfigError(f"train_encoder is {train_encoder} but the checkpoint resumed from was trained with "
                           f"train_encoder={recorded}: resume with the same setting, or start a new run.output_dir")
@@ -166,9 +166,6 @@ def evaluate_psnr(vae: AutoencoderKL, loader: Any, device: torch.device) -> floa
 def train_vae(config: VAETrainConfig) -> dict[str, Any]:
     """Run (or resume) VAE training; returns {"step", "checkpoint"}."""
     run = config.run
-    resume = resolve_resume(Path(run.output_dir) / "checkpoints", run.resume)
-    if resume is not None:  # before the optimizer state (of other parameters) is loaded
-        check_same_trainable(read_meta(resume), config.train_encoder)
     accelerator = build_accelerator(run, config.optim)
     device = accelerator.device
     vae = build_vae(config.model).to(device).train()
@@ -205,7 +202,7 @@ def train_vae(config: VAETrainConfig) -> dict[str, Any]:
 
     result = run_loop(accelerator, run, config.optim, parts=parts, loader=loader_p, position=position,
                       step_fn=VAEStep(config, model_p, vae, loss, disc, device), meta={"config": to_dict(config)},
-                      on_step=validate)
+                      on_step=validate, on_resume=lambda meta: check_same_trainable(meta, config.train_encoder))
     accelerator.end_training()
     return result
 

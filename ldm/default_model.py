@@ -198,8 +198,8 @@ def stage_decoder(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     if cfg.vae_decoder is None:
         return {"skipped": True}
     result = train_vae(cfg.vae_decoder)
-    export_vae(out / "vae-decoder", out / "vae-decoder-export")
     run = out / "vae-decoder"
+    export_vae(run, out / "vae-decoder-export")
     return {"skipped": False, "step": result["step"], **_last_losses(run), **_last_losses(run, "eval.csv")}
 
 

@@ -21,7 +21,7 @@ from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import (checkpoint_name, list_checkpoints, load_checkpoint, resolve_resume, rng_state,
+from ldm.checkpoint import (checkpoint_name, list_checkpoints, load_checkpoint, read_meta, resolve_resume, rng_state,
                             save_checkpoint, slot_generators, step_seed)
 from ldm.data import samples_consumed
 from ldm.ema import EMA
@@ -141,7 +141,8 @@ def run_loop(
     `step_fn(batch, ctx)` returns (loss, logs) of one non-empty micro-batch; its randomness must come from
     ctx.generators (and the global torch RNG, which is re-seeded from (seed, step, micro, process) before every
     micro-batch), so a resumed run repeats the uninterrupted one exactly. `run` is a RunConfig, `optim` an OptimConfig
-    (ldm.train_config). `on_resume(meta)` sees the meta.json of the checkpoint resumed from (e.g. to check it).
+    (ldm.train_config). `on_resume(meta)` sees the meta.json of the checkpoint resumed from, before anything is
+    loaded from it (to check it).
     """
     out = Path(run.output_dir)
     root = out / "checkpoints"
@@ -152,12 +153,12 @@ def run_loop(
     if run.resume is None:
         check_fresh_output(root)
     if resume is not None:
+        if on_resume is not None:  # before anything loads, so a mismatch is named, not a shape error from torch
+            on_resume(read_meta(resume))
         state = load_checkpoint(resume, models=raw, emas={p.name: p.ema for p in parts},
                                 optimizers={p.name: p.optimizer for p in parts},
                                 schedulers={p.name: p.scheduler for p in parts},
                                 process_index=accelerator.process_index)
-        if on_resume is not None:
-            on_resume(state)
         step = int(state["step"])
         position.load_state_dict(state["data"])
     logger = MetricsLogger(out / "losses.csv", resume_step=step, enabled=main)

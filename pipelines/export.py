@@ -44,9 +44,9 @@ def check_same_latents(trained: AutoencoderKL, other: AutoencoderKL, what: str) 
     prefixes = ("encoder.", "quant_conv.")
     mine = {k: v for k, v in trained.state_dict().items() if k.startswith(prefixes)}
     theirs = {k: v for k, v in other.state_dict().items() if k.startswith(prefixes)}
-    for key in sorted(mine.keys() ^ theirs.keys()):
-        raise WeightsError(f"{what}: {key} is {'missing' if key in mine else 'unexpected'}; the VAE the U-Net was "
-                           "trained with has the same encoder keys (only the decoder may be fine-tuned)")
+    if odd := sorted(mine.keys() ^ theirs.keys()):
+        raise WeightsError(f"{what}: {odd[0]} is {'missing' if odd[0] in mine else 'unexpected'}; the VAE the U-Net "
+                           "was trained with has the same encoder keys (only the decoder may be fine-tuned)")
     for key, value in mine.items():
         if theirs[key].shape != value.shape:
             raise WeightsError(f"{what}: {key} has shape {tuple(theirs[key].shape)}, the training VAE's "
