@@ -184,6 +184,36 @@ def diffusion_loss(
     raise ValueError(f"unknown loss weighting {weighting!r}; valid: ['simple', 'min_snr']")
 
 
+def timestep_bias_weights(num_timesteps: int, strategy: str = "none", multiplier: float = 1.0, portion: float = 0.25,
+                          begin: int = 0, end: int | None = None) -> torch.Tensor:
+    """Unnormalised training p(t) over 0..T-1 (diffusers' SDXL-script timestep bias): 1, times `multiplier` on the
+    biased timesteps: the last (later) or first (earlier) round(portion * T), or [begin, end) (range), (T,).
+
+    Drawing t ~ w(t) / sum(w) is, in expectation, the uniform-t loss reweighted by T * w(t) / sum(w).
+    """
+    w = torch.ones(num_timesteps, dtype=torch.float64)
+    if strategy == "none":
+        return w
+    if multiplier < 0:
+        raise ValueError(f"timestep bias multiplier must be >= 0, got {multiplier}")
+    if strategy in ("earlier", "later"):
+        if not 0 < portion <= 1:
+            raise ValueError(f"timestep bias portion must lie in (0, 1], got {portion}")
+        n = round(portion * num_timesteps)
+        biased = slice(0, n) if strategy == "earlier" else slice(num_timesteps - n, num_timesteps)
+    elif strategy == "range":
+        end = num_timesteps if end is None else end
+        if not 0 <= begin < end <= num_timesteps:
+            raise ValueError(f"timestep bias range [{begin}, {end}) must lie within [0, {num_timesteps})")
+        biased = slice(begin, end)
+    else:
+        raise ValueError(f"unknown timestep bias strategy {strategy!r}; valid: ['none', 'earlier', 'later', 'range']")
+    w[biased] *= multiplier
+    if w.sum() == 0:
+        raise ValueError("timestep bias leaves no timestep with positive weight (multiplier 0 on all of them)")
+    return w
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Variational bound
 # ---------------------------------------------------------------------------------------------------------------

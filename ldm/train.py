@@ -34,7 +34,7 @@ from ldm.components import Components, IncompatibleComponentsError, load_pipelin
 from ldm.config import ConfigError, load_config, to_dict
 from ldm.data import build_dataloader
 from ldm.denoiser import CFGDenoiser, DiscreteVPDenoiser
-from ldm.diffusion import diffusion_loss, q_sample
+from ldm.diffusion import diffusion_loss, q_sample, timestep_bias_weights
 from ldm.ema import EMA
 from ldm.io import write_bytes
 from ldm.random import randn, seeded
@@ -116,8 +116,17 @@ class DiffusionStep:
         self.alphas_cumprod = parts.schedule.alphas_cumprod().to(device)
         self.prediction = parts.schedule.prediction_type
         self.cache: dict[int, torch.Tensor] = {}
+        bias = config.objective.timestep_bias
+        self.t_weights = None if bias.strategy == "none" else timestep_bias_weights(
+            len(self.alphas_cumprod), bias.strategy, bias.multiplier, bias.portion, bias.begin, bias.end)
         if config.run.cache_latents:  # one image at a time: a cached moment must not depend on its batch-mates
             self.vae.enable_slicing()
+
+    def timesteps(self, gens: list[torch.Generator]) -> torch.Tensor:
+        """One t per example from its generator: uniform on 0..T-1, or from objective.timestep_bias's p(t)."""
+        if self.t_weights is None:
+            return torch.cat([torch.randint(0, len(self.alphas_cumprod), (1,), generator=g) for g in gens])
+        return torch.cat([torch.multinomial(self.t_weights, 1, generator=g) for g in gens])
 
     @torch.no_grad()
     def latents(self, batch: dict[str, Any], gens: list[torch.Generator]) -> torch.Tensor:
@@ -142,8 +151,7 @@ class DiffusionStep:
         z = self.latents(batch, gens)
         with contextlib.nullcontext() if self.config.train_text_encoder else torch.no_grad():
             c = self.text(captions).to(self.dtype)  # (B, 77, D); forward = encode (through DDP when wrapped)
-        T = len(self.alphas_cumprod)
-        t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in gens]).to(self.device)  # (B,)
+        t = self.timesteps(gens).to(self.device)  # (B,)
         noise = randn(z.shape, gens, device=self.device)
         if obj.noise_offset > 0:
             noise = noise + obj.noise_offset * randn((n, z.shape[1], 1, 1), gens, device=self.device)

@@ -78,6 +78,26 @@ class ModelConfig:
 
 
 @dataclass
+class TimestepBiasConfig:
+    """Non-uniform training timesteps (ldm.diffusion.timestep_bias_weights): the biased ones' weight times
+    `multiplier` (0 leaves them out). later: the noisiest `portion`; earlier: the least noisy; range: [begin, end)."""
+
+    strategy: Literal["none", "earlier", "later", "range"] = "none"
+    multiplier: float = 1.0
+    portion: float = 0.25
+    begin: int = 0
+    end: int | None = None  # range: None = the number of training timesteps
+
+    def __post_init__(self) -> None:
+        if self.multiplier < 0:
+            raise ValueError(f"timestep_bias.multiplier must be >= 0, got {self.multiplier}")
+        if not 0 < self.portion <= 1:
+            raise ValueError(f"timestep_bias.portion must lie in (0, 1], got {self.portion}")
+        if self.begin < 0 or (self.end is not None and self.end <= self.begin):
+            raise ValueError(f"timestep_bias range [{self.begin}, {self.end}) is empty or negative")
+
+
+@dataclass
 class ObjectiveConfig:
     """What the U-Net regresses and how the loss is weighted."""
 
@@ -85,6 +105,7 @@ class ObjectiveConfig:
     min_snr_gamma: float | None = None  # Hang et al. 2023; None: plain MSE (Ho et al. 2020, L_simple)
     condition_dropout: float = 0.1  # p of replacing a caption by "" (Ho & Salimans 2022, classifier-free guidance)
     noise_offset: float = 0.0  # eps += offset * N(0, 1) per (sample, channel) (Guttenberg 2023)
+    timestep_bias: TimestepBiasConfig = field(default_factory=TimestepBiasConfig)  # p(t); default uniform
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.condition_dropout <= 1.0:

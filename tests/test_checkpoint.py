@@ -15,7 +15,8 @@ from ldm.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint
                             rng_state, save_checkpoint, set_rng_state, slot_generators)
 from ldm.config import ConfigError
 from ldm.ema import EMA, EMAConfig, ema_decay
-from ldm.train import dropout_mask
+from ldm.diffusion import timestep_bias_weights
+from ldm.train import DiffusionStep, dropout_mask
 from ldm.train_config import OptimConfig, TrainConfig, build_lr_scheduler, build_optimizer, load_train_config
 
 BASE = {"model": {"unet": "configs/unet-tiny.yaml", "vae": "configs/vae-tiny.yaml", "text": {}},
@@ -256,6 +257,32 @@ def test_condition_dropout_rate_matches_p(p):
     assert abs(mask.float().mean().item() - p) < tol
     assert not dropout_mask(slot_generators(3, 0, 0, range(50)), 0.0).any()
     assert dropout_mask(slot_generators(3, 0, 0, range(50)), 1.0).all()
+
+
+def test_biased_timesteps_follow_their_distribution_and_uniform_is_unchanged():
+    """objective.timestep_bias: t drawn from w / sum(w) per example generator. later x3 on half: P(t >= 500) = 3/4
+    within 4 binomial sds over 20000 draws; multiplier 0 outside [200, 300) never leaves it; none = randint(0, T)."""
+    n, T = 20000, 1000
+    draw = lambda w, m: DiffusionStep.timesteps(  # noqa: E731
+        type("S", (), {"t_weights": w, "alphas_cumprod": torch.zeros(T)})(), slot_generators(4, 0, 0, range(m)))
+    t = draw(timestep_bias_weights(T, "later", 3.0, 0.5), n)
+    assert abs((t >= 500).double().mean().item() - 0.75) < 4 * math.sqrt(0.75 * 0.25 / n)
+    assert abs((t[t < 500] < 250).double().mean().item() - 0.5) < 0.05  # uniform within a block
+    w = timestep_bias_weights(T, "range", 1.0, begin=200, end=300) * 0
+    w[200:300] = 1
+    assert draw(w, 500).min() >= 200 and draw(w, 500).max() < 300
+    uniform = draw(None, 50)
+    assert torch.equal(uniform, torch.cat([torch.randint(0, T, (1,), generator=g)
+                                           for g in slot_generators(4, 0, 0, range(50))]))
+
+
+def test_timestep_bias_config_errors_name_the_key():
+    cfg = load_train_config(TrainConfig, "configs/train-tiny.yaml", ["objective.timestep_bias.strategy=later",
+                                                                     "objective.timestep_bias.multiplier=3"])
+    assert cfg.objective.timestep_bias.multiplier == 3.0 and cfg.objective.timestep_bias.portion == 0.25
+    for bad, key in (("strategy=late", "strategy"), ("multiplier=-1", "multiplier"), ("portion=0", "portion")):
+        with pytest.raises(ConfigError, match=key):
+            load_train_config(TrainConfig, "configs/train-tiny.yaml", [f"objective.timestep_bias.{bad}"])
 
 
 # ---------------------------------------------------------------------------------------------------- configs

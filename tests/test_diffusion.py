@@ -211,3 +211,27 @@ def test_min_snr_weight_is_finite_under_zero_terminal_snr() -> None:
     torch.testing.assert_close(loss[-1], (out[-1] - eps[-1]).pow(2).mean(), rtol=0, atol=0)
     loss.sum().backward()
     assert torch.isfinite(out.grad).all()
+
+
+def test_timestep_bias_weights_follow_the_strategy() -> None:
+    """Ones, times the multiplier on exactly the biased block: the noisiest / least noisy portion, or [begin, end)."""
+    T = 1000
+    assert torch.equal(Dm.timestep_bias_weights(T), torch.ones(T, dtype=torch.float64))
+    later = Dm.timestep_bias_weights(T, "later", 3.0, 0.5)
+    assert torch.equal(later[:500], torch.ones(500, dtype=torch.float64)) and torch.all(later[500:] == 3.0)
+    earlier = Dm.timestep_bias_weights(T, "earlier", 2.0, 0.25)
+    assert torch.all(earlier[:250] == 2.0) and torch.all(earlier[250:] == 1.0)
+    band = Dm.timestep_bias_weights(T, "range", 0.0, begin=200, end=300)
+    assert band.sum() == T - 100 and torch.all(band[200:300] == 0) and band[199] == 1 and band[300] == 1
+    assert torch.all(Dm.timestep_bias_weights(T, "range", 5.0, begin=600)[600:] == 5.0)  # end None = T
+
+
+def test_timestep_bias_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="unknown timestep bias strategy 'late'"):
+        Dm.timestep_bias_weights(1000, "late", 2.0)
+    with pytest.raises(ValueError, match=r"range \[900, 1200\) must lie within \[0, 1000\)"):
+        Dm.timestep_bias_weights(1000, "range", 2.0, begin=900, end=1200)
+    with pytest.raises(ValueError, match="no timestep with positive weight"):
+        Dm.timestep_bias_weights(1000, "later", 0.0, portion=1.0)
+    with pytest.raises(ValueError, match="portion must lie in"):
+        Dm.timestep_bias_weights(1000, "later", 2.0, portion=0.0)
