@@ -257,15 +257,27 @@ def _place(rng: np.random.Generator, sides: list[float], ok: Any, tries: int = 4
     return None
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train", layout: str | None = None) -> Scene:
-    """A random scene of the split; layout is one of LAYOUTS (drawn by its weight when None)."""
+def check_layouts(layouts: dict[str, float]) -> dict[str, float]:
+    """Layout weights (a mix of LAYOUTS' names, >= 0, not all 0), else a ValueError naming the problem."""
+    unknown = sorted(set(layouts) - set(LAYOUTS))
+    if unknown:
+        raise ValueError(f"unknown layout(s) {unknown}; valid: {list(LAYOUTS)}")
+    if any(w < 0 for w in layouts.values()) or sum(layouts.values()) <= 0:
+        raise ValueError(f"layout weights must be >= 0 and not all 0, got {layouts}")
+    return layouts
+
+
+def sample_scene(rng: np.random.Generator, split: str = "train", layout: str | None = None,
+                 layouts: dict[str, float] | None = None) -> Scene:
+    """A random scene of the split; layout is one of LAYOUTS, drawn by `layouts`' weights (LAYOUTS') when None."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
-    names = list(LAYOUTS)
     if layout is None:
-        layout = names[rng.choice(len(names), p=np.array(list(LAYOUTS.values())) / sum(LAYOUTS.values()))]
+        weights = LAYOUTS if layouts is None else check_layouts(layouts)
+        names = list(weights)
+        layout = names[rng.choice(len(names), p=np.array(list(weights.values())) / sum(weights.values()))]
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; valid: {names}")
+        raise ValueError(f"unknown layout {layout!r}; valid: {list(LAYOUTS)}")
     n = {"single": 1, "relation": 2, "pair": 2, "triple": 3}.get(layout) or int(rng.integers(2, 4))
     pairs = _pairs(rng, n, split, same=layout == "count")
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
@@ -394,18 +406,20 @@ def scene_prompt(scene: Scene) -> Prompt:
     return Prompt(objects, None, scene.background)
 
 
-def dataset_item(seed: int, split: str, index: int, size: int = 64) -> tuple[Image.Image, str, Scene]:
-    """Image, caption and scene of item `index`: a pure function of (seed, split, index)."""
+def dataset_item(seed: int, split: str, index: int, size: int = 64,
+                 layouts: dict[str, float] | None = None) -> tuple[Image.Image, str, Scene]:
+    """Image, caption and scene of item `index`: a pure function of (seed, split, index, layouts)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
-    scene = sample_scene(rng, split)
+    scene = sample_scene(rng, split, layouts=layouts)
     return render(scene, size), caption(scene, rng), scene
 
 
 def export_imagefolder(out_dir: str | Path, n: int, split: str, seed: int, size: int = 64,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, layouts: dict[str, float] | None = None) -> Path:
     """Write n items as PNGs + metadata.jsonl (Hugging Face imagefolder layout) atomically; same seed, same bytes.
+    `layouts` reweights the scene layouts (default LAYOUTS), e.g. {"relation": 0.6, "single": 0.4}.
 
     Each metadata line has "file_name", "text", "split", "held_out", "scene" (Scene.to_dict) and "prompt" (the
     caption's parsed attributes). Load with datasets.load_dataset("imagefolder", data_dir=out_dir, split="train").
@@ -413,10 +427,12 @@ def export_imagefolder(out_dir: str | Path, n: int, split: str, seed: int, size:
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    if layouts is not None:
+        check_layouts(layouts)  # before anything is written
     with atomic_directory(out_dir) as tmp:
         lines = []
         for i in range(n):
-            image, text, scene = dataset_item(seed, split, i, size)
+            image, text, scene = dataset_item(seed, split, i, size, layouts)
             name = f"{i:06d}.png"
             image.save(tmp / name, format="PNG")
             lines.append(json.dumps({"file_name": name, "text": text, "split": split, "held_out": is_held_out(scene),

@@ -44,6 +44,29 @@ def test_export_is_atomic_and_refuses_to_clobber(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary or old folders left behind
 
 
+def test_layout_weights_reweight_the_mix_and_default_is_unchanged(tmp_path):
+    """layouts={...}: each layout's share of 2000 scenes within 4 binomial sds of its weight; only-relation scenes
+    are two objects in a strict relation; layouts=None gives the same items as before; bad weights name the problem."""
+    w = {"relation": 0.6, "single": 0.3, "triple": 0.1}
+    n, counts = 2000, Counter()
+    for i in range(n):
+        scene = S.sample_scene(np.random.default_rng([5, i]), "train", layouts=w)
+        counts[len(scene.objects)] += 1
+    for k, p in ((2, 0.6), (1, 0.3), (3, 0.1)):
+        assert abs(counts[k] / n - p) < 4 * math.sqrt(p * (1 - p) / n)
+    for i in range(20):
+        a, b = S.sample_scene(np.random.default_rng([6, i]), "train", layouts={"relation": 1.0}).objects
+        assert S.relation_of((a.cx, a.cy), (b.cx, b.cy), strict=True) is not None
+    img, text, scene = S.dataset_item(7, "train", 3)
+    img2, text2, scene2 = S.dataset_item(7, "train", 3, layouts=dict(S.LAYOUTS))
+    assert text == text2 and scene == scene2 and np.array_equal(np.asarray(img), np.asarray(img2))
+    with pytest.raises(ValueError, match=r"unknown layout\(s\) \['relations'\]"):
+        S.export_imagefolder(tmp_path / "bad", 2, "train", 0, layouts={"relations": 1.0})
+    with pytest.raises(ValueError, match="not all 0"):
+        S.export_imagefolder(tmp_path / "bad", 2, "train", 0, layouts={"single": 0.0})
+    assert not (tmp_path / "bad").exists()
+
+
 def test_unit_shape_fill_and_centroid_match_render():
     """Shoelace area / centroid of each unit shape (pi/4 for the circle) vs the coverage of a 256-px render."""
     size, side = 256, 0.8
