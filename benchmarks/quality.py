@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ldm import shapes as S  # noqa: E402
 from ldm.io import write_bytes  # noqa: E402
 from ldm.shapes_detect import score_image  # noqa: E402
+from benchmarks.relations import markdown as relation_markdown, relation_breakdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTRIBUTES = ("shape", "color", "position", "count", "relation", "all")
@@ -340,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {sampler} | {steps} | {_pct(r['single, seen']['all'])} | "
                      f"{_pct(r['two objects, seen']['all'])} | {per:.3f} |")
 
+    # 2a. relations: per word, and how they fail (the seen two-object prompts, 3 seeds each)
+    rel = relation_breakdown(lambda ps, seed: generate(pipe, ps, guidance=best, seed=seed, **base),
+                             sets["two objects, seen"], 1 if q else 3)
+    lines += ["", f"## Relations at s = {best:g}: per word, and how they fail (two-object seen prompts, "
+              f"{1 if q else 3} seeds each)", "", "swapped: on the stated axis, the wrong way round; orthogonal: on "
+              "the other axis; missing: an object's colour not found (ldm.shapes_detect.relation_outcome).", "",
+              *relation_markdown(rel)]
+
     # 2b. guidance only in an interval of noise levels (Kynkäänniemi et al. 2024), at the best s
     lines += ["", f"## Guidance interval at s = {best:g} (dpmpp_2m, 20 steps, the same prompts)", "",
               "| guided where | single all | single shape | two-object all |", "|---|---|---|---|"]
@@ -397,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text("\n".join(lines), args.out)
     data = {"model": _shown(args.model), "quick": q, "base": base, "n_fd": n_fd, "best_scale": best,
             "guidance_sweep": {str(s): {"sets": sweep[s], "fd": fd_by_scale[s]} for s in scales},
-            "sampler_sweep": by_sampler, "guidance_interval": by_interval, "fd_real_reference": fd_real, "vae": vae_rows,
+            "sampler_sweep": by_sampler, "guidance_interval": by_interval, "relations": rel, "fd_real_reference": fd_real, "vae": vae_rows,
             "text_separation": sep, "caption_sensitivity": sens,
             "wall_s": time.perf_counter() - t0}
     write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", args.json)

@@ -233,3 +233,27 @@ def check(prompt: S.Prompt | str, detections: list[Detection], max_detections: i
 def score_image(caption: str, image: Image.Image | np.ndarray) -> dict[str, Any]:
     """check(parse_caption(caption), detect(image)): the per-attribute correctness of one generated image."""
     return check(S.parse_caption(caption), detect(image))
+
+
+OPPOSITE: dict[str, str] = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
+def relation_outcome(prompt: S.Prompt | str, detections: list[Detection]) -> str | None:
+    """How an image drew a prompt's relation: "right"; "swapped" (on the stated axis, the wrong way round, e.g. A below
+    B for "A above B"); "orthogonal" (side by side for above, stacked for left of); "missing" (an object's colour is
+    not detected). None for a prompt without a relation. Each object is the largest detection of its colour and
+    shape, else of its colour (so a wrong shape still places the object); relation as in check (non-strict)."""
+    if isinstance(prompt, str):
+        prompt = S.parse_caption(prompt)
+    if prompt.relation is None:
+        return None
+    i, rel, j = prompt.relation
+    found = []
+    for o in (prompt.objects[i], prompt.objects[j]):
+        same = [d for d in detections if d.color == o.color and d.shape == o.shape]
+        found.append((same or [d for d in detections if d.color == o.color] or [None])[0])
+    a, b = found
+    if a is None or b is None or a is b:
+        return "missing"
+    drawn = S.relation_of((a.cx, a.cy), (b.cx, b.cy))
+    return "right" if drawn == rel else "swapped" if drawn == OPPOSITE[rel] else "orthogonal"

@@ -160,3 +160,21 @@ def test_caption_sensitivity_is_zero_for_a_unet_that_ignores_text_and_not_otherw
         assert {"empty", "colour", "shape"} <= set(band)
         assert all(v == 0.0 for v in band.values() if v == v), band
     assert all(abs(band["empty"]) > 1e-6 for band in real.values()), real
+
+
+def test_relation_breakdown_counts_outcomes_per_word_and_refuses_prompts_without_one():
+    from benchmarks.relations import relation_breakdown
+
+    scene = S.Scene((S.ShapeSpec("circle", "red", "small", 0.5, 0.25, 0.28),
+                     S.ShapeSpec("square", "blue", "small", 0.5, 0.75, 0.28)), "gray")
+    image = np.asarray(S.render(scene), dtype=np.float64) / 255  # a red circle above a blue square, whatever asked
+    prompts = ["a red circle above a blue square", "a blue square above a red circle", 
+               "a red circle to the left of a blue square", "a blue square below a red circle"]
+    calls = []
+    out = relation_breakdown(lambda ps, seed: calls.append(seed) or np.stack([image] * len(ps)), prompts, 2)
+    assert calls == [0, 1000]
+    assert out["above"] == {"right": 0.5, "swapped": 0.5, "orthogonal": 0.0, "missing": 0.0, "n": 4}
+    assert out["left of"]["orthogonal"] == 1.0 and out["below"]["right"] == 1.0 and out["right of"]["n"] == 0
+    assert out["all"]["n"] == 8 and out["all"]["right"] == 0.5
+    with pytest.raises(ValueError, match="needs relation prompts"):
+        relation_breakdown(lambda ps, seed: np.stack([image] * len(ps)), ["a red circle"], 1)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from ldm import shapes as S
-from ldm.shapes_detect import check, connected_components, detect
+from ldm.shapes_detect import check, connected_components, detect, relation_outcome
 
 N_CLEAN = 500  # images for the clean-accuracy test (half train, half test split)
 N_DEGRADED = 250  # images for the blur + noise robustness test
@@ -267,3 +267,16 @@ def test_export_loads_with_datasets_imagefolder(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(row["image"].convert("RGB")), np.asarray(Image.open(out / match["file_name"])))
     assert S.Prompt.from_dict(row["prompt"]) == S.parse_caption(row["text"])
     assert S.Scene.from_dict(row["scene"]) == S.Scene.from_dict(match["scene"])
+
+
+def test_relation_outcome_names_how_a_relation_was_drawn():
+    """A red circle drawn above a blue square, scored against prompts that state it right, reversed, on the other
+    axis, with an absent colour, with the wrong shape (placed by colour) and with no relation."""
+    scene = S.Scene((S.ShapeSpec("circle", "red", "small", 0.5, 0.25, 0.28),
+                     S.ShapeSpec("square", "blue", "small", 0.5, 0.75, 0.28)), "gray")
+    dets = detect(np.asarray(S.render(scene), dtype=np.float64) / 255)
+    cases = {"a red circle above a blue square": "right", "a blue square below a red circle": "right",
+             "a blue square above a red circle": "swapped", "a red circle below a blue square": "swapped",
+             "a red circle to the left of a blue square": "orthogonal", "a green circle above a blue square": "missing",
+             "a red star above a blue square": "right", "a red circle": None}
+    assert {p: relation_outcome(p, dets) for p in cases} == cases
