@@ -12,6 +12,9 @@ Stages (each trains through the same code a user's data would go through):
   init    the U-Net's seeded initial weights + trained VAE + the CLIP text tower as a CLIPTextModel -> init/
   unet    ldm.train with model.pretrained = init/: frozen VAE latents (cached), the text encoder trained jointly,
           condition dropout, EMA -> unet/ run; then resumed with a longer LR horizon for each of unet_extend_to
+  layout  a last U-Net phase from the unet run's EMA weights (unet-export/) on a layout-weighted data mix
+          (data/train-layout: two-object scenes, every caption stating the relation) at the noisy timesteps only
+          (objective.timestep_bias), where the layout is decided -> unet-layout/ run (skipped when unet_layout is null)
   decoder autoencoder.train with train_encoder=false: the VAE decoder fine-tuned from init/vae with the encoder
           frozen, so the latents the U-Net learned stay exactly the same -> vae-decoder/ run (skipped when
           vae_decoder is null)
@@ -22,8 +25,8 @@ Paths (data, run folders, the init folder) are set by the recipe under --out; th
 `seed` seeds the data, every initialisation and every training run. A finished stage leaves `<stage>.done`; with
 --resume finished stages are skipped and training stages continue from their latest checkpoint. Before a stage runs,
 the markers of every later stage are removed, so they run again (a training stage resumes its latest checkpoint: it
-re-exports, it does not retrain); `decoder.done` records whether the stage was skipped (vae_decoder null), so
-switching vae_decoder on or off re-runs it and the export.
+re-exports, it does not retrain); `layout.done` and `decoder.done` record whether the optional stage was skipped
+(unet_layout / vae_decoder null), so switching one on or off re-runs it and the stages after it.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from ldm.unet import UNet, UNetConfig
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default-model.yaml"
-STAGES = ("data", "clip", "vae", "init", "unet", "decoder", "export")
+STAGES = ("data", "clip", "vae", "init", "unet", "layout", "decoder", "export")
 
 
 @dataclass
@@ -63,6 +66,25 @@ class DataStageConfig:
     n_test_held_out: int = 500
     n_test_seen: int = 500
     size: int = 64
+
+
+@dataclass
+class LayoutTuneConfig:
+    """The layout stage: `n_train` scenes drawn with `layouts` weights (ldm.shapes.LAYOUTS' names), two-object
+    relations stated with probability `relation_stated`, then `unet` (ldm.train; model.pretrained = the unet
+    stage's EMA export, set by the recipe)."""
+
+    unet: TrainConfig
+    n_train: int = 4000
+    layouts: dict[str, float] = field(default_factory=lambda: {"relation": 1.0})
+    relation_stated: float = 1.0
+
+    def __post_init__(self) -> None:
+        from ldm.shapes import check_layouts
+
+        check_layouts(self.layouts)
+        if not 0.0 <= self.relation_stated <= 1.0:
+            raise ValueError(f"unet_layout.relation_stated must lie in [0, 1], got {self.relation_stated}")
 
 
 @dataclass
@@ -80,6 +102,8 @@ class DefaultModelConfig:
     # After unet.run.max_steps, continue the same run to each of these step counts in turn, the LR schedule's
     # horizon moved to each (a warm restart: cosine resumes at lr(step) of the longer schedule)
     unet_extend_to: list[int] = field(default_factory=list)
+    # A last U-Net phase on a layout-weighted mix (null: ship the unet stage's EMA weights)
+    unet_layout: LayoutTuneConfig | None = None
     # Decoder-only fine-tuning of the VAE after the U-Net (SD's ft-EMA / ft-MSE practice); null: ship the vae stage's
     vae_decoder: VAETrainConfig | None = None
 
@@ -103,6 +127,12 @@ _DECODER_PATHS: dict[str, str] = {
     "vae_decoder.data.path": "data/train", "vae_decoder.eval_data.path": "data/test-held-out",
     "vae_decoder.run.output_dir": "vae-decoder", "vae_decoder.model.pretrained": "init/vae",
 }
+_LAYOUT_PATHS: dict[str, str] = {
+    "unet_layout.unet.data.path": "data/train-layout", "unet_layout.unet.run.output_dir": "unet-layout",
+    "unet_layout.unet.model.pretrained": "unet-export",
+}
+# The optional stages and their config sections: null -> the stage is skipped (its .done marker says "skipped").
+_OPTIONAL: dict[str, str] = {"layout": "unet_layout", "decoder": "vae_decoder"}
 _SEEDS = ("clip.init_seed", "clip.run.seed", "clip.data.seed", "vae.model.init_seed", "vae.run.seed", "vae.data.seed",
           "unet.run.seed", "unet.data.seed")
 
@@ -118,14 +148,21 @@ def load_recipe(path: str | Path, out: str | Path, overrides: list[str] | None =
     """The recipe config from YAML with `key.sub=value` overrides, its paths placed under `out`, seeds from `seed`."""
     data = apply_overrides(load_yaml(path), list(overrides or []))
     out = Path(out)
-    decoder = data.get("vae_decoder") is not None
-    for key, rel in {**_PATHS, **(_DECODER_PATHS if decoder else {})}.items():
+    runs = ["clip", "vae", "unet"]  # the training runs, by their config section
+    paths = dict(_PATHS)
+    if data.get("unet_layout") is not None:
+        runs.append("unet_layout.unet")
+        paths.update(_LAYOUT_PATHS)
+    if data.get("vae_decoder") is not None:
+        runs.append("vae_decoder")
+        paths.update(_DECODER_PATHS)
+    for key, rel in paths.items():
         _set(data, key, str(out / rel))
     seed = int(data.get("seed", 0))
-    for key in (*_SEEDS, *(("vae_decoder.run.seed", "vae_decoder.data.seed") if decoder else ())):
+    for key in (*_SEEDS, *(f"{run}.{k}.seed" for run in runs[3:] for k in ("run", "data"))):
         _set(data, key, seed)
-    for key in ("clip", "vae", "unet", *(("vae_decoder",) if decoder else ())):
-        _set(data, f"{key}.run.resume", "latest")  # None when there is no checkpoint yet: a fresh run
+    for run in runs:
+        _set(data, f"{run}.run.resume", "latest")  # None when there is no checkpoint yet: a fresh run
     return from_dict(DefaultModelConfig, data, where=str(path))
 
 
@@ -193,6 +230,22 @@ def stage_unet(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     return {"step": result["step"], **_last_losses(out / "unet")}
 
 
+def stage_layout(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
+    """The unet run's EMA weights -> unet-export/; layout-weighted scenes (seed + 2) -> data/train-layout; ldm.train
+    from unet-export/ -> unet-layout/ run."""
+    from ldm.shapes import export_imagefolder
+    from pipelines.export import export
+
+    tune = cfg.unet_layout
+    if tune is None:
+        return {"skipped": True}
+    export(out / "unet", out / "unet-export", use_ema=True)  # same bytes on a resume: the unet stage is finished
+    export_imagefolder(out / "data" / "train-layout", tune.n_train, "train", cfg.seed + 2, size=cfg.data.size,
+                       overwrite=True, layouts=tune.layouts, relation_stated=tune.relation_stated)
+    result = train(tune.unet)
+    return {"skipped": False, "step": result["step"], **_last_losses(out / "unet-layout")}
+
+
 def stage_decoder(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     """Decoder-only fine-tuning of init/vae (the encoder frozen) -> vae-decoder/ run and vae-decoder-export/."""
     if cfg.vae_decoder is None:
@@ -207,7 +260,8 @@ def stage_export(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     from pipelines.export import export
 
     vae = AutoencoderKL.from_pretrained(out / "vae-decoder-export") if cfg.vae_decoder is not None else None
-    export(out / "unet", out / "pipeline", use_ema=True, vae=vae)
+    unet_run = out / ("unet-layout" if cfg.unet_layout is not None else "unet")
+    export(unet_run, out / "pipeline", use_ema=True, vae=vae)
     # The CLIP ships without its text tower (it is text_encoder/) unless the U-Net stage trained that one further.
     save_clip(load_clip(out / "clip-export"), cfg.clip.model, out / "pipeline" / "clip",
               text=cfg.unet.train_text_encoder)
@@ -236,16 +290,16 @@ def _last_losses(run_dir: Path, name: str = "losses.csv") -> dict[str, float]:
 
 
 _RUN = {"data": stage_data, "clip": stage_clip, "vae": stage_vae, "init": stage_init, "unet": stage_unet,
-        "decoder": stage_decoder, "export": stage_export}
+        "layout": stage_layout, "decoder": stage_decoder, "export": stage_export}
 
 
 def _marker(cfg: DefaultModelConfig, stage: str) -> str:
-    """What `<stage>.done` holds: "skipped" for a decoder stage with vae_decoder null, else nothing."""
-    return "skipped" if stage == "decoder" and cfg.vae_decoder is None else ""
+    """What `<stage>.done` holds: "skipped" for an optional stage whose config section is null, else nothing."""
+    return "skipped" if stage in _OPTIONAL and getattr(cfg, _OPTIONAL[stage]) is None else ""
 
 
 def _finished(cfg: DefaultModelConfig, done: Path) -> bool:
-    """The stage's marker exists and matches the config (a decoder stage skipped or run as vae_decoder says)."""
+    """The stage's marker exists and matches the config (an optional stage skipped or run as its section says)."""
     return done.is_file() and done.read_text() == _marker(cfg, done.stem)
 
 

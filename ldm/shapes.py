@@ -52,6 +52,7 @@ SPLITS: dict[str, int] = {"train": 0, "test": 1}
 # (about 40% and 30% of captions) because they are the slowest words for the U-Net to learn (docs/default-model.md).
 LAYOUTS: dict[str, float] = {"single": 0.45, "relation": 0.35, "pair": 0.05, "count": 0.10, "triple": 0.05}
 POSITION_STATED = 0.9
+RELATION_STATED = 0.85  # how often a two-object caption states the objects' relation (else "A and B")
 MARGIN = 0.04  # min distance from a shape's box to the image border
 GAP = 0.07  # min gap between two shapes' boxes (about 4.5 px at 64 px)
 _NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
@@ -328,15 +329,16 @@ def prompt_caption(p: Prompt) -> str:
     return text + (f" on a {p.background} background" if p.background is not None else "")
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A random caption, true of the scene, that mentions every object (grammar in the module docstring)."""
+def caption(scene: Scene, rng: np.random.Generator, relation_stated: float = RELATION_STATED) -> str:
+    """A random caption, true of the scene, that mentions every object (grammar in the module docstring); a clear
+    relation between two objects is stated with probability `relation_stated`."""
     groups: dict[tuple[str, str], list[ShapeSpec]] = {}
     for o in scene.objects:
         groups.setdefault((o.color, o.shape), []).append(o)
     keys = list(groups)
     gs = [groups[keys[j]] for j in rng.permutation(len(keys))]
     rel = None
-    if len(gs) == 2 and len(scene.objects) == 2 and rng.random() < 0.85:
+    if len(gs) == 2 and len(scene.objects) == 2 and rng.random() < relation_stated:
         a, b = gs[0][0], gs[1][0]
         rel = relation_of((a.cx, a.cy), (b.cx, b.cy), strict=True)
     objects = tuple(_group(rng, g, with_position=len(gs) == 1) for g in gs)
@@ -406,20 +408,21 @@ def scene_prompt(scene: Scene) -> Prompt:
     return Prompt(objects, None, scene.background)
 
 
-def dataset_item(seed: int, split: str, index: int, size: int = 64,
-                 layouts: dict[str, float] | None = None) -> tuple[Image.Image, str, Scene]:
-    """Image, caption and scene of item `index`: a pure function of (seed, split, index, layouts)."""
+def dataset_item(seed: int, split: str, index: int, size: int = 64, layouts: dict[str, float] | None = None,
+                 relation_stated: float = RELATION_STATED) -> tuple[Image.Image, str, Scene]:
+    """Image, caption and scene of item `index`: a pure function of its arguments."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
     scene = sample_scene(rng, split, layouts=layouts)
-    return render(scene, size), caption(scene, rng), scene
+    return render(scene, size), caption(scene, rng, relation_stated), scene
 
 
-def export_imagefolder(out_dir: str | Path, n: int, split: str, seed: int, size: int = 64,
-                       overwrite: bool = False, layouts: dict[str, float] | None = None) -> Path:
+def export_imagefolder(out_dir: str | Path, n: int, split: str, seed: int, size: int = 64, overwrite: bool = False,
+                       layouts: dict[str, float] | None = None, relation_stated: float = RELATION_STATED) -> Path:
     """Write n items as PNGs + metadata.jsonl (Hugging Face imagefolder layout) atomically; same seed, same bytes.
-    `layouts` reweights the scene layouts (default LAYOUTS), e.g. {"relation": 0.6, "single": 0.4}.
+    `layouts` reweights the scene layouts (default LAYOUTS), e.g. {"relation": 0.6, "single": 0.4};
+    `relation_stated` is how often a two-object caption states the relation.
 
     Each metadata line has "file_name", "text", "split", "held_out", "scene" (Scene.to_dict) and "prompt" (the
     caption's parsed attributes). Load with datasets.load_dataset("imagefolder", data_dir=out_dir, split="train").
@@ -432,7 +435,7 @@ def export_imagefolder(out_dir: str | Path, n: int, split: str, seed: int, size:
     with atomic_directory(out_dir) as tmp:
         lines = []
         for i in range(n):
-            image, text, scene = dataset_item(seed, split, i, size, layouts)
+            image, text, scene = dataset_item(seed, split, i, size, layouts, relation_stated)
             name = f"{i:06d}.png"
             image.save(tmp / name, format="PNG")
             lines.append(json.dumps({"file_name": name, "text": text, "split": split, "held_out": is_held_out(scene),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldm.clip_train import build_clip, clip_text_encoder, load_clip, save_clip
-from ldm.checkpoint import list_checkpoints
+from ldm.checkpoint import latest_checkpoint, list_checkpoints, load_weights_only
 from ldm.default_model import DEFAULT_CONFIG, load_recipe, run_recipe, stage_unet
 from ldm.shapes_detect import score_image
 from ldm.text import OpenCLIPTextEncoder
@@ -81,6 +81,19 @@ def test_recipe_decoder_stage_is_decoder_only_and_optional(tmp_path):
     assert load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["vae_decoder=null"]).vae_decoder is None
 
 
+def test_recipe_layout_stage_starts_from_the_unet_export_and_is_optional(tmp_path):
+    cfg = load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["seed=5"])
+    tune = cfg.unet_layout
+    assert tune is not None and tune.unet.model.pretrained == str(tmp_path / "run" / "unet-export")
+    assert tune.unet.data.path == str(tmp_path / "run" / "data" / "train-layout")
+    assert tune.unet.run.output_dir == str(tmp_path / "run" / "unet-layout") and tune.unet.run.seed == 5
+    assert tune.unet.objective.timestep_bias.strategy == "earlier" and tune.unet.objective.timestep_bias.multiplier == 0
+    assert tune.layouts == {"relation": 1.0} and tune.relation_stated == 1.0
+    with pytest.raises(ValueError, match="unknown layout"):
+        load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout.layouts={relations: 1.0}"])
+    assert load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout=null"]).unet_layout is None
+
+
 def test_recipe_config_places_paths_and_seeds(tmp_path):
     cfg = load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["seed=7", "unet.run.max_steps=11"])
     assert cfg.unet.model.pretrained == str(tmp_path / "run" / "init") and cfg.unet.run.max_steps == 11
@@ -94,7 +107,8 @@ def test_recipe_config_places_paths_and_seeds(tmp_path):
 TINY_RUN = ["data.n_train=24", "data.n_test_held_out=8", "data.n_test_seen=8", "clip.run.max_steps=2",
             "clip.run.batch_size=8", "vae.run.max_steps=2", "vae.run.batch_size=4", "vae.run.validate_every=2",
             "unet.run.max_steps=2", "unet.run.batch_size=4", "unet.run.validate_every=0", "unet_extend_to=[3]",
-            "vae_decoder.run.max_steps=2", "vae_decoder.run.batch_size=4", "vae_decoder.run.validate_every=2"]
+            "vae_decoder.run.max_steps=2", "vae_decoder.run.batch_size=4", "vae_decoder.run.validate_every=2",
+            "unet_layout.n_train=8", "unet_layout.unet.run.max_steps=2", "unet_layout.unet.run.batch_size=4"]
 
 
 @pytest.mark.slow  # about 25 s on the shared 2-core CPU
@@ -122,6 +136,14 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     assert report["decoder"]["step"] == 2 and all(torch.equal(shipped_vae[k], tuned[k]) for k in tuned)
     assert all(torch.equal(shipped_vae[k], start[k]) for k in start if k.startswith(("encoder.", "quant_conv.")))
     assert not all(torch.equal(shipped_vae[k], start[k]) for k in start if k.startswith("decoder."))
+    # the layout stage: it starts from the unet run's EMA export, and the shipped U-Net is its own EMA at step 2
+    assert report["layout"]["step"] == 2 and len(list((out / "data" / "train-layout").glob("*.png"))) == 8
+    layout_ema = load_weights_only(latest_checkpoint(out / "unet-layout" / "checkpoints"), "unet", use_ema=True)
+    assert all(torch.equal(c.unet.state_dict()[k], v) for k, v in layout_ema.items())
+    unet_ema = load_weights_only(latest_checkpoint(out / "unet" / "checkpoints"), "unet", use_ema=True)
+    exported = load_pipeline_components(out / "unet-export").unet.state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in unet_ema.items())
+    assert not all(torch.equal(layout_ema[k], v) for k, v in unet_ema.items())
     # unet.train_text_encoder: text_encoder/ was trained on, so clip/ keeps the CLIP's own text tower and load_clip
     # takes that one, not text_encoder/ (which has moved: its CLIP score would pair towers never trained together)
     assert cfg.unet.train_text_encoder
@@ -141,10 +163,15 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     off = run_recipe(load_recipe(DEFAULT_CONFIG, out, [*TINY_RUN, "vae_decoder=null"]), out, resume=True)
     assert off["decoder"]["skipped"] and (out / "decoder.done").read_text() == "skipped"
     assert all(torch.equal(v, start[k]) for k, v in load_pipeline_components(out / "pipeline").vae.state_dict().items())
+    # switching the layout stage off ships the unet run's EMA U-Net
+    off = run_recipe(load_recipe(DEFAULT_CONFIG, out, [*TINY_RUN, "unet_layout=null"]), out, resume=True)
+    assert off["layout"]["skipped"] and (out / "layout.done").read_text() == "skipped"
+    shipped_unet = load_pipeline_components(out / "pipeline").unet.state_dict()
+    assert all(torch.equal(shipped_unet[k], v) for k, v in unet_ema.items())
     # a stage that runs removes the later markers first, so a stop after it cannot leave a stale export behind
     (out / "unet.done").unlink()
     run_recipe(cfg, out, resume=True, stop_after="unet")
-    assert (out / "unet.done").is_file() and not (out / "decoder.done").exists() and not (out / "export.done").exists()
+    assert (out / "unet.done").is_file() and not any((out / f"{s}.done").exists() for s in ("layout", "decoder", "export"))
 
 
 # ---------------------------------------------------------------------------------------- the bundled model

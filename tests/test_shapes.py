@@ -57,6 +57,9 @@ def test_layout_weights_reweight_the_mix_and_default_is_unchanged(tmp_path):
     for i in range(20):
         a, b = S.sample_scene(np.random.default_rng([6, i]), "train", layouts={"relation": 1.0}).objects
         assert S.relation_of((a.cx, a.cy), (b.cx, b.cy), strict=True) is not None
+    for stated in (0.0, 1.0):  # relation_stated: how often a two-object caption states the relation
+        texts = [S.dataset_item(8, "train", i, layouts={"relation": 1.0}, relation_stated=stated)[1] for i in range(20)]
+        assert all((S.parse_caption(t).relation is not None) == bool(stated) for t in texts)
     img, text, scene = S.dataset_item(7, "train", 3)
     img2, text2, scene2 = S.dataset_item(7, "train", 3, layouts=dict(S.LAYOUTS))
     assert text == text2 and scene == scene2 and np.array_equal(np.asarray(img), np.asarray(img2))
