@@ -13,8 +13,9 @@ Stages (each trains through the same code a user's data would go through):
   unet    ldm.train with model.pretrained = init/: frozen VAE latents (cached), the text encoder trained jointly,
           condition dropout, EMA -> unet/ run; then resumed with a longer LR horizon for each of unet_extend_to
   layout  a last U-Net phase from the unet run's EMA weights (unet-export/) on a layout-weighted data mix
-          (data/train-layout: two-object scenes, every caption stating the relation) at the noisy timesteps only
-          (objective.timestep_bias), where the layout is decided -> unet-layout/ run (skipped when unet_layout is null)
+          (data/train-layout: two-object scenes, every caption stating the relation) with the noisy timesteps,
+          where the layout is decided, weighted up (objective.timestep_bias) -> unet-layout/ run (skipped when
+          unet_layout is null)
   decoder autoencoder.train with train_encoder=false: the VAE decoder fine-tuned from init/vae with the encoder
           frozen, so the latents the U-Net learned stay exactly the same -> vae-decoder/ run (skipped when
           vae_decoder is null)
