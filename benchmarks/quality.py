@@ -406,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     write_text("\n".join(lines), args.out)
     data = {"model": _shown(args.model), "quick": q, "base": base, "n_fd": n_fd, "best_scale": best,
             "guidance_sweep": {str(s): {"sets": sweep[s], "fd": fd_by_scale[s]} for s in scales},
-            "sampler_sweep": by_sampler, "guidance_interval": by_interval, "relations": rel, "fd_real_reference": fd_real, "vae": vae_rows,
-            "text_separation": sep, "caption_sensitivity": sens,
+            "sampler_sweep": by_sampler, "guidance_interval": by_interval, "relations": rel,
+            "fd_real_reference": fd_real, "vae": vae_rows, "text_separation": sep, "caption_sensitivity": sens,
             "wall_s": time.perf_counter() - t0}
     write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", args.json)
     print("\n".join(lines))

@@ -4,7 +4,9 @@ the failures were (ldm.shapes_detect.relation_outcome), over several seeds per p
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+
+import numpy as np
 
 from ldm import shapes as S
 from ldm.shapes_detect import detect, relation_outcome
@@ -12,7 +14,8 @@ from ldm.shapes_detect import detect, relation_outcome
 OUTCOMES = ("right", "swapped", "orthogonal", "missing")
 
 
-def relation_breakdown(generate: Any, prompts: list[str], seeds: int) -> dict[str, dict[str, float]]:
+def relation_breakdown(generate: Callable[[list[str], int], np.ndarray], prompts: list[str],
+                       seeds: int) -> dict[str, dict[str, float]]:
     """{relation word (and "all"): {outcome: fraction, "n": images}} for `prompts` x `seeds` images;
     generate(prompts, seed) -> (N, H, W, 3) images in [0, 1]."""
     counts: dict[str, Counter] = {rel: Counter() for rel in (*S.RELATIONS, "all")}
@@ -29,6 +32,7 @@ def relation_breakdown(generate: Any, prompts: list[str], seeds: int) -> dict[st
 
 
 def markdown(breakdown: dict[str, dict[str, float]]) -> list[str]:
+    """relation_breakdown's result as Markdown table lines (percentages)."""
     rows = ["| relation | n | " + " | ".join(OUTCOMES) + " |", "|---" * (len(OUTCOMES) + 2) + "|"]
     return rows + [f"| {rel} | {int(r['n'])} | " + " | ".join(f"{100 * r[o]:.0f}%" for o in OUTCOMES) + " |"
                    for rel, r in breakdown.items()]

@@ -45,9 +45,10 @@ import torch
 
 from autoencoder.model import AutoencoderKL, VAEConfig
 from autoencoder.train import VAETrainConfig, export_vae, train_vae
-from ldm.checkpoint import list_checkpoints
+from ldm.checkpoint import folder_digest, list_checkpoints
 from ldm.clip_train import ClipTrainConfig, clip_text_encoder, export_clip, load_clip, save_clip, train_clip
 from ldm.config import apply_overrides, from_dict, load_yaml, save_config
+from ldm.io import write_text
 from ldm.train import load_vae, train
 from ldm.schedule import sd_schedule
 from ldm.shapes_negatives import hard_negative
@@ -241,8 +242,13 @@ def stage_layout(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     if tune is None:
         return {"skipped": True}
     export(out / "unet", out / "unet-export", use_ema=True)  # same bytes on a resume: the unet stage is finished
+    start, record = folder_digest(out / "unet-export"), out / "unet-layout.start.sha256"
+    if record.is_file() and record.read_text() != start:
+        raise RuntimeError(f"{out / 'unet-layout'} was started from another unet-export/ (the unet stage has trained "
+                           "since): remove it and unet-layout.start.sha256 to run the layout stage again")
     export_imagefolder(out / "data" / "train-layout", tune.n_train, "train", cfg.seed + 2, size=cfg.data.size,
                        overwrite=True, layouts=tune.layouts, relation_stated=tune.relation_stated)
+    write_text(start, record)
     result = train(tune.unet)
     return {"skipped": False, "step": result["step"], **_last_losses(out / "unet-layout")}
 
@@ -264,8 +270,8 @@ def stage_export(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     unet_run = out / ("unet-layout" if cfg.unet_layout is not None else "unet")
     export(unet_run, out / "pipeline", use_ema=True, vae=vae)
     # The CLIP ships without its text tower (it is text_encoder/) unless the U-Net stage trained that one further.
-    save_clip(load_clip(out / "clip-export"), cfg.clip.model, out / "pipeline" / "clip",
-              text=cfg.unet.train_text_encoder)
+    moved = cfg.unet.train_text_encoder or (cfg.unet_layout is not None and cfg.unet_layout.unet.train_text_encoder)
+    save_clip(load_clip(out / "clip-export"), cfg.clip.model, out / "pipeline" / "clip", text=moved)
     return {"bytes": folder_bytes(out / "pipeline")}
 
 

@@ -187,19 +187,21 @@ def diffusion_loss(
 def timestep_bias_weights(num_timesteps: int, strategy: str = "none", multiplier: float = 1.0, portion: float = 0.25,
                           begin: int = 0, end: int | None = None) -> torch.Tensor:
     """Unnormalised training p(t) over 0..T-1 (diffusers' SDXL-script timestep bias): 1, times `multiplier` on the
-    biased timesteps: the last (later) or first (earlier) round(portion * T), or [begin, end) (range), (T,).
+    biased timesteps: the last (later) or first (earlier) int(portion * T), or [begin, end) (range), (T,).
 
     Drawing t ~ w(t) / sum(w) is, in expectation, the uniform-t loss reweighted by T * w(t) / sum(w).
     """
     w = torch.ones(num_timesteps, dtype=torch.float64)
     if strategy == "none":
         return w
-    if multiplier < 0:
-        raise ValueError(f"timestep bias multiplier must be >= 0, got {multiplier}")
+    if not 0 <= multiplier < math.inf:
+        raise ValueError(f"timestep bias multiplier must be finite and >= 0, got {multiplier}")
     if strategy in ("earlier", "later"):
         if not 0 < portion <= 1:
             raise ValueError(f"timestep bias portion must lie in (0, 1], got {portion}")
-        n = round(portion * num_timesteps)
+        n = int(portion * num_timesteps)
+        if n == 0:
+            raise ValueError(f"timestep bias portion {portion} of {num_timesteps} timesteps biases none of them")
         biased = slice(0, n) if strategy == "earlier" else slice(num_timesteps - n, num_timesteps)
     elif strategy == "range":
         end = num_timesteps if end is None else end

@@ -263,8 +263,8 @@ def check_layouts(layouts: dict[str, float]) -> dict[str, float]:
     unknown = sorted(set(layouts) - set(LAYOUTS))
     if unknown:
         raise ValueError(f"unknown layout(s) {unknown}; valid: {list(LAYOUTS)}")
-    if any(w < 0 for w in layouts.values()) or sum(layouts.values()) <= 0:
-        raise ValueError(f"layout weights must be >= 0 and not all 0, got {layouts}")
+    if not all(0 <= w < math.inf for w in layouts.values()) or sum(layouts.values()) <= 0:
+        raise ValueError(f"layout weights must be finite, >= 0 and not all 0, got {layouts}")
     return layouts
 
 
@@ -432,6 +432,8 @@ def export_imagefolder(out_dir: str | Path, n: int, split: str, seed: int, size:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     if layouts is not None:
         check_layouts(layouts)  # before anything is written
+    if not 0.0 <= relation_stated <= 1.0:
+        raise ValueError(f"relation_stated must lie in [0, 1], got {relation_stated}")
     with atomic_directory(out_dir) as tmp:
         lines = []
         for i in range(n):

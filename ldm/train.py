@@ -236,6 +236,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         check_fresh_run(out)
     accelerator = build_accelerator(run, config.optim)
     parts = build_components(config)
+    bias = config.objective.timestep_bias
+    try:  # before frozen/ is written: a bad bias must not leave a half-started run behind
+        timestep_bias_weights(parts.schedule.num_train_timesteps, bias.strategy, bias.multiplier, bias.portion,
+                              bias.begin, bias.end)
+    except ValueError as e:
+        raise ConfigError(f"objective.timestep_bias: {e}") from None
     no_checkpoint = resolve_resume(out / "checkpoints", run.resume) is None
     if accelerator.is_main_process and (no_checkpoint or not (out / FROZEN).is_dir()):
         save_frozen(out / FROZEN, parts)  # (re)written when no checkpoint names it; resume checks its digest

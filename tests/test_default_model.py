@@ -171,7 +171,12 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     # a stage that runs removes the later markers first, so a stop after it cannot leave a stale export behind
     (out / "unet.done").unlink()
     run_recipe(cfg, out, resume=True, stop_after="unet")
-    assert (out / "unet.done").is_file() and not any((out / f"{s}.done").exists() for s in ("layout", "decoder", "export"))
+    assert (out / "unet.done").is_file()
+    assert not any((out / f"{s}.done").exists() for s in ("layout", "decoder", "export"))
+    # a layout run started from another unet-export/ (the unet stage trained since) is refused, not resumed
+    (out / "unet-layout.start.sha256").write_text("0" * 64)
+    with pytest.raises(RuntimeError, match="started from another unet-export"):
+        run_recipe(cfg, out, resume=True)
 
 
 # ---------------------------------------------------------------------------------------- the bundled model

@@ -235,3 +235,7 @@ def test_timestep_bias_errors_name_the_problem() -> None:
         Dm.timestep_bias_weights(1000, "later", 0.0, portion=1.0)
     with pytest.raises(ValueError, match="portion must lie in"):
         Dm.timestep_bias_weights(1000, "later", 2.0, portion=0.0)
+    with pytest.raises(ValueError, match="biases none of them"):
+        Dm.timestep_bias_weights(1000, "later", 2.0, portion=0.0004)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        Dm.timestep_bias_weights(1000, "later", float("inf"))

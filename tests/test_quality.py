@@ -168,7 +168,7 @@ def test_relation_breakdown_counts_outcomes_per_word_and_refuses_prompts_without
     scene = S.Scene((S.ShapeSpec("circle", "red", "small", 0.5, 0.25, 0.28),
                      S.ShapeSpec("square", "blue", "small", 0.5, 0.75, 0.28)), "gray")
     image = np.asarray(S.render(scene), dtype=np.float64) / 255  # a red circle above a blue square, whatever asked
-    prompts = ["a red circle above a blue square", "a blue square above a red circle", 
+    prompts = ["a red circle above a blue square", "a blue square above a red circle",
                "a red circle to the left of a blue square", "a blue square below a red circle"]
     calls = []
     out = relation_breakdown(lambda ps, seed: calls.append(seed) or np.stack([image] * len(ps)), prompts, 2)

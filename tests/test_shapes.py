@@ -67,6 +67,10 @@ def test_layout_weights_reweight_the_mix_and_default_is_unchanged(tmp_path):
         S.export_imagefolder(tmp_path / "bad", 2, "train", 0, layouts={"relations": 1.0})
     with pytest.raises(ValueError, match="not all 0"):
         S.export_imagefolder(tmp_path / "bad", 2, "train", 0, layouts={"single": 0.0})
+    with pytest.raises(ValueError, match="finite"):
+        S.export_imagefolder(tmp_path / "bad", 2, "train", 0, layouts={"single": float("nan")})
+    with pytest.raises(ValueError, match=r"relation_stated must lie in \[0, 1\]"):
+        S.export_imagefolder(tmp_path / "bad", 2, "train", 0, relation_stated=1.5)
     assert not (tmp_path / "bad").exists()
 
 

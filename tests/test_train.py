@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ldm.checkpoint import list_checkpoints, load_checkpoint
+from ldm.config import ConfigError
 from ldm.io import load_state_dict, save_state_dict
 from ldm.train import build_components, render_grid, save_frozen, train
 from ldm.train_config import TrainConfig, load_train_config
@@ -148,6 +149,15 @@ def test_validation_grid_shape(shapes, tmp_path):
     grid = render_grid(parts, parts.unet.eval(), ["a red circle", "a blue square"], [0, 1, 2], size=32, steps=2,
                        guidance_scale=3.0)
     assert grid.size == (3 * 32, 2 * 32) and grid.mode == "RGB"
+
+
+def test_a_timestep_bias_beyond_the_schedule_stops_before_anything_is_written(shapes, tmp_path):
+    """begin/end are checked against the schedule's T only once the model is built, but before frozen/ is written."""
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"objective.timestep_bias: .*range \[900, 1200\) must lie within"):
+        train(tiny_config(shapes, out, "objective.timestep_bias.strategy=range", "objective.timestep_bias.begin=900",
+                          "objective.timestep_bias.end=1200"))
+    assert not (out / "frozen").exists()
 
 
 def test_fresh_run_into_a_used_output_dir_is_refused(straight, shapes):
