@@ -82,11 +82,10 @@ class LayoutTuneConfig:
     relation_stated: float = 1.0
 
     def __post_init__(self) -> None:
-        from ldm.shapes import check_layouts
+        from ldm.shapes import check_layouts, check_relation_stated
 
         check_layouts(self.layouts)
-        if not 0.0 <= self.relation_stated <= 1.0:
-            raise ValueError(f"unet_layout.relation_stated must lie in [0, 1], got {self.relation_stated}")
+        check_relation_stated(self.relation_stated)
 
 
 @dataclass
@@ -135,6 +134,9 @@ _LAYOUT_PATHS: dict[str, str] = {
 }
 # The optional stages and their config sections: null -> the stage is skipped (its .done marker says "skipped").
 _OPTIONAL: dict[str, str] = {"layout": "unet_layout", "decoder": "vae_decoder"}
+# Each optional section's training run (its config path) and where its paths point.
+_OPTIONAL_RUNS: dict[str, tuple[str, dict[str, str]]] = {"unet_layout": ("unet_layout.unet", _LAYOUT_PATHS),
+                                                         "vae_decoder": ("vae_decoder", _DECODER_PATHS)}
 _SEEDS = ("clip.init_seed", "clip.run.seed", "clip.data.seed", "vae.model.init_seed", "vae.run.seed", "vae.data.seed",
           "unet.run.seed", "unet.data.seed")
 
@@ -150,20 +152,16 @@ def load_recipe(path: str | Path, out: str | Path, overrides: list[str] | None =
     """The recipe config from YAML with `key.sub=value` overrides, its paths placed under `out`, seeds from `seed`."""
     data = apply_overrides(load_yaml(path), list(overrides or []))
     out = Path(out)
-    runs = ["clip", "vae", "unet"]  # the training runs, by their config section
+    enabled = [_OPTIONAL_RUNS[s] for s in _OPTIONAL_RUNS if data.get(s) is not None]
     paths = dict(_PATHS)
-    if data.get("unet_layout") is not None:
-        runs.append("unet_layout.unet")
-        paths.update(_LAYOUT_PATHS)
-    if data.get("vae_decoder") is not None:
-        runs.append("vae_decoder")
-        paths.update(_DECODER_PATHS)
+    for _, extra in enabled:
+        paths.update(extra)
     for key, rel in paths.items():
         _set(data, key, str(out / rel))
     seed = int(data.get("seed", 0))
-    for key in (*_SEEDS, *(f"{run}.{k}.seed" for run in runs[3:] for k in ("run", "data"))):
+    for key in (*_SEEDS, *(f"{run}.{k}.seed" for run, _ in enabled for k in ("run", "data"))):
         _set(data, key, seed)
-    for run in runs:
+    for run in ("clip", "vae", "unet", *(run for run, _ in enabled)):
         _set(data, f"{run}.run.resume", "latest")  # None when there is no checkpoint yet: a fresh run
     return from_dict(DefaultModelConfig, data, where=str(path))
 

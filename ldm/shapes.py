@@ -268,6 +268,13 @@ def check_layouts(layouts: dict[str, float]) -> dict[str, float]:
     return layouts
 
 
+def check_relation_stated(relation_stated: float) -> float:
+    """A probability that a two-object caption states the relation, else a ValueError."""
+    if not 0.0 <= relation_stated <= 1.0:
+        raise ValueError(f"relation_stated must lie in [0, 1], got {relation_stated}")
+    return relation_stated
+
+
 def sample_scene(rng: np.random.Generator, split: str = "train", layout: str | None = None,
                  layouts: dict[str, float] | None = None) -> Scene:
     """A random scene of the split; layout is one of LAYOUTS, drawn by `layouts`' weights (LAYOUTS') when None."""
@@ -432,8 +439,7 @@ def export_imagefolder(out_dir: str | Path, n: int, split: str, seed: int, size:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     if layouts is not None:
         check_layouts(layouts)  # before anything is written
-    if not 0.0 <= relation_stated <= 1.0:
-        raise ValueError(f"relation_stated must lie in [0, 1], got {relation_stated}")
+    check_relation_stated(relation_stated)
     with atomic_directory(out_dir) as tmp:
         lines = []
         for i in range(n):

@@ -100,6 +100,17 @@ def save_frozen(folder: Path, parts: Components) -> None:
 # ------------------------------------------------------------------------------------------------------- one step
 
 
+def timestep_weights(config: TrainConfig, num_timesteps: int) -> torch.Tensor | None:
+    """objective.timestep_bias's p(t) over the schedule's timesteps (None: uniform), or a ConfigError naming it."""
+    bias = config.objective.timestep_bias
+    if bias.strategy == "none":
+        return None
+    try:
+        return timestep_bias_weights(num_timesteps, bias.strategy, bias.multiplier, bias.portion, bias.begin, bias.end)
+    except ValueError as e:
+        raise ConfigError(f"objective.timestep_bias: {e}") from None
+
+
 def dropout_mask(generators: list[torch.Generator], p: float) -> torch.Tensor:
     """Bernoulli(p) per sample, one uniform draw from each sample's generator: True = caption becomes ""."""
     return torch.stack([torch.rand((), generator=g) < p for g in generators]) if generators else torch.zeros(0, dtype=bool)
@@ -110,15 +121,14 @@ class DiffusionStep:
     (`text`: the prepared module when it is trained, else parts.text_encoder) and the latent cache."""
 
     def __init__(self, config: TrainConfig, parts: Components, unet: torch.nn.Module, device: torch.device,
-                 dtype: torch.dtype, text: torch.nn.Module | None = None) -> None:
+                 dtype: torch.dtype, text: torch.nn.Module | None = None,
+                 t_weights: torch.Tensor | None = None) -> None:
         self.config, self.unet, self.device, self.dtype = config, unet, device, dtype
         self.vae, self.text = parts.vae, parts.text_encoder if text is None else text
         self.alphas_cumprod = parts.schedule.alphas_cumprod().to(device)
         self.prediction = parts.schedule.prediction_type
         self.cache: dict[int, torch.Tensor] = {}
-        bias = config.objective.timestep_bias
-        self.t_weights = None if bias.strategy == "none" else timestep_bias_weights(
-            len(self.alphas_cumprod), bias.strategy, bias.multiplier, bias.portion, bias.begin, bias.end)
+        self.t_weights = t_weights  # None: uniform t (train's timestep_weights)
         if config.run.cache_latents:  # one image at a time: a cached moment must not depend on its batch-mates
             self.vae.enable_slicing()
 
@@ -236,12 +246,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         check_fresh_run(out)
     accelerator = build_accelerator(run, config.optim)
     parts = build_components(config)
-    bias = config.objective.timestep_bias
-    try:  # before frozen/ is written: a bad bias must not leave a half-started run behind
-        timestep_bias_weights(parts.schedule.num_train_timesteps, bias.strategy, bias.multiplier, bias.portion,
-                              bias.begin, bias.end)
-    except ValueError as e:
-        raise ConfigError(f"objective.timestep_bias: {e}") from None
+    t_weights = timestep_weights(config, parts.schedule.num_train_timesteps)  # before frozen/ is written
     no_checkpoint = resolve_resume(out / "checkpoints", run.resume) is None
     if accelerator.is_main_process and (no_checkpoint or not (out / FROZEN).is_dir()):
         save_frozen(out / FROZEN, parts)  # (re)written when no checkpoint names it; resume checks its digest
@@ -264,7 +269,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     trained = [Part("unet", unet_p, optimizer_p, scheduler, ema)]
     if train_text:  # in training mode: validation encodes its empty prompt afresh (PromptEncoder.empty_embedding)
         trained.append(text_part(config, parts.text_encoder, accelerator))
-    step_fn = DiffusionStep(config, parts, unet_p, device, dtype, text=trained[1].model if train_text else None)
+    step_fn = DiffusionStep(config, parts, unet_p, device, dtype, text=trained[1].model if train_text else None,
+                            t_weights=t_weights)
 
     def validate(step: int) -> None:
         if not run.validate_every or step % run.validate_every:
