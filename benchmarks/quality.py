@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm import shapes as S  # noqa: E402
 from ldm.io import write_bytes  # noqa: E402
+from ldm.shapes_captions import parse_caption, prompt_caption  # noqa: E402
+from ldm.shapes_data import dataset_item  # noqa: E402
 from ldm.shapes_detect import score_image  # noqa: E402
 from benchmarks.relations import markdown as relation_markdown, relation_breakdown  # noqa: E402
 
@@ -98,7 +100,7 @@ def single_prompts(n: int, held_out: bool, seed: int = 0) -> list[str]:
     for i in range(n):
         c, s = pairs[i % len(pairs)] if i < len(pairs) else pairs[rng.integers(len(pairs))]
         where = S.POSITIONS[rng.integers(len(S.POSITIONS))] if i % 2 else None
-        out.append(S.prompt_caption(S.Prompt((S.PromptObject(s, c, position=where),))))
+        out.append(prompt_caption(S.Prompt((S.PromptObject(s, c, position=where),))))
     return out
 
 
@@ -115,7 +117,7 @@ def pair_prompts(n: int, held_out: bool, seed: int = 0) -> list[str]:
         first, second = (a, b) if rng.random() < 0.5 else (b, a)
         rel = S.RELATIONS[rng.integers(len(S.RELATIONS))]
         objects = (S.PromptObject(first[1], first[0]), S.PromptObject(second[1], second[0]))
-        out.append(S.prompt_caption(S.Prompt(objects, (0, rel, 1))))
+        out.append(prompt_caption(S.Prompt(objects, (0, rel, 1))))
     return out
 
 
@@ -142,7 +144,7 @@ def generate(pipe: Any, prompts: list[str], *, guidance: float, sampler: str, st
 
 def test_images(n: int, split: str, seed: int, size: int = 64) -> tuple[np.ndarray, list[str]]:
     """The recipe's test images (pure functions of seed, split, index): held-out = ("test", 0), seen = ("train", 1)."""
-    items = [S.dataset_item(seed, split, i, size) for i in range(n)]
+    items = [dataset_item(seed, split, i, size) for i in range(n)]
     return np.stack([np.asarray(im, dtype=np.float64) / 255 for im, _, _ in items]), [c for _, c, _ in items]
 
 
@@ -224,11 +226,11 @@ def caption_sensitivity(pipe: Any, images: np.ndarray, captions: list[str], *, s
     z0 = pipe.vae.scale_latents(torch.cat([pipe.vae.encode(x[i:i + 64]).mode() for i in range(0, len(x), 64)]))
     alphas = pipe.schedule.alphas_cumprod().float()
     rng = np.random.default_rng(seed)
-    prompts = [S.parse_caption(c) for c in captions]
+    prompts = [parse_caption(c) for c in captions]
     variants: dict[str, tuple[list[int], list[str]]] = {"empty": (list(range(len(captions))), [""] * len(captions))}
     for kind in NEGATIVE_KINDS:
         idx = [i for i, p in enumerate(prompts) if kind in applicable_kinds(p)]
-        variants[kind] = (idx, [S.prompt_caption(negative_prompt(prompts[i], rng, kind)) for i in idx])
+        variants[kind] = (idx, [prompt_caption(negative_prompt(prompts[i], rng, kind)) for i in idx])
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, dict[str, float]] = {}
     for lo, hi in bands:

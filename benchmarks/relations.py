@@ -9,6 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ldm import shapes as S
+from ldm.shapes_captions import parse_caption
 from ldm.shapes_detect import detect, relation_outcome
 
 OUTCOMES = ("right", "swapped", "orthogonal", "missing")
@@ -21,7 +22,7 @@ def relation_breakdown(generate: Callable[[list[str], int], np.ndarray], prompts
     counts: dict[str, Counter] = {rel: Counter() for rel in (*S.RELATIONS, "all")}
     for k in range(seeds):
         for prompt, image in zip(prompts, generate(prompts, 1000 * k)):
-            parsed = S.parse_caption(prompt)
+            parsed = parse_caption(prompt)
             if parsed.relation is None:
                 raise ValueError(f"relation_breakdown needs relation prompts, got {prompt!r}")
             outcome = relation_outcome(parsed, detect(image))

@@ -5,7 +5,7 @@
     python -m ldm.default_model --out runs/default --resume --export pipelines/default_model
 
 Stages (each trains through the same code a user's data would go through):
-  data    ldm.shapes.export_imagefolder: data/train (train split), data/test-held-out (held-out colour-shape pairs)
+  data    ldm.shapes_data.export_imagefolder: data/train (train split), data/test-held-out (held-out colour-shape pairs)
           and data/test-seen (fresh scenes of the train distribution, another seed), 64 x 64 imagefolders
   clip    ldm.clip_train: a small open_clip CLIP, contrastive (ClipLoss) -> clip/ (open_clip folder)
   vae     autoencoder.train: KL autoencoder, 4 latent channels, f = 4 -> vae/ run, vae-export/ (diffusers vae/)
@@ -170,7 +170,7 @@ def load_recipe(path: str | Path, out: str | Path, overrides: list[str] | None =
 
 
 def stage_data(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
-    from ldm.shapes import export_imagefolder
+    from ldm.shapes_data import export_imagefolder
 
     d = cfg.data
     splits = {"train": ("train", cfg.seed, d.n_train), "test-held-out": ("test", cfg.seed, d.n_test_held_out),
@@ -233,7 +233,7 @@ def stage_unet(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
 def stage_layout(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     """The unet run's EMA weights -> unet-export/; layout-weighted scenes (seed + 2) -> data/train-layout; ldm.train
     from unet-export/ -> unet-layout/ run."""
-    from ldm.shapes import export_imagefolder
+    from ldm.shapes_data import export_imagefolder
     from pipelines.export import export
 
     tune = cfg.unet_layout

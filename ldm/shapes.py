@@ -1,4 +1,4 @@
-"""A deterministic synthetic captioned-shapes dataset: scenes, antialiased renders, captions, a caption parser, splits.
+"""A deterministic synthetic captioned-shapes dataset: scenes, antialiased renders, splits.
 
 A scene is 1-3 non-overlapping flat shapes on a plain muted background. Coordinates are fractions of the image side,
 y pointing down; every shape fills a square bounding box of side `side` centred on (cx, cy).
@@ -6,26 +6,18 @@ y pointing down; every shape fills a square bounding box of side `side` centred 
 Held-out split: the (colour, shape) pairs in HELD_OUT_PAIRS never occur in split "train"; every scene of split "test"
 contains at least one of them (compositional generalisation). `is_held_out(scene)` tells whether a scene has one.
 
-Caption grammar (what `caption` writes and `parse_caption` reads; every object in the scene is mentioned):
-  caption  := group ( REL group | (", " group)* " and " group )? [" on a " BACKGROUND " background"]
-  group    := ("a" | "an" | "two" | "three") [SIZE] [COLOUR] SHAPE["s"] [POSITION]
-  POSITION := "on the left" | "on the right" | "at the top" | "at the bottom" | "in the center"
-  REL      := "above" | "below" | "to the left of" | "to the right of"   ("left of", "right of" also parse)
+Captions and their parser are ldm.shapes_captions; the exported dataset is ldm.shapes_data.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from ldm.io import atomic_directory
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 PLURALS: dict[str, str] = {s: ("crosses" if s == "cross" else s + "s") for s in SHAPES}
@@ -55,8 +47,6 @@ POSITION_STATED = 0.9
 RELATION_STATED = 0.85  # how often a two-object caption states the objects' relation (else "A and B")
 MARGIN = 0.04  # min distance from a shape's box to the image border
 GAP = 0.07  # min gap between two shapes' boxes (about 4.5 px at 64 px)
-_NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
-_NUMBER_WORDS = {2: "two", 3: "three"}
 
 
 def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
@@ -304,149 +294,3 @@ def sample_scene(rng: np.random.Generator, split: str = "train", layout: str | N
             objects = tuple(ShapeSpec(shape, color, sz, float(c[0]), float(c[1]), float(s))
                             for (color, shape), sz, s, c in zip(pairs, sizes, sides, centres))
             return Scene(objects, background)
-
-
-def _group(rng: np.random.Generator, objs: list[ShapeSpec], with_position: bool) -> PromptObject:
-    """The noun group a caption states for objects of one (colour, shape): size (if shared) and position drawn."""
-    o, n = objs[0], len(objs)
-    size = o.size if len({x.size for x in objs}) == 1 and rng.random() < 0.5 else None
-    stated = with_position and n == 1 and o.position is not None and rng.random() < POSITION_STATED
-    return PromptObject(o.shape, o.color, n, size, o.position if stated else None)
-
-
-def group_text(o: PromptObject) -> str:
-    """A noun group in the caption grammar ("a small red circle on the left", "two blue stars")."""
-    words = [w for w in (o.size, o.color) if w is not None] + [o.shape if o.count == 1 else PLURALS[o.shape]]
-    words.insert(0, ("an" if words[0][0] in "aeiou" else "a") if o.count == 1 else _NUMBER_WORDS[o.count])
-    if o.position is not None:
-        words.append(POSITION_PHRASES[o.position])
-    return " ".join(words)
-
-
-def prompt_caption(p: Prompt) -> str:
-    """The caption of a Prompt in the module's grammar; parse_caption(prompt_caption(p)) == p."""
-    groups = [group_text(o) for o in p.objects]
-    if p.relation is not None:
-        a, rel, b = p.relation
-        text = f"{groups[a]} {RELATION_PHRASES[rel]} {groups[b]}"
-    elif len(groups) == 1:
-        text = groups[0]
-    else:
-        text = ", ".join(groups[:-1]) + " and " + groups[-1]
-    return text + (f" on a {p.background} background" if p.background is not None else "")
-
-
-def caption(scene: Scene, rng: np.random.Generator, relation_stated: float = RELATION_STATED) -> str:
-    """A random caption, true of the scene, that mentions every object (grammar in the module docstring); a clear
-    relation between two objects is stated with probability `relation_stated`."""
-    groups: dict[tuple[str, str], list[ShapeSpec]] = {}
-    for o in scene.objects:
-        groups.setdefault((o.color, o.shape), []).append(o)
-    keys = list(groups)
-    gs = [groups[keys[j]] for j in rng.permutation(len(keys))]
-    rel = None
-    if len(gs) == 2 and len(scene.objects) == 2 and rng.random() < relation_stated:
-        a, b = gs[0][0], gs[1][0]
-        rel = relation_of((a.cx, a.cy), (b.cx, b.cy), strict=True)
-    objects = tuple(_group(rng, g, with_position=len(gs) == 1) for g in gs)
-    background = scene.background if rng.random() < 0.25 else None
-    return prompt_caption(Prompt(objects, None if rel is None else (0, rel, 1), background))
-
-
-def _match(tokens: list[str], i: int, phrase: str) -> int:
-    """Index after `phrase` if tokens[i:] starts with it, else -1."""
-    words = phrase.split()
-    return i + len(words) if tokens[i:i + len(words)] == words else -1
-
-
-def _parse_group(tokens: list[str], i: int, text: str) -> tuple[PromptObject, int]:
-    if i >= len(tokens) or tokens[i] not in _NUMBERS:
-        raise ValueError(f"cannot parse caption {text!r}: expected 'a'/'two'/'three' at word {i + 1}")
-    count, i = _NUMBERS[tokens[i]], i + 1
-    size = color = position = None
-    if i < len(tokens) and tokens[i] in SIZES:
-        size, i = tokens[i], i + 1
-    if i < len(tokens) and tokens[i] in COLORS:
-        color, i = tokens[i], i + 1
-    nouns = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURALS.items()}}
-    if i >= len(tokens) or tokens[i] not in nouns:
-        raise ValueError(f"cannot parse caption {text!r}: expected a shape {list(SHAPES)} at word {i + 1}")
-    shape, i = nouns[tokens[i]], i + 1
-    for name, phrase in POSITION_PHRASES.items():
-        for p in (phrase, phrase.replace("center", "middle")):
-            if _match(tokens, i, p) > 0:
-                position, i = name, _match(tokens, i, p)
-    return PromptObject(shape, color, count, size, position), i
-
-
-def parse_caption(text: str) -> Prompt:
-    """Structured attributes of a caption written in this module's grammar; raises ValueError naming the bad word."""
-    tokens = text.lower().replace(",", " , ").replace(".", " ").split()
-    background = None
-    for name in sorted(BACKGROUNDS, key=len, reverse=True):
-        tail = f"on a {name} background".split()
-        if tokens[-len(tail):] == tail:
-            background, tokens = name, tokens[:-len(tail)]
-            break
-    first, i = _parse_group(tokens, 0, text)
-    objects, relation = [first], None
-    for rel in RELATIONS:
-        for phrase in (f"to the {rel}", rel) if rel.endswith(" of") else (rel,):
-            j = _match(tokens, i, phrase)
-            if j > 0 and relation is None:
-                second, i = _parse_group(tokens, j, text)
-                objects.append(second)
-                relation = (0, rel, 1)
-    while relation is None and i < len(tokens) and tokens[i] in (",", "and"):
-        nxt, i = _parse_group(tokens, i + 1, text)
-        objects.append(nxt)
-    if i != len(tokens):
-        raise ValueError(f"cannot parse caption {text!r}: unexpected {' '.join(tokens[i:])!r}")
-    return Prompt(tuple(objects), relation, background)
-
-
-def scene_prompt(scene: Scene) -> Prompt:
-    """The fullest prompt true of a scene (every group with count, size if shared, position if one object)."""
-    groups: dict[tuple[str, str], list[ShapeSpec]] = {}
-    for o in scene.objects:
-        groups.setdefault((o.color, o.shape), []).append(o)
-    objects = tuple(PromptObject(shape, color, len(g), g[0].size if len({x.size for x in g}) == 1 else None,
-                                 g[0].position if len(g) == 1 else None) for (color, shape), g in groups.items())
-    return Prompt(objects, None, scene.background)
-
-
-def dataset_item(seed: int, split: str, index: int, size: int = 64, layouts: dict[str, float] | None = None,
-                 relation_stated: float = RELATION_STATED) -> tuple[Image.Image, str, Scene]:
-    """Image, caption and scene of item `index`: a pure function of its arguments."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
-    rng = np.random.default_rng([seed, SPLITS[split], index])
-    scene = sample_scene(rng, split, layouts=layouts)
-    return render(scene, size), caption(scene, rng, relation_stated), scene
-
-
-def export_imagefolder(out_dir: str | Path, n: int, split: str, seed: int, size: int = 64, overwrite: bool = False,
-                       layouts: dict[str, float] | None = None, relation_stated: float = RELATION_STATED) -> Path:
-    """Write n items as PNGs + metadata.jsonl (Hugging Face imagefolder layout) atomically; same seed, same bytes.
-    `layouts` reweights the scene layouts (default LAYOUTS), e.g. {"relation": 0.6, "single": 0.4};
-    `relation_stated` is how often a two-object caption states the relation.
-
-    Each metadata line has "file_name", "text", "split", "held_out", "scene" (Scene.to_dict) and "prompt" (the
-    caption's parsed attributes). Load with datasets.load_dataset("imagefolder", data_dir=out_dir, split="train").
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    if layouts is not None:
-        check_layouts(layouts)  # before anything is written
-    check_relation_stated(relation_stated)
-    with atomic_directory(out_dir) as tmp:
-        lines = []
-        for i in range(n):
-            image, text, scene = dataset_item(seed, split, i, size, layouts, relation_stated)
-            name = f"{i:06d}.png"
-            image.save(tmp / name, format="PNG")
-            lines.append(json.dumps({"file_name": name, "text": text, "split": split, "held_out": is_held_out(scene),
-                                     "scene": scene.to_dict(), "prompt": parse_caption(text).to_dict()}))
-        (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return out_dir

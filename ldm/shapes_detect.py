@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ldm import shapes as S
+from ldm.shapes_captions import parse_caption
 
 FG_THRESHOLD = 0.2  # RGB distance to the background; every palette colour is >= 0.43 from every background
 MIN_AREA = 0.006  # components smaller than this fraction of the image are noise
@@ -202,7 +203,7 @@ def check(prompt: S.Prompt | str, detections: list[Detection], max_detections: i
     count is True when the number of detections equals the number of objects the prompt names; all = every non-None.
     """
     if isinstance(prompt, str):
-        prompt = S.parse_caption(prompt)
+        prompt = parse_caption(prompt)
     objs = [(g, p) for g, p in enumerate(prompt.objects) for _ in range(p.count)]
     dets = list(detections)[:max_detections]
     slots: list[Detection | None] = dets + [None] * max(0, len(objs) - len(dets))
@@ -232,7 +233,7 @@ def check(prompt: S.Prompt | str, detections: list[Detection], max_detections: i
 
 def score_image(caption: str, image: Image.Image | np.ndarray) -> dict[str, Any]:
     """check(parse_caption(caption), detect(image)): the per-attribute correctness of one generated image."""
-    return check(S.parse_caption(caption), detect(image))
+    return check(parse_caption(caption), detect(image))
 
 
 OPPOSITE: dict[str, str] = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
@@ -244,7 +245,7 @@ def relation_outcome(prompt: S.Prompt | str, detections: list[Detection]) -> str
     not detected). None for a prompt without a relation. Each object is the largest detection of its colour and
     shape, else of its colour (so a wrong shape still places the object); relation as in check (non-strict)."""
     if isinstance(prompt, str):
-        prompt = S.parse_caption(prompt)
+        prompt = parse_caption(prompt)
     if prompt.relation is None:
         return None
     i, rel, j = prompt.relation

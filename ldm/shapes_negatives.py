@@ -4,7 +4,7 @@ Contrastive training with in-batch negatives only learns what tells random capti
 mostly colour). NegCLIP (Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words")
 adds, for each image, captions that differ from the true one in one attribute or in how attributes are bound, so
 the text tower must encode shape, position, relation, count and binding too. Here a negative is written from the
-parsed caption (ldm.shapes.parse_caption), edited once and written back (ldm.shapes.prompt_caption):
+parsed caption (ldm.shapes_captions.parse_caption), edited once and written back (ldm.shapes_captions.prompt_caption):
 
   colour    one object's colour -> another colour             "a red circle"            -> "a blue circle"
   shape     one object's shape -> another shape               "a red circle"            -> "a red star"
@@ -21,7 +21,8 @@ import dataclasses
 
 import numpy as np
 
-from ldm.shapes import COLORS, POSITIONS, RELATIONS, SHAPES, Prompt, parse_caption, prompt_caption
+from ldm.shapes import COLORS, POSITIONS, RELATIONS, SHAPES, Prompt
+from ldm.shapes_captions import parse_caption, prompt_caption
 
 NEGATIVE_KINDS: tuple[str, ...] = ("colour", "shape", "position", "count", "relation", "swap")
 

@@ -267,10 +267,10 @@ def test_default_model_loads_in_diffusers_and_matches(pipe):
 
 def test_bundled_clip_matches_images_to_their_captions(pipe):
     """The small CLIP retrieves the right caption among 32 test images far above chance (1/32): top-1 >= 25%."""
-    from ldm import shapes as S
+    from ldm.shapes_data import dataset_item
 
     clip = load_clip(DEFAULT_MODEL / "clip", text_encoder_folder=DEFAULT_MODEL)
-    items = [S.dataset_item(1, "train", i) for i in range(32)]
+    items = [dataset_item(1, "train", i) for i in range(32)]
     x = torch.from_numpy(np.stack([np.asarray(im) for im, _, _ in items])).float().permute(0, 3, 1, 2) / 127.5 - 1
     ids = clip_text_encoder(clip, json.loads((DEFAULT_MODEL / "clip" / "open_clip_config.json").read_text())).tokenize(
         [c for _, c, _ in items])

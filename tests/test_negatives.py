@@ -1,4 +1,4 @@
-"""Hard-negative captions (ldm.shapes_negatives), the caption writer ldm.shapes.prompt_caption and the NegCLIP loss
+"""Hard-negative captions (ldm.shapes_negatives), the caption writer ldm.shapes_captions.prompt_caption and the NegCLIP loss
 of ldm.clip_train."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import torch
 from ldm import shapes as S
 from ldm.clip_train import ContrastiveStep, negclip_loss
 from ldm.loop import StepContext
+from ldm.shapes_captions import parse_caption, prompt_caption
+from ldm.shapes_data import dataset_item
 from ldm.shapes_detect import check, detect
 from ldm.shapes_negatives import NEGATIVE_KINDS, hard_negative, negative_prompt
 
@@ -28,8 +30,8 @@ def test_prompt_caption_inverts_parse_caption_on_the_dataset():
     """Parsing a generated caption and writing it back gives it word for word (2000 train + test captions)."""
     for split in ("train", "test"):
         for i in range(1000):
-            _, text, _ = S.dataset_item(3, split, i)
-            assert S.prompt_caption(S.parse_caption(text)) == text
+            _, text, _ = dataset_item(3, split, i)
+            assert prompt_caption(parse_caption(text)) == text
 
 
 def test_negatives_change_one_thing_and_are_false_of_the_image():
@@ -37,18 +39,18 @@ def test_negatives_change_one_thing_and_are_false_of_the_image():
     the true caption all-correct and every negative not all-correct on the image itself; every kind occurs."""
     kinds: Counter[str] = Counter()
     for i in range(300):
-        image, text, _ = S.dataset_item(4, "train", i)
+        image, text, _ = dataset_item(4, "train", i)
         dets = detect(image)
-        truth = S.parse_caption(text)
+        truth = parse_caption(text)
         assert check(truth, dets)["all"], text
         for j in range(3):
             rng = np.random.default_rng([i, j])
             neg = negative_prompt(truth, np.random.default_rng([i, j]))
-            assert hard_negative(text, rng) == S.prompt_caption(neg)  # the same draw
+            assert hard_negative(text, rng) == prompt_caption(neg)  # the same draw
             d = _differences(truth, neg)
             swapped = d == 2 and [o.color for o in neg.objects[:2]] == [o.color for o in truth.objects[1::-1]]
-            assert d == 1 or swapped, (text, S.prompt_caption(neg))
-            assert not check(neg, dets)["all"], (text, S.prompt_caption(neg))
+            assert d == 1 or swapped, (text, prompt_caption(neg))
+            assert not check(neg, dets)["all"], (text, prompt_caption(neg))
             changed = [f for o, p in zip(truth.objects, neg.objects) for f in ("color", "shape", "position", "count")
                        if getattr(o, f) != getattr(p, f)]
             kinds["swap" if swapped else "relation" if not changed else
@@ -101,7 +103,7 @@ def test_negative_of_a_given_kind():
     import pytest
 
     rng = np.random.default_rng(0)
-    p = S.parse_caption("a red circle on the left")
+    p = parse_caption("a red circle on the left")
     assert negative_prompt(p, rng, "position").objects[0].position in set(S.POSITIONS) - {"left"}
     assert negative_prompt(p, rng, "shape").objects[0].shape != "circle"
     with pytest.raises(ValueError, match="no relation"):

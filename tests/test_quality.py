@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ldm import shapes as S
+from ldm.shapes_captions import parse_caption
 
 _spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py")
 Q = importlib.util.module_from_spec(_spec)
@@ -96,11 +97,11 @@ def test_prompt_sets_parse_and_respect_the_split(held_out):
     singles, pairs = Q.single_prompts(20, held_out), Q.pair_prompts(20, held_out)
     assert len(singles) == len(pairs) == 20
     for text in singles + pairs:
-        p = S.parse_caption(text)
+        p = parse_caption(text)
         held = [(o.color, o.shape) in S.HELD_OUT_PAIRS for o in p.objects]
         assert any(held) == held_out, text
     for text in pairs:
-        p = S.parse_caption(text)
+        p = parse_caption(text)
         assert len(p.objects) == 2 and p.relation is not None, text
         assert p.objects[0].color != p.objects[1].color and p.objects[0].shape != p.objects[1].shape
     assert len(set(Q.single_prompts(42, False))) == 42  # every seen pair once before repeats

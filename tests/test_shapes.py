@@ -11,6 +11,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from ldm import shapes as S
+from ldm.shapes_captions import caption, parse_caption, scene_prompt
+from ldm.shapes_data import dataset_item, export_imagefolder
 from ldm.shapes_detect import check, connected_components, detect, relation_outcome
 
 N_CLEAN = 500  # images for the clean-accuracy test (half train, half test split)
@@ -18,28 +20,28 @@ N_DEGRADED = 250  # images for the blur + noise robustness test
 
 
 def _items(n: int, seed: int):
-    return [S.dataset_item(seed, "train" if i % 2 == 0 else "test", i) for i in range(n)]
+    return [dataset_item(seed, "train" if i % 2 == 0 else "test", i) for i in range(n)]
 
 
 def test_same_seed_same_bytes(tmp_path):
-    a = S.export_imagefolder(tmp_path / "a", 16, "train", seed=7)
-    b = S.export_imagefolder(tmp_path / "b", 16, "train", seed=7)
-    c = S.export_imagefolder(tmp_path / "c", 16, "train", seed=8)
+    a = export_imagefolder(tmp_path / "a", 16, "train", seed=7)
+    b = export_imagefolder(tmp_path / "b", 16, "train", seed=7)
+    c = export_imagefolder(tmp_path / "c", 16, "train", seed=8)
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir()) and len(names) == 17  # 16 PNGs + metadata.jsonl
     assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
     assert (a / "metadata.jsonl").read_bytes() != (c / "metadata.jsonl").read_bytes()
     # an item depends only on (seed, split, index), not on how many items are exported
-    img, text, _ = S.dataset_item(7, "train", 3)
+    img, text, _ = dataset_item(7, "train", 3)
     assert np.array_equal(np.asarray(img), np.asarray(Image.open(a / "000003.png")))
     assert json.loads((a / "metadata.jsonl").read_text().splitlines()[3])["text"] == text
 
 
 def test_export_is_atomic_and_refuses_to_clobber(tmp_path):
-    out = S.export_imagefolder(tmp_path / "ds", 3, "test", seed=0)
+    out = export_imagefolder(tmp_path / "ds", 3, "test", seed=0)
     with pytest.raises(FileExistsError, match="overwrite"):
-        S.export_imagefolder(out, 3, "test", seed=0)
-    S.export_imagefolder(out, 5, "test", seed=1, overwrite=True)
+        export_imagefolder(out, 3, "test", seed=0)
+    export_imagefolder(out, 5, "test", seed=1, overwrite=True)
     assert len(list(out.glob("*.png"))) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary or old folders left behind
 
@@ -58,19 +60,19 @@ def test_layout_weights_reweight_the_mix_and_default_is_unchanged(tmp_path):
         a, b = S.sample_scene(np.random.default_rng([6, i]), "train", layouts={"relation": 1.0}).objects
         assert S.relation_of((a.cx, a.cy), (b.cx, b.cy), strict=True) is not None
     for stated in (0.0, 1.0):  # relation_stated: how often a two-object caption states the relation
-        texts = [S.dataset_item(8, "train", i, layouts={"relation": 1.0}, relation_stated=stated)[1] for i in range(20)]
-        assert all((S.parse_caption(t).relation is not None) == bool(stated) for t in texts)
-    img, text, scene = S.dataset_item(7, "train", 3)
-    img2, text2, scene2 = S.dataset_item(7, "train", 3, layouts=dict(S.LAYOUTS))
+        texts = [dataset_item(8, "train", i, layouts={"relation": 1.0}, relation_stated=stated)[1] for i in range(20)]
+        assert all((parse_caption(t).relation is not None) == bool(stated) for t in texts)
+    img, text, scene = dataset_item(7, "train", 3)
+    img2, text2, scene2 = dataset_item(7, "train", 3, layouts=dict(S.LAYOUTS))
     assert text == text2 and scene == scene2 and np.array_equal(np.asarray(img), np.asarray(img2))
     with pytest.raises(ValueError, match=r"unknown layout\(s\) \['relations'\]"):
-        S.export_imagefolder(tmp_path / "bad", 2, "train", 0, layouts={"relations": 1.0})
+        export_imagefolder(tmp_path / "bad", 2, "train", 0, layouts={"relations": 1.0})
     with pytest.raises(ValueError, match="not all 0"):
-        S.export_imagefolder(tmp_path / "bad", 2, "train", 0, layouts={"single": 0.0})
+        export_imagefolder(tmp_path / "bad", 2, "train", 0, layouts={"single": 0.0})
     with pytest.raises(ValueError, match="finite"):
-        S.export_imagefolder(tmp_path / "bad", 2, "train", 0, layouts={"single": float("nan")})
+        export_imagefolder(tmp_path / "bad", 2, "train", 0, layouts={"single": float("nan")})
     with pytest.raises(ValueError, match=r"relation_stated must lie in \[0, 1\]"):
-        S.export_imagefolder(tmp_path / "bad", 2, "train", 0, relation_stated=1.5)
+        export_imagefolder(tmp_path / "bad", 2, "train", 0, relation_stated=1.5)
     assert not (tmp_path / "bad").exists()
 
 
@@ -106,7 +108,7 @@ def test_scene_geometry_invariants():
 
 def _consistent(text: str, scene: S.Scene) -> None:
     """The parsed caption states only true things about the scene and names every object in it."""
-    p = S.parse_caption(text)
+    p = parse_caption(text)
     groups: dict[tuple[str, str], list[S.ShapeSpec]] = defaultdict(list)
     for o in scene.objects:
         groups[(o.color, o.shape)].append(o)
@@ -137,7 +139,7 @@ def test_caption_mix_states_positions_and_relations_often():
     of captions stating a position is 0.45 x 0.9 = 40.5% (single layouts always have a strict position) and one
     stating a relation at least 0.35 x 0.85 = 29.8%; measured on 3000 scenes (binomial sd < 1%)."""
     rng = np.random.default_rng(3)
-    prompts = [S.parse_caption(S.caption(S.sample_scene(rng, "train"), rng)) for _ in range(3000)]
+    prompts = [parse_caption(caption(S.sample_scene(rng, "train"), rng)) for _ in range(3000)]
     position = np.mean([any(o.position is not None for o in p.objects) for p in prompts])
     relation = np.mean([p.relation is not None for p in prompts])
     assert abs(position - S.LAYOUTS["single"] * S.POSITION_STATED) < 0.03, position
@@ -146,20 +148,20 @@ def test_caption_mix_states_positions_and_relations_often():
 
 def test_parser_on_handwritten_captions():
     P, O = S.Prompt, S.PromptObject
-    assert S.parse_caption("a red circle above a blue square") == P((O("circle", "red"), O("square", "blue")),
+    assert parse_caption("a red circle above a blue square") == P((O("circle", "red"), O("square", "blue")),
                                                                    (0, "above", 1))
-    assert S.parse_caption("a large blue square on the left") == P((O("square", "blue", 1, "large", "left"),))
-    assert S.parse_caption("two green stars") == P((O("star", "green", 2),))
-    assert S.parse_caption("a white cross left of an orange diamond on a dark gray background") == P(
+    assert parse_caption("a large blue square on the left") == P((O("square", "blue", 1, "large", "left"),))
+    assert parse_caption("two green stars") == P((O("star", "green", 2),))
+    assert parse_caption("a white cross left of an orange diamond on a dark gray background") == P(
         (O("cross", "white"), O("diamond", "orange")), (0, "left of", 1), "dark gray")
-    assert S.parse_caption("A red circle, a cyan triangle and three small purple crosses.") == P(
+    assert parse_caption("A red circle, a cyan triangle and three small purple crosses.") == P(
         (O("circle", "red"), O("triangle", "cyan"), O("cross", "purple", 3, "small")))
-    p = S.parse_caption("a small yellow circle in the middle to the right of a square")
+    p = parse_caption("a small yellow circle in the middle to the right of a square")
     assert S.Prompt.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     with pytest.raises(ValueError, match="expected a shape"):
-        S.parse_caption("a red banana")
+        parse_caption("a red banana")
     with pytest.raises(ValueError, match="unexpected 'next to"):
-        S.parse_caption("a red circle next to a blue square")
+        parse_caption("a red circle next to a blue square")
 
 
 def test_bad_input_errors_name_the_problem():
@@ -205,7 +207,7 @@ def _accuracy(n: int, degrade: bool) -> dict[str, float]:
     hits: dict[str, list[bool]] = defaultdict(list)
     for i, (img, text, scene) in enumerate(_items(n, seed=2024 + degrade)):
         dets = detect(_degrade(img, np.random.default_rng(i)) if degrade else img)
-        for name, prompt in (("scene", S.scene_prompt(scene)), ("caption", S.parse_caption(text))):
+        for name, prompt in (("scene", scene_prompt(scene)), ("caption", parse_caption(text))):
             for key, ok in check(prompt, dets).items():
                 if ok is not None:
                     hits[f"{name}.{key}"].append(ok)
@@ -262,7 +264,7 @@ def test_check_rejects_wrong_prompts():
 def test_export_loads_with_datasets_imagefolder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     datasets = pytest.importorskip("datasets")
-    out = S.export_imagefolder(tmp_path / "shapes", 12, "train", seed=3)
+    out = export_imagefolder(tmp_path / "shapes", 12, "train", seed=3)
     ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "cache"))
     assert len(ds) == 12 and {"image", "text", "scene", "prompt", "held_out"} <= set(ds.column_names)
     meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
@@ -272,7 +274,7 @@ def test_export_loads_with_datasets_imagefolder(tmp_path, monkeypatch):
     match = next(m for m in meta if m["text"] == row["text"])
     assert row["image"].size == (64, 64)
     assert np.array_equal(np.asarray(row["image"].convert("RGB")), np.asarray(Image.open(out / match["file_name"])))
-    assert S.Prompt.from_dict(row["prompt"]) == S.parse_caption(row["text"])
+    assert S.Prompt.from_dict(row["prompt"]) == parse_caption(row["text"])
     assert S.Scene.from_dict(row["scene"]) == S.Scene.from_dict(match["scene"])
 
 

@@ -29,7 +29,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     global slot (ldm.checkpoint.slot_generators), gradients averaged by DDP instead of one batch mean. Only float
     summation order differs, so weights agree to 1e-5 absolute (AdamW at lr 3e-4 moves weights by ~1e-3 in 3 steps;
     measured: 1.7e-7 on CPU)."""
-    from ldm.shapes import export_imagefolder
+    from ldm.shapes_data import export_imagefolder
 
     data = export_imagefolder(tmp_path / "shapes", 16, "train", 0, size=32)
     extra = [f"run.max_steps={STEPS}", f"run.checkpoint_every={STEPS}", "optim.gradient_accumulation_steps=1",
