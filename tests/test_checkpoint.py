@@ -157,10 +157,11 @@ def test_folder_digest_changes_with_any_byte_and_ignores_temporaries(tmp_path):
 # -------------------------------------------------------------------------------------------------- checkpoints
 
 
-def _tiny_run(seed: int = 0):
+def _tiny_run(seed: int = 0, fused: bool = False):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
-    opt = build_optimizer(list(model.parameters()), OptimConfig(lr=1e-2, warmup_steps=2, lr_scheduler="cosine"))
+    opt = build_optimizer(list(model.parameters()),
+                          OptimConfig(lr=1e-2, warmup_steps=2, lr_scheduler="cosine", fused=fused))
     sched = build_lr_scheduler(opt, OptimConfig(lr=1e-2, warmup_steps=2, lr_scheduler="cosine"), 10)
     return model, opt, sched, EMA(model, EMAConfig(decay=0.9))
 
@@ -200,6 +201,26 @@ def test_checkpoint_round_trip_continues_bitwise(tmp_path):
     for p, q in zip(a[3].shadow, c[3].shadow):
         assert torch.equal(p, q)
     assert a[2].get_last_lr() == c[2].get_last_lr() and a[3].num_updates == c[3].num_updates == 6
+
+
+def test_fused_adamw_takes_the_reference_steps_and_resumes_bitwise(tmp_path):
+    """optim.fused: torch's fused AdamW kernel follows the per-parameter loop to float32 rounding over 6 steps, and a
+    fused run saved at step 3 and resumed continues bitwise."""
+    ref, fused = _tiny_run(), _tiny_run(fused=True)
+    assert fused[1].defaults["fused"] and not ref[1].defaults["fused"]
+    _train(*ref, 6)
+    _train(*fused, 6)
+    for p, q, init in zip(ref[0].parameters(), fused[0].parameters(), _tiny_run()[0].parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (p - q).abs().max()
+        assert (p - init).abs().max() > 1e-3  # the steps moved the weights
+    b = _tiny_run(fused=True)
+    _train(*b, 3)
+    c = _tiny_run(seed=123, fused=True)
+    load_checkpoint(_save(tmp_path, 3, *b), models={"net": c[0]}, emas={"net": c[3]}, optimizers={"net": c[1]},
+                    schedulers={"net": c[2]})
+    _train(*c, 3, start=3)
+    for p, q in zip(fused[0].parameters(), c[0].parameters()):
+        assert torch.equal(p, q)
 
 
 def test_rng_state_round_trip():
