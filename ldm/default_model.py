@@ -49,6 +49,7 @@ from ldm.checkpoint import folder_digest, list_checkpoints
 from ldm.clip_train import ClipTrainConfig, clip_text_encoder, export_clip, load_clip, save_clip, train_clip
 from ldm.config import apply_overrides, from_dict, load_yaml, save_config
 from ldm.io import write_text
+from ldm.launch import launch_train
 from ldm.train import load_vae, train
 from ldm.schedule import sd_schedule
 from ldm.shapes_negatives import hard_negative
@@ -99,6 +100,9 @@ class DefaultModelConfig:
     unet: TrainConfig
     seed: int = 0
     num_threads: int | None = 1  # torch CPU threads (None: torch's default); 1 is fastest on a shared 2-core CPU
+    # The U-Net stages (unet, layout) in this many local processes (ldm.launch: accelerate, DDP), num_threads each;
+    # their run.batch_size stays the global batch. 1: in this process.
+    num_processes: int = 1
     data: DataStageConfig = field(default_factory=DataStageConfig)
     # After unet.run.max_steps, continue the same run to each of these step counts in turn, the LR schedule's
     # horizon moved to each (a warm restart: cosine resumes at lr(step) of the longer schedule)
@@ -111,6 +115,12 @@ class DefaultModelConfig:
     def __post_init__(self) -> None:
         if self.vae_decoder is not None and self.vae_decoder.train_encoder:
             raise ValueError("vae_decoder.train_encoder must be false: the U-Net was trained on the encoder's latents")
+        if self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+        for name, run in (("unet", self.unet), ("unet_layout.unet", self.unet_layout and self.unet_layout.unet)):
+            if run and run.run.batch_size % self.num_processes:
+                raise ValueError(f"{name}.run.batch_size {run.run.batch_size} does not split evenly between "
+                                 f"num_processes={self.num_processes} processes")
         horizons = [self.unet.run.max_steps, *self.unet_extend_to]
         if any(b <= a for a, b in zip(horizons, horizons[1:])):
             raise ValueError(f"unet_extend_to must rise above unet.run.max_steps ({self.unet.run.max_steps}), "
@@ -226,8 +236,17 @@ def stage_unet(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
         done = list_checkpoints(out / "unet" / "checkpoints")
         if i < len(horizons) - 1 and done and done[-1][0] >= steps:
             continue
-        result = train(replace(cfg.unet, run=replace(cfg.unet.run, max_steps=steps)))
-    return {"step": result["step"], **_last_losses(out / "unet")}
+        step = train_unet(cfg, replace(cfg.unet, run=replace(cfg.unet.run, max_steps=steps)))
+    return {"step": step, **_last_losses(out / "unet")}
+
+
+def train_unet(cfg: DefaultModelConfig, config: TrainConfig) -> int:
+    """ldm.train on `config` here, or in cfg.num_processes local processes (ldm.launch); returns the last step."""
+    if cfg.num_processes == 1:
+        return int(train(config)["step"])
+    run = Path(config.run.output_dir)
+    launch_train(config, cfg.num_processes, run.with_suffix(".launch.yaml"), threads_per_process=cfg.num_threads)
+    return list_checkpoints(run / "checkpoints")[-1][0]
 
 
 def stage_layout(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
@@ -247,8 +266,8 @@ def stage_layout(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     export_imagefolder(out / "data" / "train-layout", tune.n_train, "train", cfg.seed + 2, size=cfg.data.size,
                        overwrite=True, layouts=tune.layouts, relation_stated=tune.relation_stated)
     write_text(start, record)
-    result = train(tune.unet)
-    return {"skipped": False, "step": result["step"], **_last_losses(out / "unet-layout")}
+    step = train_unet(cfg, tune.unet)
+    return {"skipped": False, "step": step, **_last_losses(out / "unet-layout")}
 
 
 def stage_decoder(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
