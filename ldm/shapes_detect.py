@@ -157,11 +157,15 @@ def _fit_shape(alpha: np.ndarray, region: np.ndarray, size: int) -> tuple[str, f
 
 
 def detect(image: Image.Image | np.ndarray) -> list[Detection]:
-    """Objects in a square RGB image (PIL, or an (H, W, 3) array in [0, 1]), sorted by area, largest first."""
-    x = np.asarray(image.convert("RGB"), dtype=np.float64) / 255 if isinstance(image, Image.Image) else image
-    x = np.asarray(x, dtype=np.float64)
+    """Objects in a square RGB image (PIL, an (H, W, 3) uint8 array, or a float array in [0, 1]), sorted by area,
+    largest first."""
+    x = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     if x.ndim != 3 or x.shape[2] != 3 or x.shape[0] != x.shape[1]:
         raise ValueError(f"detect expects a square RGB image (H, W, 3), got shape {x.shape}")
+    x = x / 255.0 if x.dtype == np.uint8 else np.asarray(x, dtype=np.float64)
+    if not (np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0):
+        raise ValueError(f"detect expects float pixel values in [0, 1] (or a uint8 image), got values in "
+                         f"[{x.min():.3g}, {x.max():.3g}]")
     size = x.shape[0]
     x = _smooth(x)
     bg = estimate_background(x)

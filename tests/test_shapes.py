@@ -171,6 +171,11 @@ def test_bad_input_errors_name_the_problem():
         S.sample_scene(np.random.default_rng(0), "val")
     with pytest.raises(ValueError, match="square RGB image"):
         detect(np.zeros((32, 48, 3)))
+    image = S.render(S.Scene((S.ShapeSpec("star", "red", "large", 0.5, 0.5, 0.45),)))
+    as_uint8 = np.asarray(image)
+    assert detect(as_uint8) == detect(image) == detect(as_uint8 / 255.0) and len(detect(image)) == 1
+    with pytest.raises(ValueError, match=r"values in \[0, 1\] \(or a uint8 image\), got values in \[30, 220\]"):
+        detect(as_uint8.astype(np.float64))  # 0..255 floats would be read as all foreground
 
 
 def test_held_out_pairs_never_in_train_always_in_test():
