@@ -1,0 +1,109 @@
+"""Training-step options on the default model's U-Net, against the plain float32 step, in one run.
+
+Every variant trains its own copy of the same seeded U-Net (configs/default-model.yaml `unet_model`, 4 x 16 x 16
+latents, 77 x 64 text states) on the same batches; the variants' steps are interleaved (round-robin) so load drift
+hits all of them. Reported: the median step time, images/s and each variant's speed as a ratio to the plain step.
+
+  plain          float32, torch's AdamW (per-parameter loop: torch's CPU default)
+  fused          optim.fused: torch's fused AdamW kernel
+  bf16           run.mixed_precision=bf16: torch.autocast(bfloat16) around the forward
+  channels_last  the U-Net's weights and input in channels-last memory format (not a training option; measured)
+
+    python benchmarks/train_options.py                     # CPU, batch 32, 2 threads
+    python benchmarks/train_options.py --batch 64 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.measure import measure, write_report  # noqa: E402
+from ldm.config import from_dict, load_yaml  # noqa: E402
+from ldm.diffusion import diffusion_loss, q_sample  # noqa: E402
+from ldm.schedule import sd_schedule  # noqa: E402
+from ldm.unet import UNet, UNetConfig  # noqa: E402
+
+VARIANTS: dict[str, dict[str, bool]] = {
+    "plain": {},
+    "fused": {"fused": True},
+    "bf16": {"bf16": True},
+    "channels_last": {"channels_last": True},
+}
+
+
+def make_step(cfg: UNetConfig, data: list[tuple[torch.Tensor, ...]], *, fused: bool = False, bf16: bool = False,
+              channels_last: bool = False) -> Callable[[], torch.Tensor]:
+    """One training step per call over `data` in turn (v-prediction loss, AdamW lr 1e-4) for a fresh seeded U-Net."""
+    torch.manual_seed(0)
+    unet = UNet(cfg).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    unet = unet.to(memory_format=fmt)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True if fused else None)
+    ac = sd_schedule().alphas_cumprod()
+    position = [0]
+
+    def step() -> torch.Tensor:
+        z, c, t, eps = data[position[0] % len(data)]
+        position[0] += 1
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            out = unet(q_sample(z, t, ac, eps).contiguous(memory_format=fmt), t, c).float()
+        loss = diffusion_loss(out, z, eps, t, ac, prediction="v_prediction").mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per variant")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = from_dict(UNetConfig, load_yaml(ROOT / "configs/default-model.yaml")["unet_model"])
+    g = torch.Generator().manual_seed(0)
+    b, side = args.batch, cfg.sample_size
+    data = [(torch.randn(b, cfg.in_channels, side, side, generator=g), torch.randn(b, 77, cfg.cross_attention_dim,
+             generator=g), torch.randint(0, 1000, (b,), generator=g), torch.randn(b, cfg.in_channels, side, side,
+             generator=g)) for _ in range(4)]
+    steps = {name: make_step(cfg, data, **kw) for name, kw in VARIANTS.items()}
+    for _ in range(args.warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.steps):
+        for name, fn in steps.items():
+            times[name].append(measure(fn, torch.device("cpu"))[1])
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = {name: {"step_ms": 1000 * median[name], "images_per_s": b / median[name],
+                   "speed_over_plain": median["plain"] / median[name]} for name in steps}
+    md = ["| variant | step (ms) | images/s | speed / plain |", "|---|---|---|---|"]
+    md += [f"| {k} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | {r['speed_over_plain']:.3f} |"
+           for k, r in rows.items()]
+    md.append(f"\nU-Net of configs/default-model.yaml ({sum(p.numel() for p in UNet(cfg).parameters()):,} parameters), "
+              f"batch {b}, latent {side}, {args.threads} CPU threads, {args.steps} interleaved steps per variant "
+              f"(medians), torch {torch.__version__}")
+    write_report(args.out, "train-options-cpu", {"batch": b, "threads": args.threads, "steps": args.steps,
+                                                 "torch": torch.__version__, "variants": rows}, "\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
