@@ -49,7 +49,7 @@ from ldm.checkpoint import folder_digest, list_checkpoints
 from ldm.clip_train import ClipTrainConfig, clip_text_encoder, export_clip, load_clip, save_clip, train_clip
 from ldm.config import apply_overrides, from_dict, load_yaml, save_config
 from ldm.io import write_text
-from ldm.launch import launch_train
+from ldm.launch import launch_train, split_batch
 from ldm.train import load_vae, train
 from ldm.schedule import sd_schedule
 from ldm.shapes_negatives import hard_negative
@@ -115,12 +115,9 @@ class DefaultModelConfig:
     def __post_init__(self) -> None:
         if self.vae_decoder is not None and self.vae_decoder.train_encoder:
             raise ValueError("vae_decoder.train_encoder must be false: the U-Net was trained on the encoder's latents")
-        if self.num_processes < 1:
-            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
-        for name, run in (("unet", self.unet), ("unet_layout.unet", self.unet_layout and self.unet_layout.unet)):
-            if run and run.run.batch_size % self.num_processes:
-                raise ValueError(f"{name}.run.batch_size {run.run.batch_size} does not split evenly between "
-                                 f"num_processes={self.num_processes} processes")
+        for run in (self.unet, self.unet_layout and self.unet_layout.unet):
+            if run:
+                split_batch(run, self.num_processes)  # fails now, naming the batch, not hours later
         horizons = [self.unet.run.max_steps, *self.unet_extend_to]
         if any(b <= a for a, b in zip(horizons, horizons[1:])):
             raise ValueError(f"unet_extend_to must rise above unet.run.max_steps ({self.unet.run.max_steps}), "

@@ -34,7 +34,8 @@ def split_batch(config: TrainConfig, num_processes: int) -> TrainConfig:
         raise ConfigError(f"num_processes must be >= 1, got {num_processes}")
     batch = config.run.batch_size
     if batch % num_processes:
-        raise ConfigError(f"run.batch_size {batch} does not split evenly between {num_processes} processes")
+        raise ConfigError(f"run.batch_size {batch} of {config.run.output_dir} does not split evenly between "
+                          f"{num_processes} processes (num_processes)")
     return replace(config, run=replace(config.run, batch_size=batch // num_processes))
 
 

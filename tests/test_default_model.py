@@ -212,8 +212,10 @@ def test_recipe_unet_stage_in_two_processes_matches_one(tmp_path):
         assert a.keys() == b.keys()
         diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
         assert (diff > 1e-5).float().mean() < 1e-4 and diff.max() < 1e-3, (part, diff.max())
-    with pytest.raises(ValueError, match="does not split evenly"):
+    with pytest.raises(ValueError, match="batch_size 4 of .*unet does not split evenly between 3 processes"):
         load_recipe(DEFAULT_CONFIG, two, [*TINY_RUN, "num_processes=3"])
+    with pytest.raises(ValueError, match="num_processes must be >= 1"):
+        load_recipe(DEFAULT_CONFIG, two, [*TINY_RUN, "num_processes=0"])
 
 
 # ---------------------------------------------------------------------------------------- the bundled model
