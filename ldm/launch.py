@@ -1,8 +1,8 @@
 """Run ldm.train in several local processes: `accelerate launch --multi_gpu` (torchrun; gloo DDP on a CPU-only
 machine), each process with its own torch threads, and the global batch split between them.
 
-On a 2-core CPU, two processes with one thread each train faster than one process with two threads: torch's
-intra-op threading gains little on the default model's small tensors (docs/default-model.md, "The time budget").
+Meant for several GPUs or many cores: on the 2-core CPU, two processes with one thread each train the default
+model's U-Net at 0.78x the speed of one process with two threads (benchmarks/train_processes.py).
 Slot generators (ldm.checkpoint.slot_generators) give every global slot the same record, timestep, noise and
 dropout as one process would, so the runs differ only in float summation order (tests/test_train_multiprocess.py).
 """
@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,11 +40,15 @@ def split_batch(config: TrainConfig, num_processes: int) -> TrainConfig:
     return replace(config, run=replace(config.run, batch_size=batch // num_processes))
 
 
-def launch_command(config_path: str | Path, num_processes: int, mixed_precision: str, port: int) -> list[str]:
-    """The `accelerate launch` command line that runs `python -m ldm.train --config config_path` in N processes."""
+def launch_command(config_path: str | Path, num_processes: int, mixed_precision: str, port: int,
+                   overrides: Sequence[str] = ()) -> list[str]:
+    """The `accelerate launch` command line that runs `python -m ldm.train --config config_path [overrides]` in N
+    processes. `--cpu` alone would take accelerate's simple launcher (ONE process unless an mpirun hostfile is
+    given); on a machine without GPUs `--multi_gpu` starts N processes with torchrun and accelerate picks MULTI_CPU
+    (gloo)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
             "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
-            "--main_process_port", str(port), "-m", "ldm.train", "--config", str(config_path)]
+            "--main_process_port", str(port), "-m", "ldm.train", "--config", str(config_path), *overrides]
 
 
 def launch_train(config: TrainConfig, num_processes: int, config_path: str | Path, *,

@@ -4,23 +4,16 @@ global batch."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 
 from ldm.io import load_state_dict
+from ldm.launch import free_port, launch_command
 from ldm.train import train
 from tests.test_train import ROOT, tiny_config, tiny_overrides
 
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -37,12 +30,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     one = tmp_path / "one"
     train(tiny_config(data, one, "run.batch_size=4", *extra))
     two = tmp_path / "two"
-    # `--cpu` alone would take accelerate's simple launcher (ONE process unless an mpirun hostfile is given); on a
-    # machine without GPUs `--multi_gpu` starts 2 processes with torchrun and accelerate picks MULTI_CPU (gloo).
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "ldm.train", "--config", str(ROOT / "configs/train-tiny.yaml"),
-           *tiny_overrides(data, two, "run.batch_size=2", *extra)]
+    cmd = launch_command(ROOT / "configs/train-tiny.yaml", 2, "no", free_port(),
+                         tiny_overrides(data, two, "run.batch_size=2", *extra))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, result.stderr[-4000:]
