@@ -69,6 +69,22 @@ def test_ema_matches_diffusers_ema_model(warmup, kwargs):
         assert torch.equal(a, b)
 
 
+def test_ema_update_is_the_per_tensor_formula_bit_for_bit():
+    """The multi-tensor update is s - (1 - d) (s - p) per tensor, also for a float32 shadow of bf16 weights."""
+    from ldm.ema import ema_update_
+
+    g = torch.Generator().manual_seed(0)
+    shadow = [torch.randn(n, 7, generator=g) for n in (1, 5, 300)]
+    params = [torch.randn(s.shape, generator=g).to(dtype) for s, dtype in zip(shadow, (torch.float32, torch.bfloat16,
+                                                                                       torch.float32))]
+    for decay in (0.0, 0.3, 0.999):
+        expected = [s - (1.0 - decay) * (s - p.to(s.dtype)) for s, p in zip(shadow, params)]
+        ema_update_(shadow, params, decay)
+        assert all(torch.equal(s, e) for s, e in zip(shadow, expected))
+    with pytest.raises(ValueError, match="2 shadow tensors for 3 parameters"):
+        ema_update_(shadow[:2], params, 0.5)
+
+
 def test_ema_decay_warmups_and_store_restore():
     cfg = EMAConfig(decay=0.999, warmup="simple")
     assert ema_decay(1, cfg) == 0.0 and ema_decay(2, cfg) == pytest.approx(2 / 11) and ema_decay(10**6, cfg) == 0.999
