@@ -210,9 +210,12 @@ class _Decoder:
     def __init__(self, config: DataConfig, base: Path | None) -> None:
         self.config, self.base, self.num_skipped = config, base, 0
 
-    def __call__(self, record: dict[str, Any], epoch: int, index: int) -> Sample:
+    def __call__(self, record: dict[str, Any], epoch: int, index: int, *, image: bool = True) -> Sample:
+        """image=False: caption and index only, the image is not opened (its latent is cached: CaptionedImages)."""
         _check_columns(list(record), self.config)
         caption = record[self.config.caption_column]
+        if not image:
+            return {"caption": "" if caption is None else str(caption), "index": index}
         try:
             with open_image(record[self.config.image_column], self.base) as image:
                 image.load()
@@ -227,6 +230,7 @@ class _Decoder:
 
 def collate(samples: list[Sample]) -> dict[str, Any]:
     """Stack the readable samples: pixel_values (B, 3, H, W), captions list[str], indices (B,), num_skipped ().
+    pixel_values is left out when the samples carry no image (CaptionedImages.images = False).
 
     indices: the record index (map-style), or the position in the epoch's stream (streaming; the record index when
     shuffle=False). num_skipped: unreadable records this batch drew (sum it, e.g. with accelerator.reduce, to log).
@@ -236,8 +240,12 @@ def collate(samples: list[Sample]) -> dict[str, Any]:
     if not kept:
         return {"pixel_values": torch.empty(0, 3, 0, 0), "captions": [], "indices": torch.empty(0, dtype=torch.long),
                 "num_skipped": num_skipped}
+    with_pixels = ["pixel_values" in s for s in kept]
+    if any(with_pixels) and not all(with_pixels):
+        raise ValueError("collate: some samples carry pixel_values and some do not")
+    batch = {"pixel_values": torch.stack([s["pixel_values"] for s in kept])} if all(with_pixels) else {}
     return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in kept]),
+        **batch,
         "captions": [s["caption"] for s in kept],
         "indices": torch.tensor([s["index"] for s in kept], dtype=torch.long),
         "num_skipped": num_skipped,
@@ -299,10 +307,15 @@ class ResumableSampler(_Position, Sampler[tuple[int, int]]):
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Map-style captioned images; index with (epoch, i) from ResumableSampler (or a plain i, epoch 0)."""
+    """Map-style captioned images; index with (epoch, i) from ResumableSampler (or a plain i, epoch 0).
+
+    `images = False` stops opening images: samples are then caption and index only. A trainer that caches every
+    record's latent sets it (ldm.train with run.cache_latents); DataLoader workers see the change at their next start.
+    """
 
     def __init__(self, records: datasets.Dataset, config: DataConfig, base: Path | None = None) -> None:
         self.records, self.decode = records, _Decoder(config, base)
+        self.images = True
 
     @property
     def num_skipped(self) -> int:
@@ -316,7 +329,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for {len(self.records)} records")
-        return self.decode(self.records[index], epoch, index)
+        return self.decode(self.records[index], epoch, index, image=self.images)
 
 
 class StreamingCaptionedImages(_Position, torch.utils.data.IterableDataset):

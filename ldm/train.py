@@ -118,17 +118,19 @@ def dropout_mask(generators: list[torch.Generator], p: float) -> torch.Tensor:
 
 class DiffusionStep:
     """The per-micro-batch loss of latent diffusion (module docstring); holds the frozen VAE, the text encoder
-    (`text`: the prepared module when it is trained, else parts.text_encoder) and the latent cache."""
+    (`text`: the prepared module when it is trained, else parts.text_encoder) and the latent cache. Once the cache
+    holds every record of `dataset` (a map-style ldm.data.CaptionedImages), it stops the dataset decoding images."""
 
     def __init__(self, config: TrainConfig, parts: Components, unet: torch.nn.Module, device: torch.device,
                  dtype: torch.dtype, text: torch.nn.Module | None = None,
-                 t_weights: torch.Tensor | None = None) -> None:
+                 t_weights: torch.Tensor | None = None, dataset: Any = None) -> None:
         self.config, self.unet, self.device, self.dtype = config, unet, device, dtype
         self.vae, self.text = parts.vae, parts.text_encoder if text is None else text
         self.alphas_cumprod = parts.schedule.alphas_cumprod().to(device)
         self.prediction = parts.schedule.prediction_type
         self.cache: dict[int, torch.Tensor] = {}
         self.t_weights = t_weights  # None: uniform t (train's timestep_weights)
+        self.dataset = dataset if hasattr(dataset, "images") else None
         if config.run.cache_latents:  # one image at a time: a cached moment must not depend on its batch-mates
             self.vae.enable_slicing()
 
@@ -145,10 +147,15 @@ class DiffusionStep:
         if self.config.run.cache_latents and all(i in self.cache for i in indices):
             moments = torch.stack([self.cache[i] for i in indices]).to(self.device)
         else:
+            if "pixel_values" not in batch:
+                missing = [i for i in indices if i not in self.cache]
+                raise RuntimeError(f"a batch without images, but records {missing[:5]} have no cached latent")
             pixels = batch["pixel_values"].to(self.device, self.dtype)  # (B, 3, H, W)
             moments = self.vae.encode(pixels).parameters  # (B, 2C, h, w)
             if self.config.run.cache_latents:
                 self.cache.update({i: m.cpu() for i, m in zip(indices, moments, strict=True)})
+                if self.dataset is not None and len(self.cache) == len(self.dataset):
+                    self.dataset.images = False  # every record is cached: stop opening images
         return self.vae.scale_latents(DiagonalGaussian(moments).sample(gens)).float()  # (B, C, h, w)
 
     def __call__(self, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
@@ -270,7 +277,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if train_text:  # in training mode: validation encodes its empty prompt afresh (PromptEncoder.empty_embedding)
         trained.append(text_part(config, parts.text_encoder, accelerator))
     step_fn = DiffusionStep(config, parts, unet_p, device, dtype, text=trained[1].model if train_text else None,
-                            t_weights=t_weights)
+                            t_weights=t_weights, dataset=loader.dataset)
 
     def validate(step: int) -> None:
         if not run.validate_every or step % run.validate_every:

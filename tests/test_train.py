@@ -62,6 +62,26 @@ def test_straight_run_writes_checkpoints_and_log(straight):
 
 
 @pytest.mark.slow
+def test_cached_latents_stop_image_decoding_and_leave_the_run_unchanged(shapes, tmp_path, monkeypatch):
+    """run.cache_latents (train-tiny.yaml): once all 16 records are cached, no image is opened again; the weights are
+    those of the same run that goes on decoding every image (26 opens: the 24 samples of 6 updates and the micro-batch
+    accelerate's loader reads ahead)."""
+    import ldm.data
+
+    opened: list[str] = []
+    real = ldm.data.open_image
+    monkeypatch.setattr(ldm.data, "open_image", lambda path, *a, **k: (opened.append(path), real(path, *a, **k))[1])
+    train(tiny_config(shapes, tmp_path / "a"))
+    assert len(opened) == len({repr(p) for p in opened}) == 16
+    opened.clear()
+    monkeypatch.setattr(ldm.data.CaptionedImages, "images", property(lambda self: True, lambda self, value: None),
+                        raising=False)
+    train(tiny_config(shapes, tmp_path / "b"))
+    assert len(opened) == 26
+    assert_same_checkpoint(tmp_path / "a/checkpoints/step-00000006", tmp_path / "b/checkpoints/step-00000006")
+
+
+@pytest.mark.slow
 def test_resume_is_bitwise_equal(straight, shapes, tmp_path):
     """Resume from the step-2 checkpoint of the straight run: steps 3..6 reproduce it bit for bit (CPU)."""
     out = tmp_path / "resumed"
