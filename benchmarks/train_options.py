@@ -11,6 +11,7 @@ hits all of them. Reported: the median step time, images/s and each variant's sp
 
     python benchmarks/train_options.py                     # CPU, batch 32, 2 threads
     python benchmarks/train_options.py --batch 64 --threads 1
+    python benchmarks/train_options.py --latent 8      # the U-Net on 8 x 8 latents (an f = 8 VAE)
 """
 
 from __future__ import annotations
@@ -73,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default: the recipe's sample_size)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = from_dict(UNetConfig, load_yaml(ROOT / "configs/default-model.yaml")["unet_model"])
+    unet_model = load_yaml(ROOT / "configs/default-model.yaml")["unet_model"]
+    cfg = from_dict(UNetConfig, {**unet_model, "sample_size": args.latent or unet_model["sample_size"]})
     g = torch.Generator().manual_seed(0)
     b, side = args.batch, cfg.sample_size
     data = [(torch.randn(b, cfg.in_channels, side, side, generator=g), torch.randn(b, 77, cfg.cross_attention_dim,
@@ -99,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     md.append(f"\nU-Net of configs/default-model.yaml ({sum(p.numel() for p in UNet(cfg).parameters()):,} parameters), "
               f"batch {b}, latent {side}, {args.threads} CPU threads, {args.steps} interleaved steps per variant "
               f"(medians), torch {torch.__version__}")
-    write_report(args.out, "train-options-cpu", {"batch": b, "threads": args.threads, "steps": args.steps,
-                                                 "torch": torch.__version__, "variants": rows}, "\n".join(md))
+    stem = "train-options-cpu" + ("" if args.latent is None else f"-latent{side}")
+    write_report(args.out, stem, {"batch": b, "latent": side, "threads": args.threads, "steps": args.steps,
+                                  "torch": torch.__version__, "variants": rows}, "\n".join(md))
     print("\n".join(md))
     return 0
 
