@@ -210,11 +210,11 @@ class _Decoder:
     def __init__(self, config: DataConfig, base: Path | None) -> None:
         self.config, self.base, self.num_skipped = config, base, 0
 
-    def __call__(self, record: dict[str, Any], epoch: int, index: int, *, image: bool = True) -> Sample:
-        """image=False: caption and index only, the image is not opened (its latent is cached: CaptionedImages)."""
+    def __call__(self, record: dict[str, Any], epoch: int, index: int, *, with_image: bool = True) -> Sample:
+        """with_image=False: caption and index only, the image is not opened (its latent is cached: CaptionedImages)."""
         _check_columns(list(record), self.config)
         caption = record[self.config.caption_column]
-        if not image:
+        if not with_image:
             return {"caption": "" if caption is None else str(caption), "index": index}
         try:
             with open_image(record[self.config.image_column], self.base) as image:
@@ -329,7 +329,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for {len(self.records)} records")
-        return self.decode(self.records[index], epoch, index, image=self.images)
+        return self.decode(self.records[index], epoch, index, with_image=self.images)
 
 
 class StreamingCaptionedImages(_Position, torch.utils.data.IterableDataset):

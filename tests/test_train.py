@@ -68,7 +68,7 @@ def test_cached_latents_stop_image_decoding_and_leave_the_run_unchanged(shapes, 
     accelerate's loader reads ahead)."""
     import ldm.data
 
-    opened: list[str] = []
+    opened: list = []  # the records' image entries
     real = ldm.data.open_image
     monkeypatch.setattr(ldm.data, "open_image", lambda path, *a, **k: (opened.append(path), real(path, *a, **k))[1])
     train(tiny_config(shapes, tmp_path / "a"))
