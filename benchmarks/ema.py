@@ -1,8 +1,8 @@
 """EMA update time: ldm.ema.EMA against diffusers' EMAModel (per-parameter loop and foreach), in one run.
 
 The parameters are those the default-model recipe's U-Net stage averages after every optimizer step: the U-Net of
-configs/default-model.yaml and a CLIP text tower of the recipe's size (width 64, 2 layers, 49408-token vocabulary;
-the token embedding is 3.2 M of its 3.3 M weights), float32, seeded. Every repetition times one update of each
+configs/default-model.yaml and the recipe's CLIP text tower (from its clip.model: width 64, 2 layers, 49408-token
+vocabulary; the token embedding is 3.2 M of its 3.3 M weights), float32, seeded. Every repetition times one update of each
 implementation, in alternating order; medians and ratios ours / diffusers are reported (< 1: ours is faster).
 After the run the shadow weights are compared: ours and the loop EMAModel must agree bit for bit (same decay
 sequence, same arithmetic); the foreach EMAModel may differ by rounding (reported).
@@ -24,20 +24,20 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.measure import compare, write_report  # noqa: E402
+from ldm.clip_train import build_clip, clip_text_encoder  # noqa: E402
 from ldm.config import from_dict, load_yaml  # noqa: E402
 from ldm.ema import EMA, EMAConfig  # noqa: E402
 from ldm.unet import UNet, UNetConfig  # noqa: E402
 
 
 def recipe_model() -> nn.Module:
-    """The U-Net and text tower of the default-model recipe in one module, seeded."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    """The U-Net and text tower of the default-model recipe in one module, seeded, built as the recipe builds them
+    (ldm.clip_train.build_clip + clip_text_encoder from the YAML's clip.model)."""
+    recipe = load_yaml(ROOT / "configs/default-model.yaml")
     torch.manual_seed(0)
-    unet = UNet(from_dict(UNetConfig, load_yaml(ROOT / "configs/default-model.yaml")["unet_model"]))
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                        num_attention_heads=4, vocab_size=49408, max_position_embeddings=77))
-    return nn.ModuleDict({"unet": unet, "text": text})
+    unet = UNet(from_dict(UNetConfig, recipe["unet_model"]))
+    clip = recipe["clip"]["model"]
+    return nn.ModuleDict({"unet": unet, "text": clip_text_encoder(build_clip(clip), clip)})
 
 
 def main(argv: list[str] | None = None) -> int:
