@@ -70,7 +70,7 @@ def test_ema_matches_diffusers_ema_model(warmup, kwargs):
 
 
 def test_ema_update_is_the_per_tensor_formula_bit_for_bit():
-    """The multi-tensor update is s - (1 - d) (s - p) per tensor, also for a float32 shadow of bf16 weights."""
+    """The update is s - (1 - d) (s - p) per tensor, also for a float32 shadow of bf16 weights."""
     from ldm.ema import ema_update_
 
     g = torch.Generator().manual_seed(0)
