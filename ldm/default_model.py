@@ -15,7 +15,7 @@ Stages (each trains through the same code a user's data would go through):
   layout  a last U-Net phase from the unet run's EMA weights (unet-export/) on a layout-weighted data mix
           (data/train-layout: two-object scenes, every caption stating the relation) with the noisy timesteps,
           where the layout is decided, weighted up (objective.timestep_bias) -> unet-layout/ run (skipped when
-          unet_layout is null)
+          unet_layout is null or unet_layout.enabled is false)
   decoder autoencoder.train with train_encoder=false: the VAE decoder fine-tuned from init/vae with the encoder
           frozen, so the latents the U-Net learned stay exactly the same -> vae-decoder/ run (skipped when
           vae_decoder is null)
@@ -27,7 +27,7 @@ Paths (data, run folders, the init folder) are set by the recipe under --out; th
 --resume finished stages are skipped and training stages continue from their latest checkpoint. Before a stage runs,
 the markers of every later stage are removed, so they run again (a training stage resumes its latest checkpoint: it
 re-exports, it does not retrain); `layout.done` and `decoder.done` record whether the optional stage was skipped
-(unet_layout / vae_decoder null), so switching one on or off re-runs it and the stages after it.
+(unet_layout null or not enabled, vae_decoder null), so switching one on or off re-runs it and the stages after it.
 """
 
 from __future__ import annotations
@@ -75,9 +75,10 @@ class DataStageConfig:
 class LayoutTuneConfig:
     """The layout stage: `n_train` scenes drawn with `layouts` weights (ldm.shapes.LAYOUTS' names), two-object
     relations stated with probability `relation_stated`, then `unet` (ldm.train; model.pretrained = the unet
-    stage's EMA export, set by the recipe)."""
+    stage's EMA export, set by the recipe). `enabled: false` keeps the settings but skips the stage, as null does."""
 
     unet: TrainConfig
+    enabled: bool = True
     n_train: int = 4000
     layouts: dict[str, float] = field(default_factory=lambda: {"relation": 1.0})
     relation_stated: float = 1.0
@@ -107,7 +108,7 @@ class DefaultModelConfig:
     # After unet.run.max_steps, continue the same run to each of these step counts in turn, the LR schedule's
     # horizon moved to each (a warm restart: cosine resumes at lr(step) of the longer schedule)
     unet_extend_to: list[int] = field(default_factory=list)
-    # A last U-Net phase on a layout-weighted mix (null: ship the unet stage's EMA weights)
+    # A last U-Net phase on a layout-weighted mix (null or enabled: false: ship the unet stage's EMA weights)
     unet_layout: LayoutTuneConfig | None = None
     # Decoder-only fine-tuning of the VAE after the U-Net (SD's ft-EMA / ft-MSE practice); null: ship the vae stage's
     vae_decoder: VAETrainConfig | None = None
@@ -122,6 +123,11 @@ class DefaultModelConfig:
         if any(b <= a for a, b in zip(horizons, horizons[1:])):
             raise ValueError(f"unet_extend_to must rise above unet.run.max_steps ({self.unet.run.max_steps}), "
                              f"got {self.unet_extend_to}")
+
+    def runs(self, stage: str) -> bool:
+        """Whether an optional stage ("layout", "decoder") runs: its section is set (and the layout's enabled)."""
+        section = getattr(self, _OPTIONAL[stage])
+        return section is not None and getattr(section, "enabled", True)
 
 
 # Where each stage's paths point, relative to --out (dotted keys into the config dict).
@@ -253,7 +259,7 @@ def stage_layout(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     from pipelines.export import export
 
     tune = cfg.unet_layout
-    if tune is None:
+    if not cfg.runs("layout"):
         return {"skipped": True}
     export(out / "unet", out / "unet-export", use_ema=True)  # same bytes on a resume: the unet stage is finished
     start, record = folder_digest(out / "unet-export"), out / "unet-layout.start.sha256"
@@ -281,10 +287,10 @@ def stage_export(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     from pipelines.export import export
 
     vae = AutoencoderKL.from_pretrained(out / "vae-decoder-export") if cfg.vae_decoder is not None else None
-    unet_run = out / ("unet-layout" if cfg.unet_layout is not None else "unet")
+    unet_run = out / ("unet-layout" if cfg.runs("layout") else "unet")
     export(unet_run, out / "pipeline", use_ema=True, vae=vae)
     # The CLIP ships without its text tower (it is text_encoder/) unless the U-Net stage trained that one further.
-    moved = cfg.unet.train_text_encoder or (cfg.unet_layout is not None and cfg.unet_layout.unet.train_text_encoder)
+    moved = cfg.unet.train_text_encoder or (cfg.runs("layout") and cfg.unet_layout.unet.train_text_encoder)
     save_clip(load_clip(out / "clip-export"), cfg.clip.model, out / "pipeline" / "clip", text=moved)
     return {"bytes": folder_bytes(out / "pipeline")}
 
@@ -316,7 +322,7 @@ _RUN = {"data": stage_data, "clip": stage_clip, "vae": stage_vae, "init": stage_
 
 def _marker(cfg: DefaultModelConfig, stage: str) -> str:
     """What `<stage>.done` holds: "skipped" for an optional stage whose config section is null, else nothing."""
-    return "skipped" if stage in _OPTIONAL and getattr(cfg, _OPTIONAL[stage]) is None else ""
+    return "skipped" if stage in _OPTIONAL and not cfg.runs(stage) else ""
 
 
 def _finished(cfg: DefaultModelConfig, done: Path) -> bool:

@@ -92,6 +92,10 @@ def test_recipe_layout_stage_starts_from_the_unet_export_and_is_optional(tmp_pat
     with pytest.raises(ValueError, match="unknown layout"):
         load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout.layouts={relations: 1.0}"])
     assert load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout=null"]).unet_layout is None
+    # the recipe keeps the settings with the stage switched off; enabled=true or the section set switches it on
+    assert not cfg.runs("layout") and cfg.runs("decoder")
+    assert load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout.enabled=true"]).runs("layout")
+    assert not load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout=null"]).runs("layout")
 
 
 def test_recipe_config_places_paths_and_seeds(tmp_path):
@@ -100,7 +104,8 @@ def test_recipe_config_places_paths_and_seeds(tmp_path):
     assert cfg.vae.eval_data.path == str(tmp_path / "run" / "data" / "test-held-out")
     assert cfg.clip.run.seed == cfg.vae.run.seed == cfg.unet.run.seed == cfg.clip.init_seed == 7
     assert cfg.unet_model.cross_attention_dim == cfg.clip.model["text_cfg"]["width"]
-    assert cfg.vae_model.latent_channels == 4 and cfg.vae_model.downsample_factor == 4
+    assert cfg.vae_model.latent_channels == cfg.unet_model.in_channels == cfg.unet_model.out_channels == 4
+    assert cfg.unet_model.sample_size * cfg.vae_model.downsample_factor == cfg.data.size == cfg.vae_model.sample_size
     assert cfg.unet.objective.condition_dropout == 0.1 and cfg.unet.run.cache_latents and cfg.unet.ema.enabled
 
 
@@ -108,7 +113,8 @@ TINY_RUN = ["data.n_train=24", "data.n_test_held_out=8", "data.n_test_seen=8", "
             "clip.run.batch_size=8", "vae.run.max_steps=2", "vae.run.batch_size=4", "vae.run.validate_every=2",
             "unet.run.max_steps=2", "unet.run.batch_size=4", "unet.run.validate_every=0", "unet_extend_to=[3]",
             "vae_decoder.run.max_steps=2", "vae_decoder.run.batch_size=4", "vae_decoder.run.validate_every=2",
-            "unet_layout.n_train=8", "unet_layout.unet.run.max_steps=2", "unet_layout.unet.run.batch_size=4"]
+            "unet_layout.enabled=true", "unet_layout.n_train=8", "unet_layout.unet.run.max_steps=2",
+            "unet_layout.unet.run.batch_size=4"]
 
 
 @pytest.mark.slow  # about 25 s on the shared 2-core CPU
@@ -164,7 +170,7 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     assert off["decoder"]["skipped"] and (out / "decoder.done").read_text() == "skipped"
     assert all(torch.equal(v, start[k]) for k, v in load_pipeline_components(out / "pipeline").vae.state_dict().items())
     # switching the layout stage off ships the unet run's EMA U-Net
-    off = run_recipe(load_recipe(DEFAULT_CONFIG, out, [*TINY_RUN, "unet_layout=null"]), out, resume=True)
+    off = run_recipe(load_recipe(DEFAULT_CONFIG, out, [*TINY_RUN, "unet_layout.enabled=false"]), out, resume=True)
     assert off["layout"]["skipped"] and (out / "layout.done").read_text() == "skipped"
     shipped_unet = load_pipeline_components(out / "pipeline").unet.state_dict()
     assert all(torch.equal(shipped_unet[k], v) for k, v in unet_ema.items())
@@ -293,7 +299,8 @@ def test_default_model_loads_in_diffusers_and_matches(pipe):
     theirs = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None, requires_safety_checker=False)
     theirs.scheduler = EulerDiscreteScheduler.from_config(theirs.scheduler.config)
     theirs.set_progress_bar_config(disable=True)
-    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    n = pipe.unet.config.sample_size
+    latents = torch.randn(1, pipe.unet.config.in_channels, n, n, generator=torch.Generator().manual_seed(0))
     for scale in (1.0, 3.0):
         kw = dict(num_inference_steps=10, guidance_scale=scale, latents=latents, output_type="np")
         ref = theirs("a red circle", height=64, width=64, **kw).images
