@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", default=str(ROOT / "docs" / "quality-grid.png"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sampler", default="dpmpp_2m", help="sampler of every section but the sampler table")
+    parser.add_argument("--steps", type=int, default=20, help="its step count")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     sets = prompt_sets(8 if q else 48, 8 if q else 40)
     scales = [1.0, 3.0] if q else [1.0, 2.0, 3.0, 5.0, 7.5]
-    base = {"sampler": "dpmpp_2m", "steps": 20}
+    base = {"sampler": args.sampler, "steps": args.steps}
     lines = [f"# Default model quality ({'quick' if q else 'full'} run of benchmarks/quality.py)", "",
              f"Model: `{_shown(args.model)}`. Detector: ldm.shapes_detect (GenEval-style; 100% on clean renders). "
              f"One image per prompt, prompt i with seed i. Sampler {base['sampler']}, {base['steps']} steps unless "
@@ -330,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. sampler x steps at the best s (seen prompts)
     seen = {k: v[:24] for k, v in sets.items() if k.endswith("seen")}
-    combos = [("dpmpp_2m", 20), ("euler", 20)] if q else list(itertools.product(["dpmpp_2m", "euler", "ddim"],
-                                                                               [10, 20, 50]))
+    combos = [("dpmpp_2m", 20), ("euler", 20)] if q else list(itertools.product(
+        ["dpmpp_2m", "euler", "ddim", "euler_ancestral"], [10, 20, 50]))
     lines += ["", f"## Sampler and steps at s = {best:g} (the first 24 prompts of each seen set)", "",
               "| sampler | steps | single all | two-object all | s / image |", "|---|---|---|---|---|"]
     by_sampler = []
@@ -352,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
               *relation_markdown(rel)]
 
     # 2b. guidance only in an interval of noise levels (Kynkäänniemi et al. 2024), at the best s
-    lines += ["", f"## Guidance interval at s = {best:g} (dpmpp_2m, 20 steps, the same prompts)", "",
+    lines += ["", f"## Guidance interval at s = {best:g} ({base['sampler']}, {base['steps']} steps, the same "
+              "prompts)", "",
               "| guided where | single all | single shape | two-object all |", "|---|---|---|---|"]
     by_interval = {}
     for interval in [None, (0.3, 20.0), (1.0, 20.0), (0.0, 3.0)]:
