@@ -5,6 +5,7 @@ within 50 MB; the CLIP text tower converts exactly; the recipe runs end to end (
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -92,9 +93,10 @@ def test_recipe_layout_stage_starts_from_the_unet_export_and_is_optional(tmp_pat
     with pytest.raises(ValueError, match="unknown layout"):
         load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout.layouts={relations: 1.0}"])
     assert load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout=null"]).unet_layout is None
-    # the recipe keeps the settings with the stage switched off; enabled=true or the section set switches it on
-    assert not cfg.runs("layout") and cfg.runs("decoder")
-    assert load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout.enabled=true"]).runs("layout")
+    # enabled=false switches the stage off and keeps its settings; null switches it off too
+    assert cfg.runs("layout") and cfg.runs("decoder")
+    off = load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["seed=5", "unet_layout.enabled=false"])
+    assert not off.runs("layout") and off.unet_layout == replace(tune, enabled=False)
     assert not load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout=null"]).runs("layout")
 
 
