@@ -275,7 +275,7 @@ def stage_layout(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
 
 def stage_decoder(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     """Decoder-only fine-tuning of init/vae (the encoder frozen) -> vae-decoder/ run and vae-decoder-export/."""
-    if cfg.vae_decoder is None:
+    if not cfg.runs("decoder"):
         return {"skipped": True}
     result = train_vae(cfg.vae_decoder)
     run = out / "vae-decoder"
@@ -286,7 +286,7 @@ def stage_decoder(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
 def stage_export(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     from pipelines.export import export
 
-    vae = AutoencoderKL.from_pretrained(out / "vae-decoder-export") if cfg.vae_decoder is not None else None
+    vae = AutoencoderKL.from_pretrained(out / "vae-decoder-export") if cfg.runs("decoder") else None
     unet_run = out / ("unet-layout" if cfg.runs("layout") else "unet")
     export(unet_run, out / "pipeline", use_ema=True, vae=vae)
     # The CLIP ships without its text tower (it is text_encoder/) unless the U-Net stage trained that one further.
@@ -321,7 +321,7 @@ _RUN = {"data": stage_data, "clip": stage_clip, "vae": stage_vae, "init": stage_
 
 
 def _marker(cfg: DefaultModelConfig, stage: str) -> str:
-    """What `<stage>.done` holds: "skipped" for an optional stage whose config section is null, else nothing."""
+    """What `<stage>.done` holds: "skipped" for an optional stage that does not run (cfg.runs), else nothing."""
     return "skipped" if stage in _OPTIONAL and not cfg.runs(stage) else ""
 
 
