@@ -92,12 +92,12 @@ def test_recipe_layout_stage_starts_from_the_unet_export_and_is_optional(tmp_pat
     assert tune.layouts == {"relation": 1.0} and tune.relation_stated == 1.0
     with pytest.raises(ValueError, match="unknown layout"):
         load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout.layouts={relations: 1.0}"])
-    assert load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout=null"]).unet_layout is None
-    # enabled=false switches the stage off and keeps its settings; null switches it off too
+    nulled = load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout=null"])
+    assert nulled.unet_layout is None and not nulled.runs("layout")
+    # enabled=false switches the stage off and keeps its settings
     assert cfg.runs("layout") and cfg.runs("decoder")
     off = load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["seed=5", "unet_layout.enabled=false"])
     assert not off.runs("layout") and off.unet_layout == replace(tune, enabled=False)
-    assert not load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["unet_layout=null"]).runs("layout")
 
 
 def test_recipe_config_places_paths_and_seeds(tmp_path):
