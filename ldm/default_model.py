@@ -39,10 +39,11 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from autoencoder.latent_norm import fold_latent_standardization, latent_channel_stats
 from autoencoder.model import AutoencoderKL, VAEConfig
 from autoencoder.train import VAETrainConfig, export_vae, train_vae
 from ldm.checkpoint import folder_digest, list_checkpoints
@@ -112,6 +113,10 @@ class DefaultModelConfig:
     unet_layout: LayoutTuneConfig | None = None
     # Decoder-only fine-tuning of the VAE after the U-Net (SD's ft-EMA / ft-MSE practice); null: ship the vae stage's
     vae_decoder: VAETrainConfig | None = None
+    # How the init stage scales the VAE's latents for the U-Net: "scalar", z / std over all channels (LDM's
+    # scaling_factor); "per_channel", each channel to zero mean and unit std, folded into the VAE's 1 x 1 convs
+    # (autoencoder.latent_norm; the folder stays a plain diffusers AutoencoderKL with scaling_factor 1)
+    latent_norm: Literal["scalar", "per_channel"] = "scalar"
 
     def __post_init__(self) -> None:
         if self.vae_decoder is not None and self.vae_decoder.train_encoder:
@@ -215,20 +220,31 @@ def stage_init(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     clip = load_clip(out / "clip-export")
     text = clip_text_encoder(clip, cfg.clip.model)
     vae = load_vae(out / "vae-export")
-    vae.config.scaling_factor = latent_scaling_factor(vae, out / "data" / "train")
+    images = calibration_images(out / "data" / "train", vae.config.sample_size)
+    info: dict[str, Any] = {}
+    if cfg.latent_norm == "per_channel":
+        mean, std = latent_channel_stats(vae, images, generator=torch.Generator().manual_seed(0))
+        fold_latent_standardization(vae, mean, std)
+        info = {"latent_channel_mean": mean.tolist(), "latent_channel_std": std.tolist()}
+    else:
+        vae.config.scaling_factor = latent_scaling_factor(vae, images)
     save_pipeline(out / "init", unet=unet, vae=vae, text_encoder=text, schedule=sd_schedule())
-    return {**parameter_counts(unet, vae, text, clip), "vae_scaling_factor": vae.config.scaling_factor}
+    return {**parameter_counts(unet, vae, text, clip), "vae_scaling_factor": vae.config.scaling_factor, **info}
+
+
+def calibration_images(folder: Path, size: int, n: int = 512) -> torch.Tensor:
+    """The first n training images, in order, in [-1, 1]: what the latents' scale is measured on."""
+    from ldm.data import DataConfig, build_dataloader
+
+    loader, _ = build_dataloader(DataConfig(path=str(folder), resolution=size, shuffle=False, max_samples=n), 64)
+    return torch.cat([b["pixel_values"] for b in loader])
 
 
 @torch.no_grad()
-def latent_scaling_factor(vae: torch.nn.Module, folder: Path, n: int = 512) -> float:
-    """1 / std of z ~ q(z|x) over the first n training images (Rombach et al. 2022, sec. 4.3.2), 4 significant digits."""
-    from ldm.data import DataConfig, build_dataloader
-
-    loader, _ = build_dataloader(DataConfig(path=str(folder), resolution=vae.config.sample_size, shuffle=False,
-                                            max_samples=n), 64)
+def latent_scaling_factor(vae: torch.nn.Module, images: torch.Tensor) -> float:
+    """1 / std of z ~ q(z|x) over `images` (Rombach et al. 2022, sec. 4.3.2), 4 significant digits."""
     gen = torch.Generator().manual_seed(0)
-    z = torch.cat([vae.encode(b["pixel_values"]).sample(gen) for b in loader])  # (n, C, h, w)
+    z = torch.cat([vae.encode(x).sample(gen) for x in images.split(64)])  # (n, C, h, w)
     return float(f"{1.0 / z.std().item():.4g}")
 
 

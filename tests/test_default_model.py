@@ -187,6 +187,30 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
         run_recipe(cfg, out, resume=True)
 
 
+def test_recipe_per_channel_latent_norm_folds_into_the_init_vae(tmp_path):
+    """latent_norm=per_channel: init/vae is vae-export/ with each latent channel standardised on the calibration
+    images (zero mean, unit std), scaling_factor 1, and the same reconstructions; an unknown mode is refused."""
+    from autoencoder.latent_norm import latent_channel_stats
+    from autoencoder.model import AutoencoderKL
+    from ldm.default_model import calibration_images
+
+    out = tmp_path / "run"
+    report = run_recipe(load_recipe(DEFAULT_CONFIG, out, [*TINY_RUN, "latent_norm=per_channel"]), out,
+                        stop_after="init")
+    raw, init = (AutoencoderKL.from_pretrained(out / d).eval() for d in ("vae-export", "init/vae"))
+    assert init.config.scaling_factor == report["init"]["vae_scaling_factor"] == 1.0
+    images = calibration_images(out / "data" / "train", 64)
+    assert len(images) == 24
+    mean, std = latent_channel_stats(init, images, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(mean, torch.zeros(4), atol=1e-4) and torch.allclose(std, torch.ones(4), atol=1e-4)
+    assert torch.allclose(torch.tensor(report["init"]["latent_channel_std"]),
+                          latent_channel_stats(raw, images, generator=torch.Generator().manual_seed(0))[1])
+    with torch.no_grad():
+        assert torch.allclose(init(images[:4]), raw(images[:4]), atol=1e-5)
+    with pytest.raises(Exception, match="latent_norm"):
+        load_recipe(DEFAULT_CONFIG, out, ["latent_norm=whiten"])
+
+
 @pytest.mark.slow  # about 40 s: two torch processes start
 def test_recipe_unet_stage_in_two_processes_matches_one(tmp_path):
     """num_processes=2: the U-Net stage runs in two local processes (ldm.launch), the global batch split between them;
