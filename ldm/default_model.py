@@ -141,6 +141,7 @@ _PATHS: dict[str, str] = {
     "vae.data.path": "data/train", "vae.eval_data.path": "data/test-held-out", "vae.run.output_dir": "vae",
     "vae.model.config": "vae-model.yaml",
     "unet.data.path": "data/train", "unet.run.output_dir": "unet", "unet.model.pretrained": "init",
+    "unet.objective.align.encoder": "clip-export",  # REPA's targets (used when unet.objective.align.weight > 0)
 }
 _DECODER_PATHS: dict[str, str] = {
     "vae_decoder.data.path": "data/train", "vae_decoder.eval_data.path": "data/test-held-out",

@@ -21,6 +21,7 @@ import dataclasses
 import io
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from ldm.diffusion import diffusion_loss, q_sample, timestep_bias_weights
 from ldm.ema import EMA
 from ldm.io import write_bytes
 from ldm.random import randn, seeded
+from ldm.repa import Aligner, PatchFeatures, Projector, alignment_loss, block_output, captured, output_channels
 from ldm.samplers import sample
 from ldm.schedule import sampler_sigmas
 from ldm.text import TextEncoder
@@ -118,17 +120,20 @@ def dropout_mask(generators: list[torch.Generator], p: float) -> torch.Tensor:
 
 class DiffusionStep:
     """The per-micro-batch loss of latent diffusion (module docstring); holds the frozen VAE, the text encoder
-    (`text`: the prepared module when it is trained, else parts.text_encoder) and the latent cache. Once the cache
-    holds every record of `dataset` (a map-style ldm.data.CaptionedImages), it stops the dataset decoding images."""
+    (`text`: the prepared module when it is trained, else parts.text_encoder), the optional REPA `aligner` and the
+    per-record caches (latent moments, alignment targets). Once the caches hold every record of `dataset` (a
+    map-style ldm.data.CaptionedImages), it stops the dataset decoding images."""
 
     def __init__(self, config: TrainConfig, parts: Components, unet: torch.nn.Module, device: torch.device,
                  dtype: torch.dtype, text: torch.nn.Module | None = None,
-                 t_weights: torch.Tensor | None = None, dataset: Any = None) -> None:
+                 t_weights: torch.Tensor | None = None, dataset: Any = None, aligner: Aligner | None = None) -> None:
         self.config, self.unet, self.device, self.dtype = config, unet, device, dtype
         self.vae, self.text = parts.vae, parts.text_encoder if text is None else text
         self.alphas_cumprod = parts.schedule.alphas_cumprod().to(device)
         self.prediction = parts.schedule.prediction_type
-        self.cache: dict[int, torch.Tensor] = {}
+        self.cache: dict[int, torch.Tensor] = {}  # record -> q(z|x)'s moments
+        self.target_cache: dict[int, torch.Tensor] = {}  # record -> REPA target features
+        self.aligner = aligner
         self.t_weights = t_weights  # None: uniform t (train's timestep_weights)
         self.dataset = dataset if hasattr(dataset, "images") else None
         if config.run.cache_latents:  # one image at a time: a cached moment must not depend on its batch-mates
@@ -140,23 +145,34 @@ class DiffusionStep:
             return torch.cat([torch.randint(0, len(self.alphas_cumprod), (1,), generator=g) for g in gens])
         return torch.cat([torch.multinomial(self.t_weights, 1, generator=g) for g in gens])
 
+    def per_record(self, batch: dict[str, Any], cache: dict[int, torch.Tensor],
+                   compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """compute(pixels) for the batch, or its rows from `cache` (filled here when run.cache_latents)."""
+        indices = batch["indices"].tolist()
+        if self.config.run.cache_latents and all(i in cache for i in indices):
+            return torch.stack([cache[i] for i in indices]).to(self.device)
+        if "pixel_values" not in batch:
+            missing = [i for i in indices if i not in cache]
+            raise RuntimeError(f"a batch without images, but records {missing[:5]} have no cached latent")
+        values = compute(batch["pixel_values"].to(self.device, self.dtype))  # from (B, 3, H, W)
+        if self.config.run.cache_latents:
+            cache.update({i: v.cpu() for i, v in zip(indices, values, strict=True)})
+            caches = [self.cache] + ([self.target_cache] if self.aligner is not None else [])
+            if self.dataset is not None and all(len(c) == len(self.dataset) for c in caches):
+                self.dataset.images = False  # every record is cached: stop opening images
+        return values
+
     @torch.no_grad()
     def latents(self, batch: dict[str, Any], gens: list[torch.Generator]) -> torch.Tensor:
         """z = scaling * (z ~ q(z|x)) for the batch, moments cached per record when run.cache_latents."""
-        indices = batch["indices"].tolist()
-        if self.config.run.cache_latents and all(i in self.cache for i in indices):
-            moments = torch.stack([self.cache[i] for i in indices]).to(self.device)
-        else:
-            if "pixel_values" not in batch:
-                missing = [i for i in indices if i not in self.cache]
-                raise RuntimeError(f"a batch without images, but records {missing[:5]} have no cached latent")
-            pixels = batch["pixel_values"].to(self.device, self.dtype)  # (B, 3, H, W)
-            moments = self.vae.encode(pixels).parameters  # (B, 2C, h, w)
-            if self.config.run.cache_latents:
-                self.cache.update({i: m.cpu() for i, m in zip(indices, moments, strict=True)})
-                if self.dataset is not None and len(self.cache) == len(self.dataset):
-                    self.dataset.images = False  # every record is cached: stop opening images
+        moments = self.per_record(batch, self.cache, lambda x: self.vae.encode(x).parameters)  # (B, 2C, h, w)
         return self.vae.scale_latents(DiagonalGaussian(moments).sample(gens)).float()  # (B, C, h, w)
+
+    def alignment_targets(self, pixels: torch.Tensor) -> torch.Tensor:
+        """REPA's target features; one image at a time when cached, so a cached row does not depend on its batch."""
+        if not self.config.run.cache_latents:
+            return self.aligner.features(pixels)
+        return torch.cat([self.aligner.features(x[None]) for x in pixels])
 
     def __call__(self, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         obj = self.config.objective
@@ -173,11 +189,18 @@ class DiffusionStep:
         if obj.noise_offset > 0:
             noise = noise + obj.noise_offset * randn((n, z.shape[1], 1, 1), gens, device=self.device)
         z_t = q_sample(z, t, self.alphas_cumprod, noise)
-        out = self.unet(z_t, t, encoder_hidden_states=c).float()
+        with captured(self.aligner.block) if self.aligner else contextlib.nullcontext() as seen:
+            out = self.unet(z_t, t, encoder_hidden_states=c).float()
         weighting = "min_snr" if obj.min_snr_gamma is not None else "simple"
         loss = diffusion_loss(out, z, noise, t, self.alphas_cumprod, prediction=self.prediction,
                               weighting=weighting, gamma=obj.min_snr_gamma or 5.0).mean()
-        return loss, {"dropped": float(drop.float().mean())}
+        logs = {"dropped": float(drop.float().mean())}
+        if self.aligner is not None:
+            target = self.per_record(batch, self.target_cache, self.alignment_targets)  # (B, D, H', W')
+            align = alignment_loss(self.aligner.projector(seen[0]), target).mean()
+            logs.update(diffusion=float(loss.detach()), align=float(align.detach()))
+            loss = loss + obj.align.weight * align
+        return loss, logs
 
 
 # ----------------------------------------------------------------------------------------------------- validation
@@ -223,6 +246,29 @@ def text_part(config: TrainConfig, text: torch.nn.Module, accelerator: Any) -> P
     scheduler = build_lr_scheduler(optimizer, optim, config.run.max_steps)
     text_p, optimizer_p = accelerator.prepare(text, optimizer)
     return Part("text_encoder", text_p, optimizer_p, scheduler, ema)
+
+
+def align_part(config: TrainConfig, unet: torch.nn.Module, text_width: int, accelerator: Any
+               ) -> tuple[Part, PatchFeatures, torch.nn.Module]:
+    """REPA's projector as a trained Part (its own AdamW at optim.lr, the same schedule, no EMA), the frozen target
+    encoder and the hooked U-Net block; the projector's input width is read from one dry pass of the U-Net."""
+    align, device = config.objective.align, accelerator.device
+    features = PatchFeatures.from_folder(align.encoder).to(device)
+    block = block_output(unet, align.block)
+    size = unet.config.sample_size
+    x = torch.zeros(1, unet.config.in_channels, size, size, device=device)
+    context = torch.zeros(1, 77, text_width, device=device)
+    was_training = unet.training
+    unet.eval()
+    channels = output_channels(block, lambda: unet(x, torch.zeros(1, dtype=torch.long, device=device),
+                                                  encoder_hidden_states=context))
+    unet.train(was_training)
+    with seeded(config.model.init_seed + 3):
+        projector = Projector(channels, features.width, align.hidden).to(device)
+    optimizer = build_optimizer(list(projector.parameters()), config.optim)
+    scheduler = build_lr_scheduler(optimizer, config.optim, config.run.max_steps)
+    projector_p, optimizer_p = accelerator.prepare(projector, optimizer)
+    return Part("projector", projector_p, optimizer_p, scheduler, None), features, block
 
 
 def check_fresh_run(out: Path) -> None:
@@ -276,8 +322,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     trained = [Part("unet", unet_p, optimizer_p, scheduler, ema)]
     if train_text:  # in training mode: validation encodes its empty prompt afresh (PromptEncoder.empty_embedding)
         trained.append(text_part(config, parts.text_encoder, accelerator))
+    aligner = None
+    if config.objective.align.weight > 0:
+        part, features, block = align_part(config, unet, parts.text_encoder.hidden_size, accelerator)
+        trained.append(part)
+        aligner = Aligner(features, part.model, block)
     step_fn = DiffusionStep(config, parts, unet_p, device, dtype, text=trained[1].model if train_text else None,
-                            t_weights=t_weights, dataset=loader.dataset)
+                            t_weights=t_weights, dataset=loader.dataset, aligner=aligner)
 
     def validate(step: int) -> None:
         if not run.validate_every or step % run.validate_every:

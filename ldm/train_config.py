@@ -98,6 +98,24 @@ class TimestepBiasConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Representation alignment (ldm.repa, REPA): weight * L_REPA is added to the loss; weight 0 switches it off."""
+
+    weight: float = 0.0  # lambda (the paper's 0.5)
+    block: str = "down_blocks.1.attentions.0"  # the U-Net submodule whose (B, C, h, w) output is aligned
+    encoder: str | None = None  # an ldm.clip_train CLIP folder: its image tower's patch tokens are the targets
+    hidden: int = 256  # width of the projector MLP
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"align.weight must be >= 0, got {self.weight}")
+        if self.weight > 0 and not self.encoder:
+            raise ValueError("align.weight > 0 needs align.encoder: a CLIP folder (ldm.clip_train) for the targets")
+        if self.hidden < 1:
+            raise ValueError(f"align.hidden must be >= 1, got {self.hidden}")
+
+
+@dataclass
 class ObjectiveConfig:
     """What the U-Net regresses and how the loss is weighted."""
 
@@ -106,6 +124,7 @@ class ObjectiveConfig:
     condition_dropout: float = 0.1  # p of replacing a caption by "" (Ho & Salimans 2022, classifier-free guidance)
     noise_offset: float = 0.0  # eps += offset * N(0, 1) per (sample, channel) (Guttenberg 2023)
     timestep_bias: TimestepBiasConfig = field(default_factory=TimestepBiasConfig)  # p(t); default uniform
+    align: AlignConfig = field(default_factory=AlignConfig)  # REPA; off by default
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.condition_dropout <= 1.0:
