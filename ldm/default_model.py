@@ -27,7 +27,8 @@ Paths (data, run folders, the init folder) are set by the recipe under --out; th
 --resume finished stages are skipped and training stages continue from their latest checkpoint. Before a stage runs,
 the markers of every later stage are removed, so they run again (a training stage resumes its latest checkpoint: it
 re-exports, it does not retrain); `layout.done` and `decoder.done` record whether the optional stage was skipped
-(unet_layout null or not enabled, vae_decoder null), so switching one on or off re-runs it and the stages after it.
+(unet_layout null or not enabled, vae_decoder null), so switching one on or off re-runs it and the stages after it;
+a training stage whose last checkpoint is short of the steps now configured (e.g. unet_extend_to raised) resumes.
 """
 
 from __future__ import annotations
@@ -342,9 +343,29 @@ def _marker(cfg: DefaultModelConfig, stage: str) -> str:
     return "skipped" if stage in _OPTIONAL and not cfg.runs(stage) else ""
 
 
+def _planned_steps(cfg: DefaultModelConfig, stage: str) -> tuple[Path, int] | None:
+    """A training stage's run folder and the steps the config asks of it (None: not a training stage, or skipped)."""
+    runs = {"clip": cfg.clip, "vae": cfg.vae, "unet": cfg.unet}
+    if cfg.runs("layout"):
+        runs["layout"] = cfg.unet_layout.unet
+    if cfg.runs("decoder"):
+        runs["decoder"] = cfg.vae_decoder
+    if stage not in runs:
+        return None
+    steps = max(cfg.unet.run.max_steps, *cfg.unet_extend_to) if stage == "unet" else runs[stage].run.max_steps
+    return Path(runs[stage].run.output_dir), steps
+
+
 def _finished(cfg: DefaultModelConfig, done: Path) -> bool:
-    """The stage's marker exists and matches the config (an optional stage skipped or run as its section says)."""
-    return done.is_file() and done.read_text() == _marker(cfg, done.stem)
+    """The stage's marker exists and matches the config (an optional stage skipped or run as its section says), and
+    a training stage's run reached the steps the config asks now (raising e.g. unet_extend_to resumes it)."""
+    if not (done.is_file() and done.read_text() == _marker(cfg, done.stem)):
+        return False
+    planned = _planned_steps(cfg, done.stem)
+    if planned is None:
+        return True
+    ckpts = list_checkpoints(planned[0] / "checkpoints")  # none left (cleaned up): the marker is taken as it is
+    return not ckpts or ckpts[-1][0] >= planned[1]
 
 
 def run_recipe(cfg: DefaultModelConfig, out: str | Path, *, resume: bool = False, stop_after: str | None = None,

@@ -185,6 +185,13 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     (out / "unet-layout.start.sha256").write_text("0" * 64)
     with pytest.raises(RuntimeError, match="started from another unet-export"):
         run_recipe(cfg, out, resume=True)
+    # raising the U-Net's horizon resumes the finished unet stage and re-runs the later ones (layout off here: a
+    # layout run is tied to the unet-export/ it started from)
+    before = json.loads((out / "report.json").read_text())
+    longer = run_recipe(load_recipe(DEFAULT_CONFIG, out, [*TINY_RUN, "unet_extend_to=[4]", "unet_layout.enabled=false"]),
+                        out, resume=True)
+    assert longer["unet"]["step"] == 4 and longer["export"]["wall_s"] > before["export"]["wall_s"]
+    assert [s for s, _ in list_checkpoints(out / "unet" / "checkpoints")] == [3, 4]
 
 
 def test_recipe_per_channel_latent_norm_folds_into_the_init_vae(tmp_path):
