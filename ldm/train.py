@@ -20,8 +20,8 @@ import contextlib
 import dataclasses
 import io
 import logging
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,7 +153,7 @@ class DiffusionStep:
             return torch.stack([cache[i] for i in indices]).to(self.device)
         if "pixel_values" not in batch:
             missing = [i for i in indices if i not in cache]
-            raise RuntimeError(f"a batch without images, but records {missing[:5]} have no cached latent")
+            raise RuntimeError(f"a batch without images, but records {missing[:5]} have nothing cached")
         values = compute(batch["pixel_values"].to(self.device, self.dtype))  # from (B, 3, H, W)
         if self.config.run.cache_latents:
             cache.update({i: v.cpu() for i, v in zip(indices, values, strict=True)})
@@ -257,7 +257,7 @@ def align_part(config: TrainConfig, unet: torch.nn.Module, text_width: int, acce
     block = block_output(unet, align.block)
     size = unet.config.sample_size
     x = torch.zeros(1, unet.config.in_channels, size, size, device=device)
-    context = torch.zeros(1, 77, text_width, device=device)
+    context = torch.zeros(1, 77, text_width, device=device)  # any token count: cross-attention keys
     was_training = unet.training
     unet.eval()
     channels = output_channels(block, lambda: unet(x, torch.zeros(1, dtype=torch.long, device=device),
