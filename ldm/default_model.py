@@ -125,10 +125,14 @@ class DefaultModelConfig:
         for run in (self.unet, self.unet_layout and self.unet_layout.unet):
             if run:
                 split_batch(run, self.num_processes)  # fails now, naming the batch, not hours later
-        horizons = [self.unet.run.max_steps, *self.unet_extend_to]
+        horizons = self.unet_horizons()
         if any(b <= a for a, b in zip(horizons, horizons[1:])):
             raise ValueError(f"unet_extend_to must rise above unet.run.max_steps ({self.unet.run.max_steps}), "
                              f"got {self.unet_extend_to}")
+
+    def unet_horizons(self) -> list[int]:
+        """The U-Net stage's LR horizons in order: unet.run.max_steps, then each of unet_extend_to."""
+        return [self.unet.run.max_steps, *self.unet_extend_to]
 
     def runs(self, stage: str) -> bool:
         """Whether an optional stage ("layout", "decoder") runs: its section is set (and the layout's enabled)."""
@@ -252,7 +256,7 @@ def latent_scaling_factor(vae: torch.nn.Module, images: torch.Tensor) -> float:
 
 def stage_unet(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     """ldm.train to unet.run.max_steps, then resumed to each of unet_extend_to (phases already passed are skipped)."""
-    horizons = [cfg.unet.run.max_steps, *cfg.unet_extend_to]
+    horizons = cfg.unet_horizons()
     for i, steps in enumerate(horizons):
         done = list_checkpoints(out / "unet" / "checkpoints")
         if i < len(horizons) - 1 and done and done[-1][0] >= steps:
@@ -352,7 +356,7 @@ def _planned_steps(cfg: DefaultModelConfig, stage: str) -> tuple[Path, int] | No
         runs["decoder"] = cfg.vae_decoder
     if stage not in runs:
         return None
-    steps = max(cfg.unet.run.max_steps, *cfg.unet_extend_to) if stage == "unet" else runs[stage].run.max_steps
+    steps = cfg.unet_horizons()[-1] if stage == "unet" else runs[stage].run.max_steps
     return Path(runs[stage].run.output_dir), steps
 
 

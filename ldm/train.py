@@ -249,7 +249,7 @@ def text_part(config: TrainConfig, text: torch.nn.Module, accelerator: Any) -> P
 
 
 def align_part(config: TrainConfig, unet: torch.nn.Module, text_width: int, accelerator: Any
-               ) -> tuple[Part, PatchFeatures, torch.nn.Module]:
+               ) -> tuple[Part, Aligner]:
     """REPA's projector as a trained Part (its own AdamW at optim.lr, the same schedule, no EMA), the frozen target
     encoder and the hooked U-Net block; the projector's input width is read from one dry pass of the U-Net."""
     align, device = config.objective.align, accelerator.device
@@ -268,7 +268,7 @@ def align_part(config: TrainConfig, unet: torch.nn.Module, text_width: int, acce
     optimizer = build_optimizer(list(projector.parameters()), config.optim)
     scheduler = build_lr_scheduler(optimizer, config.optim, config.run.max_steps)
     projector_p, optimizer_p = accelerator.prepare(projector, optimizer)
-    return Part("projector", projector_p, optimizer_p, scheduler, None), features, block
+    return Part("projector", projector_p, optimizer_p, scheduler, None), Aligner(features, projector_p, block)
 
 
 def check_fresh_run(out: Path) -> None:
@@ -324,9 +324,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         trained.append(text_part(config, parts.text_encoder, accelerator))
     aligner = None
     if config.objective.align.weight > 0:
-        part, features, block = align_part(config, unet, parts.text_encoder.hidden_size, accelerator)
+        part, aligner = align_part(config, unet, parts.text_encoder.hidden_size, accelerator)
         trained.append(part)
-        aligner = Aligner(features, part.model, block)
     step_fn = DiffusionStep(config, parts, unet_p, device, dtype, text=trained[1].model if train_text else None,
                             t_weights=t_weights, dataset=loader.dataset, aligner=aligner)
 

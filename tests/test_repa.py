@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from ldm.checkpoint import list_checkpoints
 from ldm.clip_train import build_clip, save_clip
+from ldm.config import load_config
 from ldm.io import load_state_dict
 from ldm.repa import PatchFeatures, Projector, alignment_loss, block_output, captured, output_channels
 from ldm.train import train
 from ldm.train_config import AlignConfig
-from ldm.config import load_config
 from ldm.unet import UNet, UNetConfig
 from tests._helpers import ROOT, STEPS, tiny_config
 from tests.test_default_model import TINY_CLIP
