@@ -5,6 +5,7 @@ within 50 MB; the CLIP text tower converts exactly; the recipe runs end to end (
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -192,6 +193,38 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
                         out, resume=True)
     assert longer["unet"]["step"] == 4 and longer["export"]["wall_s"] > before["export"]["wall_s"]
     assert [s for s, _ in list_checkpoints(out / "unet" / "checkpoints")] == [3, 4]
+
+
+def test_recipe_init_reports_latent_channel_balance(tmp_path, caplog):
+    """The init stage reports each latent channel's std before and after the scaling factor (the same samples the
+    factor is measured on: their pooled std times it is 1) and warns when the scaled stds are more than
+    UNBALANCED_LATENTS apart; rescaling one channel of the VAE's quant_conv by 5 triggers it."""
+    from autoencoder.latent_norm import latent_channel_stats
+    from autoencoder.model import AutoencoderKL
+    from ldm.default_model import UNBALANCED_LATENTS, calibration_images, stage_init
+
+    out = tmp_path / "run"
+    cfg = load_recipe(DEFAULT_CONFIG, out, TINY_RUN)
+    report = run_recipe(cfg, out, stop_after="init")["init"]
+    vae = AutoencoderKL.from_pretrained(out / "vae-export").eval()
+    images = calibration_images(out / "data" / "train", 64)
+    with torch.no_grad():
+        mean, std = latent_channel_stats(vae, images, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.tensor(report["latent_channel_std"]), std)
+    assert torch.allclose(torch.tensor(report["latent_channel_mean"]), mean)
+    scaled = torch.tensor(report["latent_channel_std_scaled"])
+    assert torch.allclose(scaled, std * report["vae_scaling_factor"])
+    c = vae.config.latent_channels
+    with torch.no_grad():  # z_0 -> 5 z_0 (its mean and its std): its share of the pooled variance dominates
+        vae.quant_conv.weight[0] *= 5.0
+        vae.quant_conv.bias[0] *= 5.0
+        vae.quant_conv.weight[c] *= 0.0
+        vae.quant_conv.bias[c] = 2 * math.log(5.0)  # log variance; an untrained tiny VAE's is about 0
+    vae.save_pretrained(out / "vae-export")
+    with caplog.at_level("WARNING", logger="ldm.default_model"):
+        report = stage_init(cfg, out)
+    scaled = report["latent_channel_std_scaled"]
+    assert max(scaled) > UNBALANCED_LATENTS * min(scaled) and "latent channels are unbalanced" in caplog.text
 
 
 def test_recipe_per_channel_latent_norm_folds_into_the_init_vae(tmp_path):
