@@ -68,12 +68,21 @@ UNBALANCED_LATENTS = 2.0
 
 @dataclass
 class DataStageConfig:
-    """Sizes of the exported splits (images are size x size)."""
+    """Sizes of the exported splits (images are size x size) and the training split's layout mix: `train_layouts`
+    reweights ldm.shapes.LAYOUTS' names for data/train only (null: LAYOUTS); the test splits keep LAYOUTS, so the
+    benchmark's prompt sets do not move with the training mix."""
 
     n_train: int = 10000
     n_test_held_out: int = 500
     n_test_seen: int = 500
     size: int = 64
+    train_layouts: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        from ldm.shapes import check_layouts
+
+        if self.train_layouts is not None:
+            check_layouts(self.train_layouts)
 
 
 @dataclass
@@ -203,7 +212,8 @@ def stage_data(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
     splits = {"train": ("train", cfg.seed, d.n_train), "test-held-out": ("test", cfg.seed, d.n_test_held_out),
               "test-seen": ("train", cfg.seed + 1, d.n_test_seen)}
     for name, (split, seed, n) in splits.items():
-        export_imagefolder(out / "data" / name, n, split, seed, size=d.size, overwrite=True)
+        layouts = d.train_layouts if name == "train" else None
+        export_imagefolder(out / "data" / name, n, split, seed, size=d.size, overwrite=True, layouts=layouts)
     return {name: n for name, (_, _, n) in splits.items()}
 
 

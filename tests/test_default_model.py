@@ -112,6 +112,27 @@ def test_recipe_config_places_paths_and_seeds(tmp_path):
     assert cfg.unet.objective.condition_dropout == 0.1 and cfg.unet.run.cache_latents and cfg.unet.ema.enabled
 
 
+def test_recipe_data_stage_mixes_the_training_split_only(tmp_path):
+    """data.train_layouts reweights data/train's layouts; the test splits keep LAYOUTS (the same bytes as the default
+    mix), so the benchmark's splits do not move with the training mix; an unknown layout name is refused."""
+    from ldm.default_model import stage_data
+    from ldm.shapes_data import export_imagefolder
+
+    sizes = ["data.n_train=30", "data.n_test_held_out=6", "data.n_test_seen=6"]
+    cfg = load_recipe(DEFAULT_CONFIG, tmp_path / "run", [*sizes, "data.train_layouts={relation: 1.0}"])
+    assert cfg.data.train_layouts == {"relation": 1.0}
+    assert stage_data(cfg, tmp_path / "run") == {"train": 30, "test-held-out": 6, "test-seen": 6}
+    data = tmp_path / "run" / "data"
+    train = [json.loads(line) for line in (data / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert all(len(r["scene"]["objects"]) == 2 for r in train)  # relation scenes only (under LAYOUTS: about 0.4^30)
+    export_imagefolder(tmp_path / "seen", 6, "train", cfg.seed + 1)  # the default mix, same seed as test-seen
+    assert (data / "test-seen" / "metadata.jsonl").read_bytes() == (tmp_path / "seen" / "metadata.jsonl").read_bytes()
+    default = load_recipe(DEFAULT_CONFIG, tmp_path / "run", sizes)
+    assert default.data.train_layouts is None
+    with pytest.raises(ValueError, match=r"unknown layout\(s\) \['relations'\]"):
+        load_recipe(DEFAULT_CONFIG, tmp_path / "run", ["data.train_layouts={relations: 1.0}"])
+
+
 TINY_RUN = ["data.n_train=24", "data.n_test_held_out=8", "data.n_test_seen=8", "clip.run.max_steps=2",
             "clip.run.batch_size=8", "vae.run.max_steps=2", "vae.run.batch_size=4", "vae.run.validate_every=2",
             "unet.run.max_steps=2", "unet.run.batch_size=4", "unet.run.validate_every=0", "unet_extend_to=[3]",
