@@ -179,3 +179,27 @@ def test_relation_breakdown_counts_outcomes_per_word_and_refuses_prompts_without
     assert out["all"]["n"] == 8 and out["all"]["right"] == 0.5
     with pytest.raises(ValueError, match="needs relation prompts"):
         relation_breakdown(lambda ps, seed: np.stack([image] * len(ps)), ["a red circle"], 1)
+
+
+def test_checkpoint_adherence_scores_the_exported_checkpoint(shapes, tmp_path):
+    """benchmarks/checkpoint_adherence.py gives what exporting the checkpoint's EMA weights by hand and scoring its
+    images gives (same prompts, seeds, sampler), for every prompt set and scale."""
+    from benchmarks.checkpoint_adherence import checkpoint_adherence
+    from ldm.train import train
+    from pipelines.export import export
+    from pipelines.text_to_image import Pipeline
+    from tests._helpers import STEPS, tiny_config
+
+    train(tiny_config(shapes, tmp_path / "run"))
+    gen = dict(sampler="euler", steps=2)
+    res = checkpoint_adherence(tmp_path / "run", [1.0, 3.0], n_single=2, n_pair=2, **gen)
+    assert res["step"] == STEPS and res["ema"] and list(res["scales"]) == ["1.0", "3.0"]
+    pipe = Pipeline.from_pretrained(export(tmp_path / "run", tmp_path / "by-hand", use_ema=True))
+    sets = Q.prompt_sets(2, 2)
+    for s in (1.0, 3.0):
+        for name, prompts in sets.items():
+            images = Q.generate(pipe, prompts, guidance=s, **gen)
+            expected = Q.summarize([Q.score_image(p, im) for p, im in zip(prompts, images)])
+            got = res["scales"][str(s)][name]
+            assert got["n"] == len(prompts) and got.keys() == expected.keys()
+            assert all(got[k] == expected[k] or (got[k] != got[k] and expected[k] != expected[k]) for k in got)
