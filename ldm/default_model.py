@@ -409,10 +409,9 @@ def run_recipe(cfg: DefaultModelConfig, out: str | Path, *, resume: bool = False
             logger.info("stage %s", stage)
             start = time.perf_counter()
             info = _RUN[stage](cfg, out)
-            entry = report.get(stage, {})
-            entry.update(info)
-            entry["wall_s"] = entry.get("wall_s", 0.0) + time.perf_counter() - start  # summed over resumed runs
-            report[stage] = entry
+            # this run's numbers replace the last run's (no stale keys); the wall time is summed over re-runs
+            wall = report.get(stage, {}).get("wall_s", 0.0) + time.perf_counter() - start
+            report[stage] = {**info, "wall_s": wall}
             report_path.write_text(json.dumps(report, indent=2))
             done.write_text(_marker(cfg, stage))
         if stage == stop_after:

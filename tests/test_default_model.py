@@ -256,8 +256,12 @@ def test_recipe_per_channel_latent_norm_folds_into_the_init_vae(tmp_path):
     from ldm.default_model import calibration_images
 
     out = tmp_path / "run"
+    scalar = run_recipe(load_recipe(DEFAULT_CONFIG, out, TINY_RUN), out, stop_after="init")
+    (out / "init.done").unlink()  # the init stage again, per channel: its report entry is replaced, not merged
     report = run_recipe(load_recipe(DEFAULT_CONFIG, out, [*TINY_RUN, "latent_norm=per_channel"]), out,
-                        stop_after="init")
+                        resume=True, stop_after="init")
+    assert "latent_channel_std_scaled" in scalar["init"] and "latent_channel_std_scaled" not in report["init"]
+    assert report["init"]["wall_s"] > scalar["init"]["wall_s"] and report["vae"] == scalar["vae"]
     raw, init = (AutoencoderKL.from_pretrained(out / d).eval() for d in ("vae-export", "init/vae"))
     assert init.config.scaling_factor == report["init"]["vae_scaling_factor"] == 1.0
     images = calibration_images(out / "data" / "train", 64)
