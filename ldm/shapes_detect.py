@@ -150,6 +150,8 @@ def _fit_shape(alpha: np.ndarray, region: np.ndarray, size: int) -> tuple[str, f
                 break
             score, amp = max(fits)
             fitted = (shape, cx, cy, side, score)
+            if amp <= 0:  # the template missed the region's mass (or fit its negative part): no side to refit from
+                break
         if fitted is not None and fitted[4] > best[4]:
             best = fitted
     shape, cx, cy, side, score = best

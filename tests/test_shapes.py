@@ -294,3 +294,18 @@ def test_relation_outcome_names_how_a_relation_was_drawn():
              "a red circle to the left of a blue square": "orthogonal", "a green circle above a blue square": "missing",
              "a red star above a blue square": "right", "a red circle": None}
     assert {p: relation_outcome(p, dets) for p in cases} == cases
+
+
+def test_fit_shape_does_not_refit_from_a_non_positive_amplitude():
+    """A region whose coverage alpha is negative (a colour on the far side of the background) fits with amplitude
+    < 0; the side is not refitted from it (that took the square root of a negative number: NaN, and a warning)."""
+    import warnings
+
+    from ldm.shapes_detect import _fit_shape
+
+    yy, xx = np.mgrid[:64, :64]
+    disc = (yy - 32) ** 2 + (xx - 32) ** 2 < 10 ** 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shape, cx, cy, side, area, score = _fit_shape(np.where(disc, -0.5, 0.0), disc, 64)
+    assert shape in S.SHAPES and all(np.isfinite([cx, cy, side, score])) and area < 0
