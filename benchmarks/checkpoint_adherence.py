@@ -21,8 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.quality import ATTRIBUTES, _pct, generate, prompt_sets, summarize  # noqa: E402
-from ldm.shapes_detect import score_image  # noqa: E402
+from benchmarks.quality import ATTRIBUTES, _pct, adherence, prompt_sets  # noqa: E402
 
 
 def checkpoint_adherence(checkpoint: str | Path, scales: list[float], *, sampler: str, steps: int, n_single: int,
@@ -42,10 +41,7 @@ def checkpoint_adherence(checkpoint: str | Path, scales: list[float], *, sampler
     result: dict[str, Any] = {"checkpoint": str(ckpt), "step": read_meta(ckpt).get("step"), "sampler": sampler,
                               "steps": steps, "vae": None if vae is None else str(vae), "ema": use_ema, "scales": {}}
     for s in scales:
-        result["scales"][str(s)] = {
-            name: summarize([score_image(p, im) for p, im in
-                             zip(prompts, generate(pipe, prompts, guidance=s, sampler=sampler, steps=steps))])
-            for name, prompts in sets.items()}
+        result["scales"][str(s)] = adherence(pipe, None, sets, guidance=s, sampler=sampler, steps=steps)
     return result
 
 

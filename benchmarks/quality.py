@@ -165,13 +165,15 @@ def clip_features(clip: Any, images: np.ndarray | None = None, texts: list[str] 
 # ------------------------------------------------------------------------------------------------------- runs
 
 
-def adherence(pipe: Any, clip: Any, sets: dict[str, list[str]], **gen: Any) -> dict[str, dict[str, float]]:
-    """summarize(score_image) and the mean CLIP score of each prompt set."""
+def adherence(pipe: Any, clip: Any | None, sets: dict[str, list[str]], **gen: Any) -> dict[str, dict[str, float]]:
+    """summarize(score_image) and, with a CLIP (None: detector only), the mean CLIP score of each prompt set."""
     out = {}
     for name, prompts in sets.items():
         images = generate(pipe, prompts, **gen)
         row = summarize([score_image(p, im) for p, im in zip(prompts, images)])
-        row["clip_score"] = float(clip_score(clip_features(clip, images), clip_features(clip, texts=prompts)).mean())
+        if clip is not None:
+            scores = clip_score(clip_features(clip, images), clip_features(clip, texts=prompts))
+            row["clip_score"] = float(scores.mean())
         out[name] = row
     return out
 
