@@ -47,6 +47,7 @@ import torch
 from autoencoder.latent_norm import fold_latent_standardization, latent_channel_stats
 from autoencoder.model import AutoencoderKL, VAEConfig
 from autoencoder.train import VAETrainConfig, export_vae, train_vae
+from ldm.beside import Beside
 from ldm.checkpoint import folder_digest, list_checkpoints
 from ldm.clip_train import ClipTrainConfig, clip_text_encoder, export_clip, load_clip, save_clip, train_clip
 from ldm.config import apply_overrides, from_dict, load_yaml, save_config
@@ -130,6 +131,9 @@ class DefaultModelConfig:
     # scaling_factor); "per_channel", each channel to zero mean and unit std, folded into the VAE's 1 x 1 convs
     # (autoencoder.latent_norm; the folder stays a plain diffusers AutoencoderKL with scaling_factor 1)
     latent_norm: Literal["scalar", "per_channel"] = "scalar"
+    # Run the decoder stage (it needs only init/ and data/) in a second 1-thread process beside the U-Net stages,
+    # which meanwhile use num_threads - 1 threads (ldm.beside); false: after them, in this process
+    decoder_beside_unet: bool = False
 
     def __post_init__(self) -> None:
         if self.vae_decoder is not None and self.vae_decoder.train_encoder:
@@ -401,21 +405,41 @@ def run_recipe(cfg: DefaultModelConfig, out: str | Path, *, resume: bool = False
     save_config(cfg, out / "recipe.yaml")
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    for i, stage in enumerate(STAGES):
-        done = out / f"{stage}.done"
-        if not _finished(cfg, done):
-            for later in STAGES[i + 1:]:  # their inputs may change: they run again, even after a stop
-                (out / f"{later}.done").unlink(missing_ok=True)
-            logger.info("stage %s", stage)
-            start = time.perf_counter()
-            info = _RUN[stage](cfg, out)
-            # this run's numbers replace the last run's (no stale keys); the wall time is summed over re-runs
-            wall = report.get(stage, {}).get("wall_s", 0.0) + time.perf_counter() - start
-            report[stage] = {**info, "wall_s": wall}
-            report_path.write_text(json.dumps(report, indent=2))
-            done.write_text(_marker(cfg, stage))
-        if stage == stop_after:
-            break
+    beside: Beside | None = None
+    threads = torch.get_num_threads()
+    try:
+        for i, stage in enumerate(STAGES):
+            done = out / f"{stage}.done"
+            if not _finished(cfg, done):
+                for later in STAGES[i + 1:]:  # their inputs may change: they run again, even after a stop
+                    (out / f"{later}.done").unlink(missing_ok=True)
+                if stage == "unet" and cfg.decoder_beside_unet and cfg.runs("decoder"):
+                    logger.info("stage decoder, beside the U-Net")
+                    beside = Beside(stage_decoder, (cfg, out), out / "decoder.beside.json")
+                    torch.set_num_threads(max(1, threads - 1))
+                logger.info("stage %s", stage)
+                if stage == "decoder" and beside is not None:
+                    info = {**beside.join(), "beside_unet": True}
+                    beside, elapsed = None, info.pop("wall_s")  # the decoder process's own wall time
+                    torch.set_num_threads(threads)
+                else:
+                    start = time.perf_counter()
+                    info = _RUN[stage](cfg, out)
+                    elapsed = time.perf_counter() - start
+                # this run's numbers replace the last run's (no stale keys); the wall time is summed over re-runs
+                wall = report.get(stage, {}).get("wall_s", 0.0) + elapsed
+                report[stage] = {**info, "wall_s": wall}
+                report_path.write_text(json.dumps(report, indent=2))
+                done.write_text(_marker(cfg, stage))
+            if stage == stop_after:
+                break
+        if beside is not None:  # stopped before the decoder stage: let it finish; a resume re-runs its (done) stage
+            beside.join()
+            beside = None
+    finally:
+        if beside is not None:
+            beside.stop()
+        torch.set_num_threads(threads)
     if export_to is not None and (out / "export.done").is_file():
         export_to = Path(export_to)
         if export_to.exists():

@@ -5,6 +5,7 @@ within 50 MB; the CLIP text tower converts exactly; the recipe runs end to end (
 from __future__ import annotations
 
 import json
+import shutil
 import math
 from dataclasses import replace
 
@@ -215,6 +216,30 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     assert longer["unet"]["step"] == 4 and longer["export"]["wall_s"] > before["export"]["wall_s"]
     assert [s for s, _ in list_checkpoints(out / "unet" / "checkpoints")] == [3, 4]
 
+
+
+@pytest.mark.slow  # about 20 s on the shared 2-core CPU
+def test_recipe_decoder_beside_the_unet_matches_the_decoder_after_it(tmp_path):
+    """decoder_beside_unet: the decoder stage trains in a second process during the U-Net stage, is reported with its
+    own wall time, and gives bit for bit the decoder of the stage run after the U-Net (1 thread each)."""
+    from autoencoder.model import AutoencoderKL
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out, tiny = tmp_path / "run", [*TINY_RUN, "unet_layout.enabled=false"]
+        report = run_recipe(load_recipe(DEFAULT_CONFIG, out, [*tiny, "decoder_beside_unet=true"]), out)
+        assert report["decoder"]["beside_unet"] and report["decoder"]["step"] == 2 and report["decoder"]["wall_s"] > 0
+        assert torch.get_num_threads() == 1 and (out / "export.done").is_file()
+        beside = AutoencoderKL.from_pretrained(out / "vae-decoder-export").state_dict()
+        shutil.rmtree(out / "vae-decoder")
+        (out / "decoder.done").unlink()
+        after = run_recipe(load_recipe(DEFAULT_CONFIG, out, tiny), out, resume=True)
+        assert "beside_unet" not in after["decoder"] and after["unet"] == report["unet"]
+        sequential = AutoencoderKL.from_pretrained(out / "vae-decoder-export").state_dict()
+        assert all(torch.equal(beside[k], v) for k, v in sequential.items())
+    finally:
+        torch.set_num_threads(threads)
 
 def test_recipe_init_reports_latent_channel_balance(tmp_path, caplog):
     """The init stage reports each latent channel's std before and after the scaling factor (the same samples the
