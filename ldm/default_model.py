@@ -132,7 +132,7 @@ class DefaultModelConfig:
     # (autoencoder.latent_norm; the folder stays a plain diffusers AutoencoderKL with scaling_factor 1)
     latent_norm: Literal["scalar", "per_channel"] = "scalar"
     # Run the decoder stage (it needs only init/ and data/) in a second 1-thread process beside the U-Net stages,
-    # which meanwhile use num_threads - 1 threads (ldm.beside); false: after them, in this process
+    # this process meanwhile on num_threads - 1 threads (ldm.beside); false: after them, in this process
     decoder_beside_unet: bool = False
 
     def __post_init__(self) -> None:
