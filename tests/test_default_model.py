@@ -5,8 +5,8 @@ within 50 MB; the CLIP text tower converts exactly; the recipe runs end to end (
 from __future__ import annotations
 
 import json
-import shutil
 import math
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -215,7 +215,6 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
                         out, resume=True)
     assert longer["unet"]["step"] == 4 and longer["export"]["wall_s"] > before["export"]["wall_s"]
     assert [s for s, _ in list_checkpoints(out / "unet" / "checkpoints")] == [3, 4]
-
 
 
 @pytest.mark.slow  # about 20 s on the shared 2-core CPU
