@@ -217,7 +217,7 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     assert [s for s, _ in list_checkpoints(out / "unet" / "checkpoints")] == [3, 4]
 
 
-@pytest.mark.slow  # about 20 s on the shared 2-core CPU
+@pytest.mark.slow  # about 35 s on the shared 2-core CPU
 def test_recipe_decoder_beside_the_unet_matches_the_decoder_after_it(tmp_path):
     """decoder_beside_unet: the decoder stage trains in a second process during the U-Net stage, is reported with its
     own wall time, and gives bit for bit the decoder of the stage run after the U-Net (1 thread each)."""
@@ -237,6 +237,12 @@ def test_recipe_decoder_beside_the_unet_matches_the_decoder_after_it(tmp_path):
         assert "beside_unet" not in after["decoder"] and after["unet"] == report["unet"]
         sequential = AutoencoderKL.from_pretrained(out / "vae-decoder-export").state_dict()
         assert all(torch.equal(beside[k], v) for k, v in sequential.items())
+        # a stop after the U-Net waits for the decoder process (its run finished), but leaves the stage's marker to a
+        # resume (which re-runs the finished stage: an export, no training)
+        out = tmp_path / "stopped"
+        run_recipe(load_recipe(DEFAULT_CONFIG, out, [*tiny, "decoder_beside_unet=true"]), out, stop_after="unet")
+        assert (out / "unet.done").is_file() and not (out / "decoder.done").exists()
+        assert [s for s, _ in list_checkpoints(out / "vae-decoder" / "checkpoints")] == [2]
     finally:
         torch.set_num_threads(threads)
 
