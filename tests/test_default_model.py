@@ -246,6 +246,7 @@ def test_recipe_decoder_beside_the_unet_matches_the_decoder_after_it(tmp_path):
     finally:
         torch.set_num_threads(threads)
 
+
 def test_recipe_init_reports_latent_channel_balance(tmp_path, caplog):
     """The init stage reports each latent channel's std before and after the scaling factor (the same samples the
     factor is measured on: their pooled std times it is 1) and warns when the scaled stds are more than
