@@ -180,7 +180,7 @@ def save_checkpoint(
                        tmp / f"{name}.optim.pt")
         for i, state in enumerate(rng_states):
             torch.save(state, tmp / f"rng-{i}.pt")
-        ema_meta = {n: {"num_updates": e.num_updates, "decay": e.decay} for n, e in emas.items() if e is not None}
+        ema_meta = {n: e.counters() for n, e in emas.items() if e is not None}
         write_json({"format_version": FORMAT_VERSION, "step": step, "parts": list(models), "ema": ema_meta,
                     "num_processes": len(rng_states), **meta}, tmp / "meta.json")
     if keep_last is not None:

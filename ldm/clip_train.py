@@ -27,7 +27,7 @@ from ldm.loop import Part, StepContext, run_loop
 from ldm.config import to_dict
 from ldm.data import DataConfig, build_dataloader
 from ldm.io import load_state_dict, save_state_dict, write_json
-from ldm.text import TextEncoder, build_clip_tokenizer, load_hub_state_dict
+from ldm.text import MAX_LENGTH, TextEncoder, build_clip_tokenizer, load_hub_state_dict
 from ldm.text_openclip import openclip_text_config, openclip_to_transformers, text_tower_state_dict
 from ldm.text_openclip import transformers_to_openclip
 from ldm.train_config import OptimConfig, RunConfig, build_accelerator, build_lr_scheduler, build_optimizer
@@ -61,8 +61,11 @@ class ClipTrainConfig:
             if key not in self.model:
                 raise ValueError(f"clip model config lacks {key!r} (open_clip's layout: embed_dim, vision_cfg, text_cfg)")
         text = self.model["text_cfg"]
-        if text.get("vocab_size", 49408) != 49408 or text.get("context_length", 77) != 77:
-            raise ValueError("the text tower must have vocab_size 49408 and context_length 77 (the CLIP tokenizer's)")
+        if text.get("vocab_size", 49408) != 49408:
+            raise ValueError(f"the text tower must have vocab_size 49408 (the CLIP tokenizer's), got {text['vocab_size']}")
+        if not 3 <= context_length(self.model) <= MAX_LENGTH:
+            raise ValueError(f"text_cfg.context_length must lie in [3, {MAX_LENGTH}] (bos, a token, eos; CLIP's "
+                             f"position table), got {context_length(self.model)}")
         if self.run.cache_latents:
             raise ValueError("run.cache_latents has no meaning for CLIP training; set it to false")
         if self.hard_negatives < 0:
@@ -76,6 +79,11 @@ def build_clip(model: dict[str, Any], seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return open_clip.CLIP(**copy.deepcopy(model), output_dict=True)
+
+
+def context_length(model: dict[str, Any]) -> int:
+    """Tokens per caption of the text tower (bos, caption, eos, padding): CLIP's 77, or fewer for short captions."""
+    return int(model["text_cfg"].get("context_length", MAX_LENGTH))
 
 
 def text_heads(model: dict[str, Any]) -> int:
@@ -100,16 +108,17 @@ class ContrastiveStep:
     """One micro-batch of the contrastive loss (negclip_loss), with `k` hard-negative captions per image."""
 
     def __init__(self, model: nn.Module, raw: nn.Module, device: torch.device, *, k: int = 0,
-                 negative_caption: NegativeCaption | None = None) -> None:
+                 negative_caption: NegativeCaption | None = None, max_length: int = MAX_LENGTH) -> None:
         if k > 0 and negative_caption is None:
             raise ValueError("hard_negatives > 0 needs a negative_caption function (e.g. "
                              "ldm.shapes_negatives.hard_negative for the shapes data)")
         self.model, self.raw, self.device, self.k, self.negative_caption = model, raw, device, k, negative_caption
-        self.tokenizer = build_clip_tokenizer(pad_token=OPENCLIP_PAD)
+        self.tokenizer = build_clip_tokenizer(pad_token=OPENCLIP_PAD, model_max_length=max_length)
 
     def _ids(self, texts: list[str]) -> torch.Tensor:
-        return self.tokenizer(texts, padding="max_length", max_length=77, truncation=True,
-                              return_tensors="pt").input_ids.to(self.device)  # (N, 77)
+        n = self.tokenizer.model_max_length
+        return self.tokenizer(texts, padding="max_length", max_length=n, truncation=True,
+                              return_tensors="pt").input_ids.to(self.device)  # (N, context_length)
 
     def negatives(self, captions: list[str], ctx: StepContext) -> list[str]:
         """k negatives per caption, caption-major; slot i's come from its own seeded generator (resumable)."""
@@ -123,7 +132,7 @@ class ContrastiveStep:
         clamp_logit_scale(self.raw)  # before the forward, so that a resumed run repeats an uninterrupted one
         pixels = batch["pixel_values"].to(self.device)  # (B, 3, H, W) in [-1, 1]
         captions = list(batch["captions"])
-        ids = self._ids(captions + self.negatives(captions, ctx))  # (B (1 + k), 77)
+        ids = self._ids(captions + self.negatives(captions, ctx))  # (B (1 + k), context_length)
         out = self.model(pixels, ids)
         scale = out["logit_scale"]  # open_clip returns exp(log scale)
         b = len(captions)
@@ -161,7 +170,7 @@ def train_clip(config: ClipTrainConfig, negative_caption: NegativeCaption | None
                                         num_processes=accelerator.num_processes)
     model_p, optimizer_p, loader_p = accelerator.prepare(model, optimizer, loader)
     step_fn = ContrastiveStep(model_p, model, accelerator.device, k=config.hard_negatives,
-                              negative_caption=negative_caption)
+                              negative_caption=negative_caption, max_length=context_length(config.model))
     result = run_loop(accelerator, run, config.optim, parts=[Part("clip", model_p, optimizer_p, scheduler)],
                       loader=loader_p, position=position, step_fn=step_fn,
                       meta={"config": to_dict(config)})
@@ -232,7 +241,8 @@ def clip_text_encoder(model: nn.Module, config: dict[str, Any]) -> TextEncoder:
     text_config = openclip_text_config(state, num_heads=text_heads(config))
     text_model = CLIPTextModel(text_config)
     load_hub_state_dict(text_model, openclip_to_transformers(state, text_config))  # strict, hub-layout keys
-    return TextEncoder(build_clip_tokenizer(pad_token=OPENCLIP_PAD), text_model.eval())
+    tokenizer = build_clip_tokenizer(pad_token=OPENCLIP_PAD, model_max_length=context_length(config))
+    return TextEncoder(tokenizer, text_model.eval())
 
 
 def main(argv: list[str] | None = None) -> int:

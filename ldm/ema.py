@@ -9,6 +9,11 @@ s <- d_k s + (1 - d_k) p. The decay d_k of update k (counted from 1) is
 
 with n = k - update_after_step - 1; while n <= 0 the decay is 0 (the shadow copies the parameters), and the warm-up
 decays are clamped below at min_decay, exactly as diffusers' `EMAModel.get_decay`.
+
+With update_every = m > 1 the shadow moves only on every m-th step, by the product of the m decays it skipped:
+s <- (d_{k-m+1} ... d_k) s + (1 - d_{k-m+1} ... d_k) p_k. That is m plain updates towards p_k, the EMA of every m-th
+parameter state with the same time constant (as ema-pytorch's update_every, but keeping the time constant); it
+saves m - 1 of every m passes over the weights, and the shadow lags the plain EMA by at most m - 1 steps.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class EMAConfig:
     power: float = 2.0 / 3.0
     min_decay: float = 0.0
     update_after_step: int = 0
+    update_every: int = 1  # move the shadow every m-th step by the m decays' product (module docstring)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay <= 1.0:
@@ -45,6 +51,8 @@ class EMAConfig:
             raise ValueError(f"ema.inv_gamma and ema.power must be > 0, got {self.inv_gamma}, {self.power}")
         if self.update_after_step < 0:
             raise ValueError(f"ema.update_after_step must be >= 0, got {self.update_after_step}")
+        if self.update_every < 1:
+            raise ValueError(f"ema.update_every must be >= 1, got {self.update_every}")
 
 
 def ema_decay(num_updates: int, config: EMAConfig) -> float:
@@ -83,7 +91,8 @@ class EMA:
         self.names = [n for n, _ in model.named_parameters()]
         self.shadow = [p.detach().clone().to(dtype or p.dtype) for p in model.parameters()]
         self.num_updates = 0
-        self.decay = 0.0  # the decay used by the latest update
+        self.decay = 0.0  # the decay d_k of the latest step
+        self.pending = 1.0  # the product of the decays since the shadow last moved (update_every)
         self._stored: list[torch.Tensor] | None = None
 
     def _params(self, model: nn.Module) -> list[torch.Tensor]:
@@ -94,10 +103,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> float:
-        """One EMA step towards `model`'s current parameters; returns the decay used."""
+        """One EMA step towards `model`'s current parameters (the shadow moves on every update_every-th); returns d_k."""
         self.num_updates += 1
         self.decay = ema_decay(self.num_updates, self.config)
-        ema_update_(self.shadow, self._params(model), self.decay)
+        self.pending *= self.decay
+        if self.num_updates % self.config.update_every == 0:
+            ema_update_(self.shadow, self._params(model), self.pending)
+            self.pending = 1.0
         return self.decay
 
     @torch.no_grad()
@@ -139,9 +151,13 @@ class EMA:
         """The shadow weights by parameter name (for a safetensors file)."""
         return dict(zip(self.names, self.shadow, strict=True))
 
+    def counters(self) -> dict[str, Any]:
+        """The state besides the weights (JSON): update count, the latest decay, the pending decay product."""
+        return {"num_updates": self.num_updates, "decay": self.decay, "pending": self.pending}
+
     def state_dict(self) -> dict[str, Any]:
-        """Weights by name plus the update counter (the weights go to safetensors, the counter to JSON)."""
-        return {"weights": self.tensors(), "num_updates": self.num_updates, "decay": self.decay}
+        """Weights by name plus the counters (the weights go to safetensors, the counters to JSON)."""
+        return {"weights": self.tensors(), **self.counters()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -156,3 +172,4 @@ class EMA:
             s.copy_(weights[name])
         self.num_updates = int(state["num_updates"])
         self.decay = float(state.get("decay", 0.0))
+        self.pending = float(state.get("pending", 1.0))

@@ -138,7 +138,8 @@ def clip_skip_of(layer: Layer, num_layers: int) -> int:
 
 
 class PromptEncoder(nn.Module):
-    """Tokenize prompts (truncating to 77 tokens with a warning) and map ids to per-token hidden states (B, 77, D)."""
+    """Tokenize prompts (truncating to the context length, CLIP's 77, with a warning) and map ids to per-token hidden
+    states (B, context length, D)."""
 
     def __init__(self, tokenizer: CLIPTokenizer, layer: Layer = "last") -> None:
         super().__init__()
@@ -159,7 +160,7 @@ class PromptEncoder(nn.Module):
         return next(self.parameters())
 
     def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
-        """Token ids (B, 77): bos, prompt tokens, eos, padding; warns naming what truncation drops."""
+        """Token ids (B, model_max_length): bos, prompt tokens, eos, padding; warns naming what truncation drops."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
@@ -169,7 +170,7 @@ class PromptEncoder(nn.Module):
         n = self.tokenizer.model_max_length
         for prompt, ids in zip(prompts, self.tokenizer(list(prompts), truncation=False, verbose=False).input_ids):
             if len(ids) > n:
-                dropped = ids[n - 1 : -1]  # content tokens past the 75 that fit between bos and eos
+                dropped = ids[n - 1 : -1]  # content tokens past the n - 2 that fit between bos and eos
                 warnings.warn(
                     f"prompt is {len(ids)} tokens, CLIP takes {n}: {len(dropped)} token(s) were dropped, "
                     f"namely {self.tokenizer.decode(dropped)!r} (prompt starts {prompt[:40]!r})",
@@ -181,7 +182,7 @@ class PromptEncoder(nn.Module):
 
     def encode(self, prompts: str | list[str], *, layer: Layer | None = None, clip_skip: int | None = None
                ) -> torch.Tensor:
-        """Per-token hidden states (B, 77, D) of `layer` (default: the encoder's), final LayerNorm applied."""
+        """Per-token hidden states (B, n, D) of `layer` (default: the encoder's), final LayerNorm applied."""
         if layer is not None and clip_skip is not None:
             raise ValueError("pass either layer or clip_skip, not both")
         chosen = clip_skip if clip_skip is not None else (layer if layer is not None else self.layer)
@@ -335,11 +336,16 @@ def _model_class(config: CLIPTextConfig) -> type[CLIPTextModel] | type[CLIPTextM
 
 # ------------------------------------------------------------------------------------------------- OpenCLIP
 class OpenCLIPTextEncoder(PromptEncoder):
-    """An open_clip text tower (CLIP, CustomTextCLIP or TextTransformer) -> per-token states after ln_final."""
+    """An open_clip text tower (CLIP, CustomTextCLIP or TextTransformer) -> per-token states after ln_final; the
+    default tokenizer pads with "!" to the tower's context length (its positional table)."""
 
     def __init__(self, model: nn.Module, tokenizer: CLIPTokenizer | None = None, layer: Layer = "last") -> None:
-        super().__init__(tokenizer if tokenizer is not None else build_clip_tokenizer(pad_token="!"), layer)
         tower = getattr(model, "text", model)  # CustomTextCLIP keeps its tower in .text
+        if tokenizer is None:
+            positions = getattr(tower, "positional_embedding", None)
+            n = MAX_LENGTH if positions is None else int(positions.shape[0])
+            tokenizer = build_clip_tokenizer(pad_token="!", model_max_length=n)
+        super().__init__(tokenizer, layer)
         for name in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
             if not hasattr(tower, name):
                 raise TypeError(f"{type(model).__name__} is not an open_clip text tower: it has no {name!r}")

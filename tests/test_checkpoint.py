@@ -50,6 +50,38 @@ def test_ema_constant_decay_matches_closed_form():
         assert torch.allclose(s, expected, atol=1e-14, rtol=0), (s - expected).abs().max()
 
 
+@pytest.mark.parametrize("warmup", ["none", "simple"])
+def test_ema_update_every_is_the_ema_of_every_mth_state_with_the_same_decays(warmup):
+    """update_every = m: after step k = jm the shadow is m plain updates towards p_k, from the shadow at step
+    (j - 1)m: the closed form prod(d) s + (1 - prod(d)) p_k; between those steps it does not move; a copy resumed
+    mid-window from state_dict() ends on the same bits."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    cfg = EMAConfig(decay=0.9, warmup=warmup, update_every=3)
+    ema = EMA(model, cfg, dtype=torch.float64)
+    expected = [s.clone() for s in ema.shadow]
+    resumed = None
+    for k in range(1, 13):
+        _walk(model, k)
+        before = [s.clone() for s in ema.shadow]
+        ema.update(model)
+        if resumed is not None:
+            resumed.update(model)
+        if k % 3:
+            assert all(torch.equal(a, b) for a, b in zip(ema.shadow, before))
+        else:
+            prod = math.prod(ema_decay(j, cfg) for j in range(k - 2, k + 1))
+            expected = [prod * e + (1 - prod) * q.detach() for e, q in zip(expected, model.parameters())]
+            assert all(torch.allclose(a, b, atol=1e-14, rtol=0) for a, b in zip(ema.shadow, expected))
+        if k == 7:  # mid-window: the pending product travels with the state
+            resumed = EMA(model, cfg, dtype=torch.float64)
+            resumed.load_state_dict(ema.state_dict())
+            assert resumed.pending == ema.pending != 1.0
+    assert all(torch.equal(a, b) for a, b in zip(resumed.shadow, ema.shadow))
+    with pytest.raises(ValueError, match="update_every"):
+        EMAConfig(update_every=0)
+
+
 @pytest.mark.parametrize("warmup,kwargs", [("simple", {}), ("power", {"use_ema_warmup": True, "power": 0.75})])
 def test_ema_matches_diffusers_ema_model(warmup, kwargs):
     """Same decay sequence and shadow weights as diffusers.training_utils.EMAModel (float64, exact)."""
@@ -173,13 +205,13 @@ def test_folder_digest_changes_with_any_byte_and_ignores_temporaries(tmp_path):
 # -------------------------------------------------------------------------------------------------- checkpoints
 
 
-def _tiny_run(seed: int = 0, fused: bool = False):
+def _tiny_run(seed: int = 0, fused: bool = False, ema_every: int = 1):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = build_optimizer(list(model.parameters()),
                           OptimConfig(lr=1e-2, warmup_steps=2, lr_scheduler="cosine", fused=fused))
     sched = build_lr_scheduler(opt, OptimConfig(lr=1e-2, warmup_steps=2, lr_scheduler="cosine"), 10)
-    return model, opt, sched, EMA(model, EMAConfig(decay=0.9))
+    return model, opt, sched, EMA(model, EMAConfig(decay=0.9, update_every=ema_every))
 
 
 def _train(model, opt, sched, ema, steps: int, start: int = 0) -> None:
@@ -200,14 +232,16 @@ def _save(root, step, model, opt, sched, ema, keep_last=None):
                            keep_last=keep_last)
 
 
-def test_checkpoint_round_trip_continues_bitwise(tmp_path):
-    """Save after 3 steps, load into fresh objects, 3 more steps: bitwise equal to 6 uninterrupted steps."""
-    a = _tiny_run()
+@pytest.mark.parametrize("ema_every", [1, 2])
+def test_checkpoint_round_trip_continues_bitwise(tmp_path, ema_every):
+    """Save after 3 steps, load into fresh objects, 3 more steps: bitwise equal to 6 uninterrupted steps (with
+    ema.update_every 2 the checkpoint falls mid-window: its pending decay product is saved too)."""
+    a = _tiny_run(ema_every=ema_every)
     _train(*a, 6)
-    b = _tiny_run()
+    b = _tiny_run(ema_every=ema_every)
     _train(*b, 3)
     path = _save(tmp_path, 3, *b)
-    c = _tiny_run(seed=123)  # different initial weights: everything must come from the checkpoint
+    c = _tiny_run(seed=123, ema_every=ema_every)  # different initial weights: everything must come from the checkpoint
     meta = load_checkpoint(path, models={"net": c[0]}, emas={"net": c[3]}, optimizers={"net": c[1]},
                            schedulers={"net": c[2]})
     assert meta["step"] == 3 and meta["data"] == {"epoch": 0}

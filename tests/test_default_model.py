@@ -32,16 +32,60 @@ DEFAULTS = dict(num_inference_steps=20, guidance_scale=3.0, sampler="dpmpp_2m")
 # ------------------------------------------------------------------------------------ CLIP text tower conversion
 
 
-def test_clip_text_tower_converts_exactly_to_a_clip_text_model():
-    """Per-token states of the open_clip tower (OpenCLIPTextEncoder) == the converted CLIPTextModel's, to 1e-5."""
-    clip = build_clip(TINY_CLIP, seed=3).eval()
+def with_context(config: dict, n: int) -> dict:
+    return {**config, "text_cfg": {**config["text_cfg"], "context_length": n}}
+
+
+@pytest.mark.parametrize("n", [77, 16])
+def test_clip_text_tower_converts_exactly_to_a_clip_text_model(n):
+    """Per-token states of the open_clip tower (OpenCLIPTextEncoder) == the converted CLIPTextModel's, to 1e-5, at
+    CLIP's 77 tokens and at a shorter context (text_cfg.context_length: the tokenizer pads to it)."""
+    config = with_context(TINY_CLIP, n)
+    clip = build_clip(config, seed=3).eval()
     with torch.no_grad():
         for p in clip.parameters():  # non-trivial LayerNorm gains/biases too
             p.add_(0.02 * torch.randn_like(p))
         ref = OpenCLIPTextEncoder(clip).encode(PROMPTS)
-        got = clip_text_encoder(clip, TINY_CLIP).encode(PROMPTS)
-    assert got.shape == ref.shape == (3, 77, 32)
+        got = clip_text_encoder(clip, config).encode(PROMPTS)
+    assert got.shape == ref.shape == (3, n, 32)
     assert (got - ref).abs().max() < 1e-5
+
+
+def test_short_context_text_encoder_round_trips_through_a_diffusers_folder(tmp_path):
+    """A 16-token text tower saved as text_encoder/ + tokenizer/ reloads (ours and transformers') with 16 positions
+    and the same states; the tokenizer pads to 16 and warns naming what a longer prompt loses."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ldm.text import TextEncoder
+
+    config = with_context(TINY_CLIP, 16)
+    enc = clip_text_encoder(build_clip(config, seed=5).eval(), config)
+    enc.save_pretrained(tmp_path)
+    back = TextEncoder.from_pretrained(tmp_path)
+    assert back.tokenizer.model_max_length == 16 and back.model.config.max_position_embeddings == 16
+    with torch.no_grad():
+        assert torch.equal(back.encode(PROMPTS), enc.encode(PROMPTS))
+        theirs = CLIPTextModel.from_pretrained(tmp_path / "text_encoder").eval()
+        ids = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")(
+            PROMPTS, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+        assert ids.shape == (3, 16)
+        assert torch.allclose(theirs(ids).last_hidden_state, enc.model(ids).last_hidden_state, atol=1e-6)
+    with pytest.warns(UserWarning, match="CLIP takes 16"):
+        enc.tokenize("a red circle above a blue square to the left of a large yellow star on a gray background")
+
+
+def test_clip_config_checks_context_length():
+    from ldm.clip_train import ClipTrainConfig, ContrastiveStep
+    from ldm.data import DataConfig
+
+    data = DataConfig(source="imagefolder", path="x")
+    with pytest.raises(ValueError, match="context_length must lie in"):
+        ClipTrainConfig(data=data, model=with_context(TINY_CLIP, 2))
+    with pytest.raises(ValueError, match="context_length must lie in"):
+        ClipTrainConfig(data=data, model=with_context(TINY_CLIP, 78))
+    step = ContrastiveStep(torch.nn.Identity(), torch.nn.Identity(), torch.device("cpu"), max_length=16)
+    ids = step._ids(PROMPTS)
+    assert ids.shape == (3, 16) and ids[0, 0] == 49406 and (ids[2, :2] == torch.tensor([49406, 49407])).all()
 
 
 def test_clip_folder_without_text_tower_round_trips(tmp_path):
