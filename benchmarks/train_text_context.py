@@ -1,0 +1,126 @@
+"""The recipe's whole U-Net-stage step with a shorter text context and a sparser EMA, against the recipe's step.
+
+One step as ldm.train runs it with `train_text_encoder: true`: the captions tokenized and encoded by the CLIP text
+tower (configs/default-model.yaml `clip.model`, seeded weights), the U-Net (`unet_model`, v-prediction loss), the
+gradient clipped over both, fused AdamW for each, an EMA of each. Variants:
+
+  recipe          text_cfg.context_length 77 (CLIP's), ema.update_every 1
+  context32       context_length 32: the tokenizer pads to 32 (the shapes captions are at most 22 tokens), so the
+                  text tower and every cross-attention see 32 tokens instead of 77
+  ema_every4      ema.update_every 4 (ldm.ema): the shadows move on every 4th step
+  context32_ema4  both
+
+Steps are interleaved (round-robin) so load drift hits every variant alike; reported are median step times and
+each variant's speed as a ratio to the recipe's step.
+
+    python benchmarks/train_text_context.py --latent 8          # the f = 8 U-Net (8 x 8 latents), 2 threads
+    python benchmarks/train_text_context.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.measure import measure, write_report  # noqa: E402
+from ldm.clip_train import build_clip, clip_text_encoder  # noqa: E402
+from ldm.config import from_dict, load_yaml  # noqa: E402
+from ldm.diffusion import diffusion_loss, q_sample  # noqa: E402
+from ldm.ema import EMA, EMAConfig  # noqa: E402
+from ldm.schedule import sd_schedule  # noqa: E402
+from ldm.unet import UNet, UNetConfig  # noqa: E402
+
+VARIANTS: dict[str, tuple[int, int]] = {  # name: (context_length, ema.update_every)
+    "recipe": (77, 1),
+    "context32": (32, 1),
+    "ema_every4": (77, 4),
+    "context32_ema4": (32, 4),
+}
+
+
+def make_step(cfg: UNetConfig, clip_model: dict, batches: list[tuple[list[str], torch.Tensor, torch.Tensor,
+              torch.Tensor]], *, context: int, ema_every: int) -> Callable[[], torch.Tensor]:
+    """One joint U-Net + text-encoder training step per call over `batches` in turn, from fresh seeded weights."""
+    model = {**clip_model, "text_cfg": {**clip_model["text_cfg"], "context_length": context}}
+    text = clip_text_encoder(build_clip(model, seed=0), model).train()
+    torch.manual_seed(0)
+    unet = UNet(cfg).train()
+    params = [*unet.parameters(), *text.parameters()]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01, fused=True) for m in (unet, text)]
+    emas = [EMA(m, EMAConfig(decay=0.999, update_every=ema_every)) for m in (unet, text)]
+    ac = sd_schedule().alphas_cumprod()
+    position = [0]
+
+    def step() -> torch.Tensor:
+        captions, z, t, eps = batches[position[0] % len(batches)]
+        position[0] += 1
+        c = text(captions)
+        out = unet(q_sample(z, t, ac, eps), t, c).float()
+        loss = diffusion_loss(out, z, eps, t, ac, prediction="v_prediction").mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for ema, m in zip(emas, (unet, text)):
+            ema.update(m)
+        return loss.detach()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.quality import prompt_sets
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12, help="measured steps per variant")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default: the recipe's sample_size)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipe = load_yaml(ROOT / "configs/default-model.yaml")
+    cfg = from_dict(UNetConfig, {**recipe["unet_model"], "sample_size": args.latent or recipe["unet_model"]["sample_size"]})
+    captions = [p for prompts in prompt_sets(48, 40).values() for p in prompts]
+    g = torch.Generator().manual_seed(0)
+    b, side = args.batch, cfg.sample_size
+    batches = [([captions[(i * b + j) % len(captions)] for j in range(b)],
+                torch.randn(b, cfg.in_channels, side, side, generator=g), torch.randint(0, 1000, (b,), generator=g),
+                torch.randn(b, cfg.in_channels, side, side, generator=g)) for i in range(4)]
+    steps = {name: make_step(cfg, recipe["clip"]["model"], batches, context=n, ema_every=m)
+             for name, (n, m) in VARIANTS.items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(args.warmup + args.steps):
+        for name, fn in steps.items():
+            elapsed = measure(fn, torch.device("cpu"))[1]
+            if i >= args.warmup:
+                times[name].append(elapsed)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = {name: {"context_length": VARIANTS[name][0], "ema_update_every": VARIANTS[name][1],
+                   "step_ms": 1000 * median[name], "images_per_s": b / median[name],
+                   "speed_over_recipe": median["recipe"] / median[name]} for name in steps}
+    md = ["| variant | context | EMA every | step (ms) | images/s | speed / recipe |", "|---|---|---|---|---|---|"]
+    md += [f"| {k} | {r['context_length']} | {r['ema_update_every']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
+           f"{r['speed_over_recipe']:.3f} |" for k, r in rows.items()]
+    md.append(f"\nThe recipe's U-Net stage step (text encoder trained jointly), U-Net on {side} x {side} latents, batch "
+              f"{b}, {args.threads} CPU threads, {args.steps} interleaved steps per variant after {args.warmup} "
+              f"warm-up rounds (medians), torch {torch.__version__}")
+    stem = f"train-text-context-cpu-latent{side}-threads{args.threads}"
+    write_report(args.out, stem, {"batch": b, "latent": side, "threads": args.threads, "steps": args.steps,
+                                  "torch": torch.__version__, "variants": rows}, "\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
