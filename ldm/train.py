@@ -183,7 +183,7 @@ class DiffusionStep:
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         z = self.latents(batch, gens)
         with contextlib.nullcontext() if self.config.train_text_encoder else torch.no_grad():
-            c = self.text(captions).to(self.dtype)  # (B, 77, D); forward = encode (through DDP when wrapped)
+            c = self.text(captions).to(self.dtype)  # (B, n, D); forward = encode (through DDP when wrapped)
         t = self.timesteps(gens).to(self.device)  # (B,)
         noise = randn(z.shape, gens, device=self.device)
         if obj.noise_offset > 0:

@@ -128,7 +128,7 @@ class Pipeline:
                 raise ValueError(f"{name}={v} must be a positive multiple of {f} (the VAE factor): e.g. {lo} or {hi}")
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(B, 77, D) text embeddings."""
+        """(B, n, D) text embeddings (n: the tokenizer's model_max_length, CLIP's 77)."""
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
     def denoiser(self, *, karras: bool, flavor: str) -> DiscreteVPDenoiser:
