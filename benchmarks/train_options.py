@@ -16,9 +16,7 @@ hits all of them. Reported: the median step time, images/s and each variant's sp
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.measure import measure, write_report  # noqa: E402
-from ldm.config import from_dict, load_yaml  # noqa: E402
+from benchmarks.measure import interleaved_medians, report_training_steps, training_step_setup  # noqa: E402
 from ldm.diffusion import diffusion_loss, q_sample  # noqa: E402
 from ldm.schedule import sd_schedule  # noqa: E402
 from ldm.unet import UNet, UNetConfig  # noqa: E402
@@ -69,31 +66,14 @@ def make_step(cfg: UNetConfig, data: list[tuple[torch.Tensor, ...]], *, fused: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=8, help="measured steps per variant")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--latent", type=int, default=None, help="latent side (default: the recipe's sample_size)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    unet_model = load_yaml(ROOT / "configs/default-model.yaml")["unet_model"]
-    cfg = from_dict(UNetConfig, {**unet_model, "sample_size": args.latent or unet_model["sample_size"]})
+    args, _, cfg = training_step_setup(__doc__.splitlines()[0], argv, steps=8, warmup=2)
     g = torch.Generator().manual_seed(0)
     b, side = args.batch, cfg.sample_size
     data = [(torch.randn(b, cfg.in_channels, side, side, generator=g), torch.randn(b, 77, cfg.cross_attention_dim,
              generator=g), torch.randint(0, 1000, (b,), generator=g), torch.randn(b, cfg.in_channels, side, side,
              generator=g)) for _ in range(4)]
     steps = {name: make_step(cfg, data, **kw) for name, kw in VARIANTS.items()}
-    for _ in range(args.warmup):
-        for fn in steps.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.steps):
-        for name, fn in steps.items():
-            times[name].append(measure(fn, torch.device("cpu"))[1])
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    median = interleaved_medians(steps, rounds=args.steps, warmup=args.warmup)
     rows = {name: {"step_ms": 1000 * median[name], "images_per_s": b / median[name],
                    "speed_over_plain": median["plain"] / median[name]} for name in steps}
     md = ["| variant | step (ms) | images/s | speed / plain |", "|---|---|---|---|"]
@@ -103,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
               f"batch {b}, latent {side}, {args.threads} CPU threads, {args.steps} interleaved steps per variant "
               f"(medians), torch {torch.__version__}")
     stem = "train-options-cpu" + ("" if args.latent is None else f"-latent{side}")
-    write_report(args.out, stem, {"batch": b, "latent": side, "threads": args.threads, "steps": args.steps,
-                                  "torch": torch.__version__, "variants": rows}, "\n".join(md))
-    print("\n".join(md))
+    report_training_steps(args, stem, rows, md, latent=side)
     return 0
 
 

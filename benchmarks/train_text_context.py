@@ -19,8 +19,6 @@ each variant's speed as a ratio to the recipe's step.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.measure import measure, write_report  # noqa: E402
+from benchmarks.measure import interleaved_medians, report_training_steps, training_step_setup  # noqa: E402
 from ldm.clip_train import build_clip, clip_text_encoder  # noqa: E402
-from ldm.config import from_dict, load_yaml  # noqa: E402
 from ldm.diffusion import diffusion_loss, q_sample  # noqa: E402
 from ldm.ema import EMA, EMAConfig  # noqa: E402
 from ldm.schedule import sd_schedule  # noqa: E402
@@ -80,17 +77,7 @@ def make_step(cfg: UNetConfig, clip_model: dict, batches: list[tuple[list[str], 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.quality import prompt_sets
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12, help="measured steps per variant")
-    parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--latent", type=int, default=None, help="latent side (default: the recipe's sample_size)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    recipe = load_yaml(ROOT / "configs/default-model.yaml")
-    cfg = from_dict(UNetConfig, {**recipe["unet_model"], "sample_size": args.latent or recipe["unet_model"]["sample_size"]})
+    args, recipe, cfg = training_step_setup(__doc__.splitlines()[0], argv, steps=30, warmup=4)
     captions = [p for prompts in prompt_sets(48, 40).values() for p in prompts]
     g = torch.Generator().manual_seed(0)
     b, side = args.batch, cfg.sample_size
@@ -99,13 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.randn(b, cfg.in_channels, side, side, generator=g)) for i in range(4)]
     steps = {name: make_step(cfg, recipe["clip"]["model"], batches, context=n, ema_every=m)
              for name, (n, m) in VARIANTS.items()}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(args.warmup + args.steps):
-        for name, fn in steps.items():
-            elapsed = measure(fn, torch.device("cpu"))[1]
-            if i >= args.warmup:
-                times[name].append(elapsed)
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    median = interleaved_medians(steps, rounds=args.steps, warmup=args.warmup)
     rows = {name: {"context_length": VARIANTS[name][0], "ema_update_every": VARIANTS[name][1],
                    "step_ms": 1000 * median[name], "images_per_s": b / median[name],
                    "speed_over_recipe": median["recipe"] / median[name]} for name in steps}
@@ -116,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{b}, {args.threads} CPU threads, {args.steps} interleaved steps per variant after {args.warmup} "
               f"warm-up rounds (medians), torch {torch.__version__}")
     stem = f"train-text-context-cpu-latent{side}-threads{args.threads}"
-    write_report(args.out, stem, {"batch": b, "latent": side, "threads": args.threads, "steps": args.steps,
-                                  "torch": torch.__version__, "variants": rows}, "\n".join(md))
-    print("\n".join(md))
+    report_training_steps(args, stem, rows, md, latent=side)
     return 0
 
 
