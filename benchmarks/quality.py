@@ -157,8 +157,9 @@ def clip_features(clip: Any, images: np.ndarray | None = None, texts: list[str] 
     if images is not None:
         x = torch.from_numpy(images).float().permute(0, 3, 1, 2) * 2 - 1  # (N, 3, H, W) in [-1, 1]
         return torch.cat([clip.encode_image(x[i:i + 256]) for i in range(0, len(x), 256)])
-    ids = build_clip_tokenizer(pad_token=OPENCLIP_PAD)(texts, padding="max_length", max_length=77, truncation=True,
-                                                       return_tensors="pt").input_ids
+    n = int(clip.positional_embedding.shape[0])  # the text tower's context length (CLIP's 77, or shorter)
+    ids = build_clip_tokenizer(pad_token=OPENCLIP_PAD, model_max_length=n)(
+        texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
     return clip.encode_text(ids)
 
 
@@ -193,7 +194,7 @@ def vae_reconstruction(pipe: Any, images: np.ndarray, captions: list[str]) -> tu
 @torch.no_grad()
 def text_separation(text_encoder: Any) -> dict[str, float]:
     """How far apart the text encoder puts captions that differ in one word: the mean relative distance
-    |E(a) - E(b)| / |E(a)| of the whole (77, D) token sequences, over minimal pairs that change the colour, the
+    |E(a) - E(b)| / |E(a)| of the whole (n, D) token sequences, over minimal pairs that change the colour, the
     shape, the position or the relation word (the U-Net can only follow what these embeddings tell apart)."""
     colors, shapes, positions = list(S.COLORS), list(S.SHAPES), list(S.POSITION_PHRASES.values())
     pairs: dict[str, list[tuple[str, str]]] = {
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     # 4. what the text conditioning tells apart
     sep = text_separation(pipe.text_encoder)
     lines += ["", "## Text conditioning: relative distance between captions that differ in one word", "",
-              "|E(a) - E(b)| / |E(a)| over the (77, D) text-encoder outputs the U-Net attends to, averaged over all "
+              "|E(a) - E(b)| / |E(a)| over the (n, D) text-encoder outputs the U-Net attends to, averaged over all "
               "minimal pairs of each kind (text_separation).", "",
               "| " + " | ".join(sep) + " |", "|---" * len(sep) + "|", "| " + " | ".join(f"{v:.3f}" for v in sep.values())
               + " |"]

@@ -114,6 +114,25 @@ def test_scoring_clean_test_renders_is_all_correct():
     assert Q.summarize([Q.score_image(c, im) for c, im in zip(captions, images)])["all"] == 1.0
 
 
+@pytest.mark.parametrize("n", [77, 16])
+def test_clip_text_features_pad_to_the_clip_context(n):
+    """clip_features(texts) tokenizes as the CLIP was trained (padding "!" to its context length, 77 or shorter):
+    the same features as open_clip's text tower on those ids; eos is at the end of the caption, not clipped."""
+    from ldm.clip_train import build_clip
+    from ldm.text import build_clip_tokenizer
+
+    clip = build_clip({"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
+                                                       "head_width": 16},
+                       "text_cfg": {"context_length": n, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}},
+                      seed=0).eval()
+    texts = ["a red circle", "a blue square to the left of a yellow star"]
+    ids = build_clip_tokenizer(pad_token="!", model_max_length=n)(texts, padding="max_length", max_length=n,
+                                                                   return_tensors="pt").input_ids
+    assert ids.shape == (2, n) and (ids.argmax(-1) == torch.tensor([4, 11])).all()  # eos = 49407, the largest id
+    with torch.no_grad():
+        assert torch.equal(Q.clip_features(clip, texts=texts), clip.encode_text(ids))
+
+
 def test_text_separation_sees_only_the_words_the_encoder_distinguishes():
     """An encoder that reads only the colour word: colour pairs are apart by the closed form, the rest at 0."""
 
