@@ -91,7 +91,8 @@ def compare(name: str, ours: Callable, theirs: Callable, reps: int, device: torc
     return res
 
 
-def interleaved_medians(steps: dict[str, Callable[[], torch.Tensor]], *, rounds: int, warmup: int) -> dict[str, float]:
+def interleaved_medians(steps: dict[str, Callable[[], torch.Tensor]], *, rounds: int,
+                        warmup: int) -> dict[str, float]:
     """Median wall seconds of each CPU step function over `rounds` rounds that call every function once in turn
     (round-robin, so load drift hits all alike), after `warmup` unmeasured rounds."""
     times: dict[str, list[float]] = {name: [] for name in steps}

@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     md = ["| variant | context | EMA every | step (ms) | images/s | speed / recipe |", "|---|---|---|---|---|---|"]
     md += [f"| {k} | {r['context_length']} | {r['ema_update_every']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
            f"{r['speed_over_recipe']:.3f} |" for k, r in rows.items()]
-    md.append(f"\nThe recipe's U-Net stage step (text encoder trained jointly), U-Net on {side} x {side} latents, batch "
-              f"{b}, {args.threads} CPU threads, {args.steps} interleaved steps per variant after {args.warmup} "
+    md.append(f"\nThe recipe's U-Net stage step (text encoder trained jointly), U-Net on {side} x {side} latents, "
+              f"batch {b}, {args.threads} CPU threads, {args.steps} interleaved steps per variant after {args.warmup} "
               f"warm-up rounds (medians), torch {torch.__version__}")
     stem = f"train-text-context-cpu-latent{side}-threads{args.threads}"
     report_training_steps(args, stem, rows, md, latent=side)

@@ -62,7 +62,8 @@ class ClipTrainConfig:
                 raise ValueError(f"clip model config lacks {key!r} (open_clip's layout: embed_dim, vision_cfg, text_cfg)")
         text = self.model["text_cfg"]
         if text.get("vocab_size", 49408) != 49408:
-            raise ValueError(f"the text tower must have vocab_size 49408 (the CLIP tokenizer's), got {text['vocab_size']}")
+            raise ValueError(f"the text tower must have vocab_size 49408 (the CLIP tokenizer's), "
+                             f"got {text['vocab_size']}")
         if not 3 <= context_length(self.model) <= MAX_LENGTH:
             raise ValueError(f"text_cfg.context_length must lie in [3, {MAX_LENGTH}] (bos, a token, eos; CLIP's "
                              f"position table), got {context_length(self.model)}")

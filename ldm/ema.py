@@ -103,7 +103,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> float:
-        """One EMA step towards `model`'s current parameters (the shadow moves on every update_every-th); returns d_k."""
+        """One EMA step towards `model`'s current parameters (the shadow moves on every update_every-th step);
+        returns d_k."""
         self.num_updates += 1
         self.decay = ema_decay(self.num_updates, self.config)
         self.pending *= self.decay

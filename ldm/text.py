@@ -248,7 +248,8 @@ def load_hub_state_dict(model: CLIPTextModel | CLIPTextModelWithProjection, stat
 
 
 class TextEncoder(PromptEncoder):
-    """A CLIPTokenizer and a transformers CLIPTextModel (SD 1.x/2.x `text_encoder/`): prompts -> (B, n, D), n its model_max_length (77 in SD)."""
+    """A CLIPTokenizer and a transformers CLIPTextModel (SD 1.x/2.x `text_encoder/`): prompts -> (B, n, D), n the
+    tokenizer's model_max_length (77 in SD)."""
 
     def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel | CLIPTextModelWithProjection,
                  layer: Layer = "last") -> None:
