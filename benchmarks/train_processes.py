@@ -7,6 +7,8 @@ training images; CLIP and VAE trained for 2 steps, which does not change the U-N
 both. Reported: images/s, the median of the logged rates after the latent cache is full, and the ratio.
 
     python benchmarks/train_processes.py                    # 1 x 2 threads vs 2 x 1 thread, batch 32
+    python benchmarks/train_processes.py 'vae_model.block_out_channels=[16,32,32,32]' unet_model.sample_size=8 \
+        unet.optim.fused=true --name f8                     # the f = 8 recipe's U-Net stage (8 x 8 latents)
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    parser.add_argument("--name", default=None, help="report suffix (train-processes-cpu-NAME)")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for both layouts, e.g. unet_model.sample_size=8")
     args = parser.parse_args(argv)
     skip = 1024 // args.batch + 10  # the first epoch fills the latent cache
     if args.steps <= skip + 20:
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[str, list[float]] = {name: [] for name in layouts}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
-        common = [*SMALL, f"unet.run.batch_size={args.batch}", f"unet.run.max_steps={args.steps}"]
+        common = [*SMALL, f"unet.run.batch_size={args.batch}", f"unet.run.max_steps={args.steps}", *args.overrides]
         run_recipe(load_recipe(DEFAULT_CONFIG, base, common), base, stop_after="init")
         for r in range(args.rounds):
             for i, (name, extra) in enumerate(layouts.items()):
@@ -72,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     md = ["| layout | images/s (median of rounds) | rounds |", "|---|---|---|"]
     md += [f"| {k} | {median[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |" for k, v in rates.items()]
     md.append(f"\n{second} / {first}: {ratio:.2f}x; default-model U-Net stage (text encoder trained jointly, cached "
-              f"latents), global batch {args.batch}, {args.steps} steps per run, torch {torch.__version__}")
-    write_report(args.out, "train-processes-cpu", {"batch": args.batch, "steps": args.steps, "rates": rates,
-                                                   "median": median, "ratio": ratio}, "\n".join(md))
+              f"latents), global batch {args.batch}, {args.steps} steps per run, overrides {args.overrides or 'none'}, "
+              f"torch {torch.__version__}")
+    stem = "train-processes-cpu" + (f"-{args.name}" if args.name else "")
+    write_report(args.out, stem, {"batch": args.batch, "steps": args.steps, "overrides": args.overrides,
+                                  "rates": rates, "median": median, "ratio": ratio}, "\n".join(md))
     print("\n".join(md))
     return 0
 
