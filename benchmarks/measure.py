@@ -16,10 +16,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ldm.unet import UNetConfig
 
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
@@ -105,7 +108,7 @@ def interleaved_medians(steps: dict[str, Callable[[], torch.Tensor]], *, rounds:
 
 
 def training_step_setup(description: str, argv: list[str] | None, *, steps: int, warmup: int
-                        ) -> tuple[argparse.Namespace, dict, Any]:
+                        ) -> tuple[argparse.Namespace, dict, UNetConfig]:
     """The training-step benchmarks' command line (batch, measured steps, warm-up rounds, threads, latent side, out),
     torch's thread count set from it, configs/default-model.yaml and its U-Net config at that latent side."""
     from ldm.config import from_dict, load_yaml

@@ -150,17 +150,14 @@ def test_images(n: int, split: str, seed: int, size: int = 64) -> tuple[np.ndarr
 
 @torch.no_grad()
 def clip_features(clip: Any, images: np.ndarray | None = None, texts: list[str] | None = None) -> torch.Tensor:
-    """Projected CLIP features (not normalised) of images (N, H, W, 3) in [0, 1], or of texts."""
-    from ldm.clip_train import OPENCLIP_PAD
-    from ldm.text import build_clip_tokenizer
+    """Projected CLIP features (not normalised) of images (N, H, W, 3) in [0, 1], or of texts (tokenized as the CLIP
+    was trained: "!" padding to its own context length)."""
+    from ldm.text import OpenCLIPTextEncoder
 
     if images is not None:
         x = torch.from_numpy(images).float().permute(0, 3, 1, 2) * 2 - 1  # (N, 3, H, W) in [-1, 1]
         return torch.cat([clip.encode_image(x[i:i + 256]) for i in range(0, len(x), 256)])
-    n = int(clip.positional_embedding.shape[0])  # the text tower's context length (CLIP's 77, or shorter)
-    ids = build_clip_tokenizer(pad_token=OPENCLIP_PAD, model_max_length=n)(
-        texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
-    return clip.encode_text(ids)
+    return clip.encode_text(OpenCLIPTextEncoder(clip).tokenize(texts))
 
 
 # ------------------------------------------------------------------------------------------------------- runs

@@ -342,11 +342,6 @@ class OpenCLIPTextEncoder(PromptEncoder):
 
     def __init__(self, model: nn.Module, tokenizer: CLIPTokenizer | None = None, layer: Layer = "last") -> None:
         tower = getattr(model, "text", model)  # CustomTextCLIP keeps its tower in .text
-        if tokenizer is None:
-            positions = getattr(tower, "positional_embedding", None)
-            n = MAX_LENGTH if positions is None else int(positions.shape[0])
-            tokenizer = build_clip_tokenizer(pad_token="!", model_max_length=n)
-        super().__init__(tokenizer, layer)
         for name in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
             if not hasattr(tower, name):
                 raise TypeError(f"{type(model).__name__} is not an open_clip text tower: it has no {name!r}")
@@ -354,6 +349,9 @@ class OpenCLIPTextEncoder(PromptEncoder):
             raise NotImplementedError("open_clip text towers with a class token (CoCa) are not supported")
         if getattr(tower, "attn_mask", None) is None:
             raise NotImplementedError("open_clip text towers without a causal mask are not supported")
+        if tokenizer is None:
+            tokenizer = build_clip_tokenizer(pad_token="!", model_max_length=int(tower.positional_embedding.shape[0]))
+        super().__init__(tokenizer, layer)
         self.model = model
         self.tower = tower
         self.train(model.training)  # the wrapper's mode is its model's (empty_embedding caches in eval mode)
