@@ -27,7 +27,7 @@ means "the scheduler class's default", which diffusers' `from_config` also appli
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -190,6 +190,25 @@ def sd_schedule() -> NoiseSchedule:
     Override a field with dataclasses.replace(sd_schedule(), prediction_type=...)."""
     return NoiseSchedule(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          timestep_spacing="leading", steps_offset=1)
+
+
+def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """beta_t = 1 - alphā_t / alphā_{t-1}, alphā_{-1} = 1: the inverse of `alphas_cumprod_from_betas`."""
+    return 1 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+
+
+def shift_snr(schedule: NoiseSchedule, shift: float) -> NoiseSchedule:
+    """`schedule` with SNR'(t) = SNR(t) / shift^2, i.e. logSNR shifted by -2 log(shift) (Hoogeboom et al. 2023,
+    "simple diffusion"): a schedule made for d x d inputs, shifted by d' / d, gives d' x d' inputs the SNR of their
+    d x d average-pooled view that d x d inputs had. The betas go into `trained_betas`, which diffusers reads."""
+    if not shift > 0:
+        raise ValueError(f"the SNR shift must be > 0, got {shift}")
+    if shift == 1:
+        return schedule
+    ab = schedule.alphas_cumprod().double()
+    shifted = ab / (ab + shift**2 * (1 - ab))  # alphā' = SNR' / (1 + SNR'), SNR = alphā / (1 - alphā)
+    betas = betas_from_alphas_cumprod(shifted)
+    return replace(schedule, trained_betas=betas.tolist(), rescale_betas_zero_snr=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -351,6 +351,22 @@ def test_recipe_per_channel_latent_norm_folds_into_the_init_vae(tmp_path):
         load_recipe(DEFAULT_CONFIG, out, ["latent_norm=whiten"])
 
 
+def test_recipe_snr_shift_goes_into_the_init_folders_schedule(tmp_path):
+    """snr_shift=2: init/scheduler is SD's schedule with SNR / 4 (as trained_betas), which the U-Net stage trains
+    with and diffusers reads; a shift <= 0 is refused."""
+    from ldm.components import load_schedule
+    from ldm.schedule import sd_schedule, shift_snr
+
+    out = tmp_path / "run"
+    run_recipe(load_recipe(DEFAULT_CONFIG, out, [*TINY_RUN, "snr_shift=2.0"]), out, stop_after="init")
+    schedule = load_schedule(out / "init" / "scheduler")
+    assert schedule == shift_snr(sd_schedule(), 2.0) and schedule.trained_betas is not None
+    ab, ab0 = schedule.alphas_cumprod().double(), sd_schedule().alphas_cumprod().double()
+    torch.testing.assert_close(ab / (1 - ab), ab0 / (1 - ab0) / 4, rtol=5e-4, atol=0)
+    with pytest.raises(Exception, match="snr_shift"):
+        load_recipe(DEFAULT_CONFIG, out, ["snr_shift=0"])
+
+
 @pytest.mark.slow  # about 40 s: two torch processes start
 def test_recipe_unet_stage_in_two_processes_matches_one(tmp_path):
     """num_processes=2: the U-Net stage runs in two local processes (ldm.launch), the global batch split between them;

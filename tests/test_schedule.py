@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,11 +18,15 @@ from diffusers import (
 from ldm.config import ConfigError
 from ldm.schedule import (
     NoiseSchedule,
+    alphas_cumprod_from_betas,
     alphas_cumprod_from_sigmas,
+    betas_from_alphas_cumprod,
     default_spacing,
     inference_timesteps,
     karras_sigmas,
     sampler_sigmas,
+    sd_schedule,
+    shift_snr,
     sigma_to_t,
     sigmas_from_alphas_cumprod,
     t_to_sigma,
@@ -167,3 +172,32 @@ def test_karras_closed_form():
     s = karras_sigmas(8, 0.03, 14.6)
     assert s[0].item() == pytest.approx(14.6, rel=1e-12) and s[-1].item() == pytest.approx(0.03, rel=1e-12)
     assert (s[1:] < s[:-1]).all()
+
+
+@pytest.mark.parametrize("shift", [0.5, 2.0, 4.0])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_shift_snr_divides_snr_by_shift_squared_and_loads_in_diffusers(shift, zero_snr):
+    base = replace(sd_schedule(), rescale_betas_zero_snr=zero_snr, prediction_type="v_prediction")
+    shifted = shift_snr(base, shift)
+    ab, ab2 = base.alphas_cumprod().double(), shifted.alphas_cumprod().double()
+    snr, snr2 = ab / (1 - ab), ab2 / (1 - ab2)
+    n = len(ab) - 1 if zero_snr else len(ab)  # zero terminal SNR stays exactly 0
+    # float32 tables: at t = 0, 1 - alphā ~ 1e-3 carries ~1e-4 relative rounding
+    torch.testing.assert_close(snr2[:n], snr[:n] / shift**2, rtol=5e-4, atol=0)
+    if zero_snr:
+        assert ab2[-1] == 0 and ab[-1] == 0
+    assert shifted.prediction_type == "v_prediction" and not shifted.rescale_betas_zero_snr
+    assert shifted.betas().min() > 0 and shifted.betas().max() <= 1
+    ref = DDPMScheduler.from_config(shifted.to_diffusers())  # diffusers reads trained_betas: the same float32 table
+    assert torch.equal(ref.alphas_cumprod, shifted.alphas_cumprod())
+    assert NoiseSchedule.from_diffusers(shifted.to_diffusers()) == shifted
+
+
+def test_shift_snr_identity_inverse_and_bad_shift():
+    base = sd_schedule()
+    assert shift_snr(base, 1.0) is base
+    ab = base.alphas_cumprod().double()
+    torch.testing.assert_close(alphas_cumprod_from_betas(betas_from_alphas_cumprod(ab)), ab, rtol=1e-12, atol=0)
+    for bad in (0.0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="shift"):
+            shift_snr(base, bad)
