@@ -44,8 +44,10 @@ VARIANTS: dict[str, tuple[int, int]] = {  # name: (context_length, ema.update_ev
 
 
 def make_step(cfg: UNetConfig, clip_model: dict, batches: list[tuple[list[str], torch.Tensor, torch.Tensor,
-              torch.Tensor]], *, context: int, ema_every: int) -> Callable[[], torch.Tensor]:
-    """One joint U-Net + text-encoder training step per call over `batches` in turn, from fresh seeded weights."""
+              torch.Tensor]], *, context: int, ema_every: int, ddp: bool = False) -> Callable[[], torch.Tensor]:
+    """One joint U-Net + text-encoder training step per call over `batches` in turn, from fresh seeded weights;
+    `ddp`: both modules under DistributedDataParallel (a process group must exist). The returned function's
+    `num_params` is the number of trained parameters (the gradient floats a data-parallel step exchanges)."""
     model = {**clip_model, "text_cfg": {**clip_model["text_cfg"], "context_length": context}}
     text = clip_text_encoder(build_clip(model, seed=0), model).train()
     torch.manual_seed(0)
@@ -53,6 +55,9 @@ def make_step(cfg: UNetConfig, clip_model: dict, batches: list[tuple[list[str], 
     params = [*unet.parameters(), *text.parameters()]
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01, fused=True) for m in (unet, text)]
     emas = [EMA(m, EMAConfig(decay=0.999, update_every=ema_every)) for m in (unet, text)]
+    raw = (unet, text)
+    if ddp:
+        unet, text = (torch.nn.parallel.DistributedDataParallel(m) for m in raw)
     ac = sd_schedule().alphas_cumprod()
     position = [0]
 
@@ -67,10 +72,11 @@ def make_step(cfg: UNetConfig, clip_model: dict, batches: list[tuple[list[str], 
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        for ema, m in zip(emas, (unet, text)):
+        for ema, m in zip(emas, raw):
             ema.update(m)
         return loss.detach()
 
+    step.num_params = sum(p.numel() for p in params)  # type: ignore[attr-defined]
     return step
 
 
