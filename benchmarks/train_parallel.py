@@ -45,20 +45,14 @@ def worker(rank: int, world: int, port: int, mode: str, cfg, clip_model: dict, b
            warmup: int, threads: int, result: dict) -> None:
     """Run `steps` joint steps in one process of `world`; rank 0 stores its median step time (and the all-reduce
     time of the gradient volume) in `result`."""
-    from benchmarks.quality import prompt_sets
-    from benchmarks.train_text_context import make_step
+    from benchmarks.train_text_context import make_batches, make_step
 
     torch.set_num_threads(threads)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    captions = [p for prompts in prompt_sets(48, 40).values() for p in prompts]
-    g = torch.Generator().manual_seed(rank)
-    side, ch = cfg.sample_size, cfg.in_channels
-    batches = [([captions[(i * batch + j) % len(captions)] for j in range(batch)],
-                torch.randn(batch, ch, side, side, generator=g), torch.randint(0, 1000, (batch,), generator=g),
-                torch.randn(batch, ch, side, side, generator=g)) for i in range(4)]
-    step = make_step(cfg, clip_model, batches, context=77, ema_every=1, ddp=mode == "ddp")
+    step = make_step(cfg, clip_model, make_batches(cfg, batch, seed=rank), context=77, ema_every=1,
+                     ddp=mode == "ddp")
     times = []
     for _ in range(warmup + steps):
         t0 = time.perf_counter()

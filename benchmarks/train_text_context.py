@@ -80,28 +80,49 @@ def make_step(cfg: UNetConfig, clip_model: dict, batches: list[tuple[list[str], 
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_batches(cfg: UNetConfig, batch: int, seed: int = 0, count: int = 4
+                 ) -> list[tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`count` batches of (captions from the benchmark's prompt sets, latents, t, noise) for make_step."""
     from benchmarks.quality import prompt_sets
 
-    args, recipe, cfg = training_step_setup(__doc__.splitlines()[0], argv, steps=30, warmup=4)
     captions = [p for prompts in prompt_sets(48, 40).values() for p in prompts]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    return [([captions[(i * batch + j) % len(captions)] for j in range(batch)], torch.randn(shape, generator=g),
+             torch.randint(0, 1000, (batch,), generator=g), torch.randn(shape, generator=g)) for i in range(count)]
+
+
+def timing(median: dict[str, float], name: str, batch: int) -> dict[str, float]:
+    """A variant's step time, images/s and speed as a ratio to the "recipe" variant's step."""
+    return {"step_ms": 1000 * median[name], "images_per_s": batch / median[name],
+            "speed_over_recipe": median["recipe"] / median[name]}
+
+
+def timing_table(rows: dict[str, dict], columns: dict[str, Callable[[dict], str]], note: str) -> list[str]:
+    """Markdown: one row per variant, `columns` (header: cell of a row) then step time, images/s and speed, then
+    `note` as a paragraph."""
+    heads = ["variant", *columns, "step (ms)", "images/s", "speed / recipe"]
+    md = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
+    md += ["| " + " | ".join([k, *(cell(r) for cell in columns.values()), f"{r['step_ms']:.1f}",
+                              f"{r['images_per_s']:.1f}", f"{r['speed_over_recipe']:.3f}"]) + " |"
+           for k, r in rows.items()]
+    return [*md, "", note]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, recipe, cfg = training_step_setup(__doc__.splitlines()[0], argv, steps=30, warmup=4)
     b, side = args.batch, cfg.sample_size
-    batches = [([captions[(i * b + j) % len(captions)] for j in range(b)],
-                torch.randn(b, cfg.in_channels, side, side, generator=g), torch.randint(0, 1000, (b,), generator=g),
-                torch.randn(b, cfg.in_channels, side, side, generator=g)) for i in range(4)]
+    batches = make_batches(cfg, b)
     steps = {name: make_step(cfg, recipe["clip"]["model"], batches, context=n, ema_every=m)
              for name, (n, m) in VARIANTS.items()}
     median = interleaved_medians(steps, rounds=args.steps, warmup=args.warmup)
     rows = {name: {"context_length": VARIANTS[name][0], "ema_update_every": VARIANTS[name][1],
-                   "step_ms": 1000 * median[name], "images_per_s": b / median[name],
-                   "speed_over_recipe": median["recipe"] / median[name]} for name in steps}
-    md = ["| variant | context | EMA every | step (ms) | images/s | speed / recipe |", "|---|---|---|---|---|---|"]
-    md += [f"| {k} | {r['context_length']} | {r['ema_update_every']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
-           f"{r['speed_over_recipe']:.3f} |" for k, r in rows.items()]
-    md.append(f"\nThe recipe's U-Net stage step (text encoder trained jointly), U-Net on {side} x {side} latents, "
-              f"batch {b}, {args.threads} CPU threads, {args.steps} interleaved steps per variant after {args.warmup} "
-              f"warm-up rounds (medians), torch {torch.__version__}")
+                   **timing(median, name, b)} for name in steps}
+    md = timing_table(rows, {"context": lambda r: str(r["context_length"]),
+                             "EMA every": lambda r: str(r["ema_update_every"])},
+                      f"The recipe's U-Net stage step (text encoder trained jointly), U-Net on {side} x {side} "
+                      f"latents, batch {b}, {args.threads} CPU threads, {args.steps} interleaved steps per variant "
+                      f"after {args.warmup} warm-up rounds (medians), torch {torch.__version__}")
     stem = f"train-text-context-cpu-latent{side}-threads{args.threads}"
     report_training_steps(args, stem, rows, md, latent=side)
     return 0

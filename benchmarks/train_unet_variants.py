@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.measure import interleaved_medians, report_training_steps, training_step_setup  # noqa: E402
-from benchmarks.train_text_context import make_step  # noqa: E402
+from benchmarks.train_text_context import make_batches, make_step, timing, timing_table  # noqa: E402
 from ldm.unet import UNetConfig  # noqa: E402
 
 DOWN, XDOWN, UP, XUP = "DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"
@@ -44,31 +44,18 @@ def variants(recipe: UNetConfig) -> dict[str, UNetConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.quality import prompt_sets
-
     args, recipe, cfg = training_step_setup(__doc__.splitlines()[0], argv, steps=20, warmup=3)
-    captions = [p for prompts in prompt_sets(48, 40).values() for p in prompts]
-    b = args.batch
-    steps, params = {}, {}
-    for name, v in variants(cfg).items():
-        g = torch.Generator().manual_seed(0)
-        side, ch = v.sample_size, v.in_channels
-        batches = [([captions[(i * b + j) % len(captions)] for j in range(b)],
-                    torch.randn(b, ch, side, side, generator=g), torch.randint(0, 1000, (b,), generator=g),
-                    torch.randn(b, ch, side, side, generator=g)) for i in range(4)]
-        steps[name] = make_step(v, recipe["clip"]["model"], batches, context=77, ema_every=1)
-        params[name] = v
+    b, configs = args.batch, variants(cfg)
+    steps = {name: make_step(v, recipe["clip"]["model"], make_batches(v, b), context=77, ema_every=1)
+             for name, v in configs.items()}
     median = interleaved_medians(steps, rounds=args.steps, warmup=args.warmup)
     rows = {name: {"latent": f"{v.in_channels}x{v.sample_size}x{v.sample_size}",
                    "blocks": list(v.block_out_channels), "down_blocks": list(v.down_block_types),
-                   "step_ms": 1000 * median[name], "images_per_s": b / median[name],
-                   "speed_over_recipe": median["recipe"] / median[name]} for name, v in params.items()}
-    md = ["| variant | latents | blocks | step (ms) | images/s | speed / recipe |", "|---|---|---|---|---|---|"]
-    md += [f"| {k} | {r['latent']} | {', '.join(map(str, r['blocks']))} | {r['step_ms']:.1f} | "
-           f"{r['images_per_s']:.1f} | {r['speed_over_recipe']:.3f} |" for k, r in rows.items()]
-    md.append(f"\nThe recipe's U-Net stage step (text encoder trained jointly, 77 tokens), batch {b}, {args.threads} "
-              f"CPU threads, {args.steps} interleaved steps per variant after {args.warmup} warm-up rounds (medians), "
-              f"torch {torch.__version__}")
+                   **timing(median, name, b)} for name, v in configs.items()}
+    md = timing_table(rows, {"latents": lambda r: r["latent"], "blocks": lambda r: ", ".join(map(str, r["blocks"]))},
+                      f"The recipe's U-Net stage step (text encoder trained jointly, 77 tokens), batch {b}, "
+                      f"{args.threads} CPU threads, {args.steps} interleaved steps per variant after {args.warmup} "
+                      f"warm-up rounds (medians), torch {torch.__version__}")
     report_training_steps(args, f"train-unet-variants-cpu-threads{args.threads}", rows, md,
                           latent=cfg.sample_size)
     return 0
