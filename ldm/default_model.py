@@ -135,7 +135,8 @@ class DefaultModelConfig:
     # this process meanwhile on num_threads - 1 threads (ldm.beside); false: after them, in this process
     decoder_beside_unet: bool = False
     # The init stage's noise schedule: SD's scaled-linear one with SNR(t) divided by snr_shift^2 (ldm.schedule.
-    # shift_snr; 2 gives 16 x 16 latents the coarse-scale SNR that 8 x 8 latents have under SD's schedule)
+    # shift_snr; 2 gives 16 x 16 latents the coarse-scale SNR that 8 x 8 latents have under SD's schedule; it did
+    # not speed up layout learning there: docs/default-model.md, "The time budget")
     snr_shift: float = 1.0
 
     def __post_init__(self) -> None:
