@@ -17,7 +17,6 @@ the time of one gloo all-reduce of the step's gradient volume (U-Net + text towe
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import sys
 import time
@@ -31,14 +30,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from benchmarks.measure import report_training_steps, training_step_setup  # noqa: E402
+from ldm.launch import free_port  # noqa: E402
 
 ROUNDS = 3  # each layout runs once per round, in fresh processes; reported: the median over rounds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def worker(rank: int, world: int, port: int, mode: str, cfg, clip_model: dict, batch: int, steps: int,
@@ -58,8 +52,6 @@ def worker(rank: int, world: int, port: int, mode: str, cfg, clip_model: dict, b
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    if world > 1 and mode == "ddp" and rank == 0:
-        result["grad_floats"] = step.num_params  # type: ignore[attr-defined]
     if world > 1 and mode == "ddp":
         flat = torch.zeros(step.num_params)  # type: ignore[attr-defined]
         for _ in range(2):
@@ -68,7 +60,7 @@ def worker(rank: int, world: int, port: int, mode: str, cfg, clip_model: dict, b
         for _ in range(5):
             dist.all_reduce(flat)
         if rank == 0:
-            result["all_reduce_ms"] = 1000 * (time.perf_counter() - t0) / 5
+            result.update(grad_floats=len(flat), all_reduce_ms=1000 * (time.perf_counter() - t0) / 5)
     if rank == 0:
         result["step_s"] = statistics.median(times[warmup:])
     if world > 1:
