@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ldm.diffusion import continuous_gaussian_log_likelihood, normal_kl
+from ldm.diffusion.process import continuous_gaussian_log_likelihood, normal_kl
 from ldm.random import Generator, randn
 
 LOGVAR_MIN = -30.0

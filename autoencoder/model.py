@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from autoencoder.distribution import DiagonalGaussian
 from autoencoder.tiling import tiled_apply
 from ldm.io import PretrainedMixin
-from ldm.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from ldm.networks.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 from ldm.random import Generator
 
 VAE_EPS = 1e-6  # GroupNorm epsilon of every VAE normalization (diffusers' resnet_eps)

@@ -2,8 +2,8 @@
 model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/. A folder we write loads in diffusers'
 StableDiffusionPipeline, and a folder diffusers writes loads here.
 
-`ldm` does not import `autoencoder`, so the VAE class is passed in by the caller (pipelines.folder binds it; the
-training application ldm.train passes it too); anything with `config.latent_channels`, `save_pretrained` and a
+This module sits below `autoencoder`, so the VAE class is passed in by the caller (pipelines.folder binds it; the
+training applications ldm.training.unet and ldm.training.export pass it too); anything with `config.latent_channels`, `save_pretrained` and a
 `from_pretrained` classmethod fits.
 """
 
@@ -17,9 +17,9 @@ import torch
 from typing import Any
 
 from ldm.io import atomic_directory, read_json, write_json
-from ldm.schedule import NoiseSchedule
-from ldm.text import TextEncoder
-from ldm.unet import UNet, UNetConfig
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.networks.text import TextEncoder
+from ldm.networks.unet import UNet, UNetConfig
 
 # The scheduler class diffusers instantiates from our scheduler/ folder; its config carries our schedule.
 DEFAULT_SCHEDULER_CLASS = "EulerDiscreteScheduler"

@@ -113,7 +113,7 @@ def _load(model: str | None, allow_pickle: bool, prediction_type: str | None = N
         return load_single_file(path, allow_pickle=allow_pickle, prediction_type=prediction_type)
     components = load_components(path if model is None else model, allow_pickle=allow_pickle)
     if prediction_type is not None:
-        from ldm.schedule import NoiseSchedule
+        from ldm.diffusion.schedule import NoiseSchedule
 
         data = {**components.schedule.to_diffusers(), "prediction_type": prediction_type}
         components.schedule = NoiseSchedule.from_diffusers(data)
@@ -268,14 +268,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ldm.train import main as train_main
+    from ldm.training.unet import main as train_main
 
     return int(train_main(list(args.train_args)) or 0)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from autoencoder.model import AutoencoderKL
-    from pipelines.export import export
+    from ldm.training.export import export
 
     vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else None
     out = export(args.checkpoint, args.out_dir, use_ema=not args.no_ema, vae=vae, vae_name=f"--vae {args.vae}")
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only at noise levels LO < sigma <= HI (default: every step)")
     g.add_argument("--sampler", default="dpmpp_2m",
-                   help="a name of ldm.samplers.SAMPLERS (an unknown name lists them); default dpmpp_2m")
+                   help="a name of ldm.diffusion.samplers.SAMPLERS (an unknown name lists them); default dpmpp_2m")
     g.add_argument("--seed", type=int, default=None, help="seed of the first image (image i gets seed + i)")
     g.add_argument("--negative-prompt", default=None, help="replaces the empty prompt of guidance")
     g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
@@ -333,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--allow-pickle", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    t = sub.add_parser("train", help="train or fine-tune (forwards to ldm.train)", add_help=False,
-                       description="All arguments go to ldm.train: ldm train --config configs/train-tiny.yaml ...")
+    t = sub.add_parser("train", help="train or fine-tune (forwards to ldm.training.unet)", add_help=False,
+                       description="All arguments go to ldm.training.unet: ldm train --config configs/train-tiny.yaml ...")
     t.add_argument("train_args", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train)
 
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out_dir")
     e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     e.add_argument("--vae", default=None, help="a diffusers vae/ folder to ship instead of the training VAE; it must "
-                   "encode exactly as that one (e.g. a decoder-only fine-tune, autoencoder.train train_encoder=false)")
+                   "encode exactly as that one (e.g. a decoder-only fine-tune, ldm.training.vae train_encoder=false)")
     e.set_defaults(func=cmd_export)
     return p
 
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ldm` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv and argv[0] == "train":  # ldm.train owns its arguments, --help included
+        if argv and argv[0] == "train":  # ldm.training.unet owns its arguments, --help included
             return _run(cmd_train, argparse.Namespace(train_args=argv[1:]))
         args = build_parser().parse_args(argv)
     except SystemExit as e:

@@ -20,12 +20,13 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from autoencoder.model import AutoencoderKL, VAEConfig
 from ldm.config import load_config
 from ldm.io import build_with_weights, load_state_dict, save_state_dict
-from ldm.parameterization import PREDICTIONS
-from ldm.schedule import NoiseSchedule
-from ldm.text import EOS, TextEncoder, build_clip_tokenizer, hub_state_dict, load_hub_state_dict
-from ldm.text_openclip import openclip_text_config, openclip_to_transformers
-from ldm.schedule import sd_schedule
-from ldm.unet import UNet, UNetConfig
+from ldm.diffusion.parameterization import PREDICTIONS
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.networks.text import TextEncoder, hub_state_dict, load_hub_state_dict
+from ldm.networks.tokenizer import EOS, build_clip_tokenizer
+from ldm.networks.text_openclip import openclip_text_config, openclip_to_transformers
+from ldm.diffusion.schedule import sd_schedule
+from ldm.networks.unet import UNet, UNetConfig
 from pipelines.convert import (
     CLIP_PREFIX,
     UNET_PREFIX,
@@ -64,7 +65,7 @@ def _unet_pairs(config: UNetConfig) -> list[tuple[str, str]]:
 def _folder_configs(folder: Path) -> dict[str, Any]:
     """The component configs of a diffusers-format pipeline folder, in our metadata's form."""
     from ldm.io import read_json
-    from ldm.text import load_tokenizer
+    from ldm.networks.tokenizer import load_tokenizer
 
     text = read_json(folder / "text_encoder" / "config.json")
     return {

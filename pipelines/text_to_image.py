@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -14,23 +13,17 @@ import torch
 from tqdm.auto import tqdm
 
 from autoencoder.model import AutoencoderKL
-from ldm.denoiser import CFGDenoiser, DiscreteVPDenoiser, check_interval
+from ldm.diffusion.denoiser import CFGDenoiser, DiscreteVPDenoiser, check_interval
 from ldm.random import randn
-from ldm.samplers import SAMPLERS, sample
-from ldm.schedule import NoiseSchedule, sampler_sigmas
-from ldm.text import TextEncoder
-from ldm.unet import UNet
+from ldm.diffusion.samplers import SAMPLERS
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.networks.text import TextEncoder
+from ldm.networks.unet import UNet
 from pipelines.folder import Components, check_components, save_pipeline
 from pipelines.images import from_image, to_output
 from pipelines.loading import DEFAULT_MODEL, load_components
 
 OutputType = Literal["pil", "np", "pt", "latent"]
-# Which diffusers scheduler's timesteps each sampler walks (so that equal names give equal images).
-FLAVOR = {"ddim": "ddim", "ddpm": "ddim", "dpmpp_2m": "dpmsolver"}
-# diffusers' DDPM, Euler ancestral and Heun schedulers end at sigma 0 whatever set_alpha_to_one/final_sigmas_type say
-FINAL_ZERO = {"ddpm", "euler_ancestral", "heun"}
-# Samplers whose diffusers scheduler returns VP coordinates (a final sigma > 0 is divided out before decoding)
-VP_OUTPUT = {"ddim", "ddpm", "dpmpp_2m"}
 
 
 @dataclass
@@ -215,11 +208,9 @@ class Pipeline:
         seeds, generators = _generators(seed, generator, n)
         shape = (n, self.unet.config.in_channels, height // f, width // f)
 
-        flavor = FLAVOR.get(sampler, "euler")
+        spec = SAMPLERS[sampler]  # the function and its schedule facts (which timesteps, final sigma, VP output)
         karras = self.schedule.use_karras_sigmas if karras_sigmas is None else karras_sigmas
-        final = "zero" if sampler in FINAL_ZERO else None  # None: the schedule's key for this flavor
-        sigmas = sampler_sigmas(self.schedule, num_inference_steps, flavor, karras=karras, final_sigma=final)
-        sigmas = sigmas.float().to(self.device)
+        sigmas = spec.sigmas(self.schedule, num_inference_steps, karras=karras).float().to(self.device)
         if init is not None:
             sigmas, z0 = self._img2img_start(init, n, sigmas, strength, num_inference_steps)
         noise = latents.to(self.device, torch.float32) if latents is not None else randn(
@@ -231,7 +222,8 @@ class Pipeline:
         else:
             x = noise * math.sqrt(1 + sigmas[0].item() ** 2)  # the VP prior N(0, I) at sigma_max, in sigma space
 
-        model, cond = self._guided(prompts, negatives, guidance_scale, guidance_rescale, interval, karras, flavor)
+        model, cond = self._guided(prompts, negatives, guidance_scale, guidance_rescale, interval, karras,
+                                   spec.flavor)
         options: dict[str, Any] = {"cond": cond, "generator": generators}
         if eta is not None:
             options["eta"] = eta
@@ -243,11 +235,10 @@ class Pipeline:
                 callback(i, sigma, xi, x0)
 
         try:
-            out = sample(model, x, sigmas, sampler=sampler, callback=step, **options)
+            out = spec(model, x, sigmas, callback=step, **options)
         finally:
             bar.close()
-        if sigmas[-1] > 0 and sampler in VP_OUTPUT:  # a final sigma > 0 (DDIM set_alpha_to_one=False): VP latents
-            out = out / math.sqrt(1 + sigmas[-1].item() ** 2)
+        out = spec.to_output(out, sigmas[-1].item())  # DDIM with set_alpha_to_one=False ends at sigma > 0, in VP
         if output_type == "latent":
             return PipelineOutput(images=out, seeds=seeds, latents=out)
         return PipelineOutput(images=to_output(self.decode(out), output_type), seeds=seeds, latents=out)
@@ -290,7 +281,7 @@ class Pipeline:
 
 def samplers_with_option(option: str) -> list[str]:
     """Names in `SAMPLERS` whose function takes the keyword `option` (e.g. "eta"), sorted."""
-    return sorted(name for name, fn in SAMPLERS.items() if option in inspect.signature(fn).parameters)
+    return sorted(name for name, spec in SAMPLERS.items() if spec.accepts(option))
 
 
 def _as_prompt_list(prompt: str | list[str]) -> list[str]:

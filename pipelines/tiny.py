@@ -9,9 +9,9 @@ from transformers import CLIPTextConfig
 from autoencoder.model import AutoencoderKL, VAEConfig
 from ldm.config import load_config
 from ldm.random import seeded
-from ldm.text import TextEncoder
-from ldm.schedule import sd_schedule
-from ldm.unet import UNet, UNetConfig
+from ldm.networks.text import TextEncoder
+from ldm.diffusion.schedule import sd_schedule
+from ldm.networks.unet import UNet, UNetConfig
 from pipelines.folder import Components
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

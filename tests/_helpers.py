@@ -7,10 +7,13 @@ from pathlib import Path
 
 import torch
 
-from ldm.train_config import TrainConfig, load_train_config
+from ldm.training.config import TrainConfig, load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
+# A tiny open_clip model config for the CLIP stage, the recipe and REPA
+TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
 
 
 def same_weights(a: torch.nn.Module | Mapping[str, torch.Tensor], b: torch.nn.Module | Mapping[str, torch.Tensor]) -> bool:

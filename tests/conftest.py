@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm.shapes_data import export_imagefolder
+from ldm.shapes.dataset import export_imagefolder
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,216 @@
+"""Samplers: stateless functions walking a sigma schedule with a denoiser D(x, sigma) = E[x0 | x] (sigma space).
+
+Every sampler has the signature of docs/CONVENTIONS.md:
+
+    sample_<name>(model, x, sigmas, *, cond=None, generator=None, callback=None, **options) -> Tensor
+
+- model(x, sigma, **cond) -> x0_hat with sigma of shape (B,); x is (B, ...), the initial noise times sigmas[0].
+- sigmas: 1-D, strictly decreasing, >= 0 (from `ldm.diffusion.schedule.sampler_sigmas`); the result is x at sigmas[-1].
+- generator: a torch.Generator or one per batch item (`ldm.random`); callback(i, sigma, x, x0_hat) after step i.
+
+`SAMPLERS` maps a name to a `Sampler`: the function and the schedule facts of its diffusers counterpart (which
+scheduler's timesteps it walks, whether it ends at sigma 0, whether it returns VP coordinates), so a caller builds the
+sigma schedule from the entry alone (`SAMPLERS[name].sigmas(schedule, steps)`). Add an entry to register a new
+sampler (the score-SDE samplers of ldm/diffusion/sde.py are registered here too). `sample(model, x, sigmas,
+sampler="euler", **options)` dispatches on it.
+
+The probability-flow ODE in sigma space is dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, eq. 4 with
+s = 1, sigma(t) = t). Model-evaluation counts (NFE) for n = len(sigmas) - 1 steps ending at 0: n for all samplers but
+heun (2n - 1). Noise draws (one standard normal of x's shape per step, after the model call, whenever eta > 0)
+follow diffusers' order, so the same seeded generator gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ldm.random import Generator, randn_like
+from ldm.diffusion.sampling import Callback, Denoiser, check_sigmas, denoise, to_d
+from ldm.diffusion.schedule import Flavor, NoiseSchedule, sampler_sigmas
+from ldm.diffusion.sde import sample_langevin, sample_pc, sample_reverse_sde
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) with sigma_up = eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2) and
+    sigma_down^2 + sigma_up^2 = sigma_next^2: the DDIM step of Song et al. 2021 (eq. 12-16) in sigma space."""
+    if sigma_next == 0:
+        return 0.0, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - up**2), up
+
+
+@torch.no_grad()
+def sample_euler(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
+    generator: Generator = None, callback: Callback = None,
+) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE: x <- x + (sigma_next - sigma) d (Karras et al. 2022, alg. 1)."""
+    s = check_sigmas(sigmas)
+    for i in range(len(s) - 1):
+        denoised = denoise(model, x, s[i], cond, i)
+        x = x + to_d(x, s[i], denoised) * (s[i + 1] - s[i])
+        if callback is not None:
+            callback(i, s[i], x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
+    generator: Generator = None, callback: Callback = None, eta: float = 1.0, s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Euler to sigma_down, then fresh noise of std sigma_up (`ancestral_step`); eta = 1 is diffusers'
+    EulerAncestralDiscreteScheduler and DDPM's posterior, eta = 0 is plain Euler."""
+    s = check_sigmas(sigmas)
+    for i in range(len(s) - 1):
+        denoised = denoise(model, x, s[i], cond, i)
+        down, up = ancestral_step(s[i], s[i + 1], eta)
+        x = denoised + to_d(x, s[i], denoised) * down
+        if eta > 0:
+            x = x + randn_like(x, generator) * (s_noise * up)
+        if callback is not None:
+            callback(i, s[i], x, denoised)
+    return x
+
+
+def sample_ddim(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
+    generator: Generator = None, callback: Callback = None, eta: float = 0.0,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): x_prev = x0_hat + sqrt(sigma_next^2 - sigma_up^2) eps_hat + sigma_up z.
+
+    Divided by sqrt(alphā_prev), the VP update sqrt(ā_prev) x0 + sqrt(1 - ā_prev - std^2) eps + std z becomes exactly
+    this with sigma_up = std / sqrt(ā_prev) = eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2), i.e. the
+    ancestral Euler step with the same eta; eta = 0 is Euler's method on the probability-flow ODE.
+    """
+    return sample_euler_ancestral(model, x, sigmas, cond=cond, generator=generator, callback=callback, eta=eta)
+
+
+@torch.no_grad()
+def sample_ddpm(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
+    generator: Generator = None, callback: Callback = None, variance: Literal["small", "large"] = "small",
+) -> torch.Tensor:
+    """Ancestral sampling from the posterior q(x_prev | x, x0_hat) (Ho et al. 2020, eqs. 6-7), in sigma space:
+    mean = x0 + (sigma_next^2 / sigma^2)(x - x0); variance "small" = beta~ / ā_prev = sigma_next^2 (sigma^2 -
+    sigma_next^2) / sigma^2, "large" = beta / ā_prev = (sigma^2 - sigma_next^2)(1 + sigma_next^2) / (1 + sigma^2)."""
+    if variance not in ("small", "large"):
+        raise ValueError(f"unknown DDPM variance {variance!r}; valid: small, large")
+    s = check_sigmas(sigmas)
+    for i in range(len(s) - 1):
+        sig, nxt = s[i], s[i + 1]
+        denoised = denoise(model, x, sig, cond, i)
+        mean = denoised + (nxt**2 / sig**2) * (x - denoised)
+        if variance == "small":
+            var = nxt**2 * (sig**2 - nxt**2) / sig**2
+        else:
+            var = (sig**2 - nxt**2) * (1 + nxt**2) / (1 + sig**2) if nxt > 0 else 0.0
+        x = mean + randn_like(x, generator) * math.sqrt(var)
+        if callback is not None:
+            callback(i, sig, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
+    generator: Generator = None, callback: Callback = None,
+) -> torch.Tensor:
+    """Heun's 2nd-order method (trapezoidal corrector; Karras et al. 2022, alg. 1); Euler on the last step to 0."""
+    s = check_sigmas(sigmas)
+    for i in range(len(s) - 1):
+        denoised = denoise(model, x, s[i], cond, i)
+        d = to_d(x, s[i], denoised)
+        dt = s[i + 1] - s[i]
+        if s[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_pred = x + d * dt
+            d_next = to_d(x_pred, s[i + 1], denoise(model, x_pred, s[i + 1], cond, i))
+            x = x + (d + d_next) / 2 * dt
+        if callback is not None:
+            callback(i, s[i], x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
+    generator: Generator = None, callback: Callback = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2) in sigma space, lambda = -log sigma, h = lambda_next - lambda:
+    x_next = (sigma_next / sigma) x - expm1(-h) D', D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_{i-1} / h;
+    first-order (D' = D_i) on the first step and on a final step to sigma = 0."""
+    s = check_sigmas(sigmas)
+    old_denoised, h_last = None, None
+    for i in range(len(s) - 1):
+        denoised = denoise(model, x, s[i], cond, i)
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i] / s[i + 1])
+            if old_denoised is None:
+                d_prime = denoised
+            else:
+                r = h_last / h
+                d_prime = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d_prime
+            h_last = h
+        old_denoised = denoised
+        if callback is not None:
+            callback(i, s[i], x, denoised)
+    return x
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler function with the schedule facts that make it walk the sigmas of its diffusers scheduler."""
+
+    fn: Callable[..., torch.Tensor]
+    flavor: Flavor = "euler"  # whose inference timesteps it walks: diffusers' Euler, DDIM or DPM-Solver family
+    ends_at_zero: bool = False  # its diffusers scheduler ends at sigma 0 whatever set_alpha_to_one / final_sigmas_type say
+    vp_output: bool = False  # its diffusers scheduler returns VP coordinates: a final sigma > 0 is divided out
+
+    def __call__(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, **options: Any) -> torch.Tensor:
+        return self.fn(model, x, sigmas, **options)
+
+    def sigmas(self, schedule: NoiseSchedule, num_steps: int, *, karras: bool | None = None) -> torch.Tensor:
+        """The (num_steps + 1,) float64 sigmas this sampler walks on `schedule` (ldm.diffusion.schedule.sampler_sigmas);
+        the final sigma is 0 where the diffusers scheduler forces it, else the schedule's own for this flavor."""
+        final = "zero" if self.ends_at_zero else None
+        return sampler_sigmas(schedule, num_steps, self.flavor, karras=karras, final_sigma=final)
+
+    def to_output(self, x: torch.Tensor, final_sigma: float) -> torch.Tensor:
+        """The result in the coordinates its diffusers scheduler returns: x / sqrt(1 + sigma^2) for VP output."""
+        return x / math.sqrt(1 + final_sigma**2) if self.vp_output and final_sigma > 0 else x
+
+    def accepts(self, option: str) -> bool:
+        """Whether the function takes the keyword `option` (e.g. "eta")."""
+        return option in inspect.signature(self.fn).parameters
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": Sampler(sample_ddpm, flavor="ddim", ends_at_zero=True, vp_output=True),
+    "ddim": Sampler(sample_ddim, flavor="ddim", vp_output=True),
+    "euler": Sampler(sample_euler),
+    "euler_ancestral": Sampler(sample_euler_ancestral, ends_at_zero=True),
+    "heun": Sampler(sample_heun, ends_at_zero=True),
+    "dpmpp_2m": Sampler(sample_dpmpp_2m, flavor="dpmsolver", vp_output=True),
+    "reverse_sde": Sampler(sample_reverse_sde),
+    "pc": Sampler(sample_pc),
+    "langevin": Sampler(sample_langevin),
+}
+
+
+def sample(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, sampler: str = "euler", **options: Any
+) -> torch.Tensor:
+    """Run the sampler registered under `sampler` in `SAMPLERS`; options go to it (cond, generator, eta, ...)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {sorted(SAMPLERS)}")
+    return SAMPLERS[sampler](model, x, sigmas, **options)

@@ -1,0 +1,33 @@
+"""Lazy package exports: a package's __init__ names its public API without importing it, so that importing one module
+(or `ldm --help`) does not load torch, transformers and accelerate through a sibling. A name's module is imported on
+first use (PEP 562 module __getattr__), the way diffusers and transformers keep their top-level imports cheap."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def lazy_exports(package: str, exports: dict[str, tuple[str, ...]]) -> tuple[list[str], Callable[[str], Any],
+                                                                                 Callable[[], list[str]]]:
+    """(__all__, __getattr__, __dir__) for `package`, whose submodule `module` defines each name in exports[module]."""
+    where: dict[str, str] = {}
+    for module, names in exports.items():
+        for name in names:
+            if name in where:
+                raise ValueError(f"{package}: {name!r} is exported by both {where[name]} and {module}")
+            where[name] = module
+
+    def __getattr__(name: str) -> Any:
+        if name not in where:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{where[name]}"), name)
+        setattr(sys.modules[package], name, value)  # the next lookup is a plain attribute
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(where) | set(vars(sys.modules[package])))
+
+    return sorted(where), __getattr__, __dir__

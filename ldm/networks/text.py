@@ -1,0 +1,315 @@
+"""Text conditioning: the CLIP / OpenCLIP text encoders that turn prompts into c (tokenizer: ldm.networks.tokenizer).
+
+Stable Diffusion 1.x conditions on the last hidden state of transformers' CLIPTextModel (ViT-L/14, pad token
+"<|endoftext|>"); 2.x on the penultimate layer of an OpenCLIP ViT-H/14 text tower, final LayerNorm applied (pad "!").
+diffusers' `clip_skip=k` means final_layer_norm(hidden_states[-(k + 1)]): "last" is k=0, "penultimate" is k=1.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+from ldm.io import load_state_dict, save_state_dict, write_text
+from ldm.networks.tokenizer import EOS, build_clip_tokenizer, load_tokenizer, save_tokenizer
+from ldm.random import seeded
+
+Layer = Literal["last", "penultimate"] | int
+
+
+# ------------------------------------------------------------------------------------------------ shared logic
+def clip_skip_of(layer: Layer, num_layers: int) -> int:
+    """Number of final transformer layers to skip: "last" -> 0, "penultimate" -> 1, an int is diffusers' clip_skip."""
+    if layer == "last":
+        skip = 0
+    elif layer == "penultimate":
+        skip = 1
+    elif isinstance(layer, int) and not isinstance(layer, bool):
+        skip = layer
+    else:
+        raise ValueError(f"layer must be 'last', 'penultimate' or an int clip_skip, got {layer!r}")
+    if not 0 <= skip < num_layers:
+        raise ValueError(f"clip_skip {skip} is out of range for a text encoder with {num_layers} layers")
+    return skip
+
+
+class PromptEncoder(nn.Module):
+    """Tokenize prompts (truncating to the context length, CLIP's 77, with a warning) and map ids to per-token hidden
+    states (B, context length, D)."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, layer: Layer = "last") -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.layer = layer
+        self._empty: dict[tuple, torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_cache())
+
+    # subclasses provide these
+    num_layers: int
+    hidden_size: int
+
+    def hidden_states(self, input_ids: torch.Tensor, skip: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def _param(self) -> torch.Tensor:
+        return next(self.parameters())
+
+    def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
+        """Token ids (B, model_max_length): bos, prompt tokens, eos, padding; warns naming what truncation drops."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+        if len(prompts) == 0:
+            raise ValueError("prompts is an empty list")
+        n = self.tokenizer.model_max_length
+        for prompt, ids in zip(prompts, self.tokenizer(list(prompts), truncation=False, verbose=False).input_ids):
+            if len(ids) > n:
+                dropped = ids[n - 1 : -1]  # content tokens past the n - 2 that fit between bos and eos
+                warnings.warn(
+                    f"prompt is {len(ids)} tokens, CLIP takes {n}: {len(dropped)} token(s) were dropped, "
+                    f"namely {self.tokenizer.decode(dropped)!r} (prompt starts {prompt[:40]!r})",
+                    stacklevel=3,
+                )
+        return self.tokenizer(
+            list(prompts), padding="max_length", max_length=n, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def encode(self, prompts: str | list[str], *, layer: Layer | None = None, clip_skip: int | None = None
+               ) -> torch.Tensor:
+        """Per-token hidden states (B, n, D) of `layer` (default: the encoder's), final LayerNorm applied."""
+        if layer is not None and clip_skip is not None:
+            raise ValueError("pass either layer or clip_skip, not both")
+        chosen = clip_skip if clip_skip is not None else (layer if layer is not None else self.layer)
+        skip = clip_skip_of(chosen, self.num_layers)
+        ids = self.tokenize(prompts).to(self._param.device)
+        return self.hidden_states(ids, skip)
+
+    def forward(self, prompts: str | list[str], **options) -> torch.Tensor:
+        return self.encode(prompts, **options)
+
+    def empty_embedding(self, batch_size: int = 1, *, layer: Layer | None = None) -> torch.Tensor:
+        """encode("") repeated batch_size times: the unconditional c for classifier-free guidance, cached in eval
+        mode (in training mode the weights change under it, e.g. ldm.training.unet's train_text_encoder: encoded afresh)."""
+        skip = clip_skip_of(self.layer if layer is None else layer, self.num_layers)
+        if self.training:
+            with torch.no_grad():
+                return self.encode("", clip_skip=skip).detach().expand(batch_size, -1, -1).clone()
+        key = (self._param.device, self._param.dtype, skip)
+        if key not in self._empty:
+            with torch.no_grad():
+                self._empty[key] = self.encode("", clip_skip=skip).detach()
+        return self._empty[key].expand(batch_size, -1, -1).clone()
+
+    def clear_cache(self) -> None:
+        """Forget cached empty-prompt embeddings (done automatically by load_state_dict)."""
+        self._empty.clear()
+
+
+# ------------------------------------------------------------------------------------------ CLIP (transformers)
+def _core(model: nn.Module) -> nn.Module:
+    """The module holding embeddings/encoder/final_layer_norm (transformers 5 CLIPTextModel is that module itself)."""
+    return model.text_model if hasattr(model, "text_model") else model
+
+
+def hub_state_dict(model: CLIPTextModel | CLIPTextModelWithProjection) -> dict[str, torch.Tensor]:
+    """State dict with the keys diffusers folders use on disk ("text_model.encoder.layers.0...")."""
+    out = {}
+    for key, value in model.state_dict().items():
+        hub = key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
+        if not hub.endswith("position_ids"):
+            out[hub] = value
+    return out
+
+
+def load_hub_state_dict(model: CLIPTextModel | CLIPTextModelWithProjection, state: dict[str, torch.Tensor]) -> None:
+    """Load hub-layout keys into `model` strictly, with an error naming missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    mapped = {}
+    for key, value in state.items():
+        if key.endswith("position_ids"):
+            continue
+        candidates = [key, key.removeprefix("text_model."), "text_model." + key]
+        target = next((c for c in candidates if c in own), None)
+        if target is None:
+            raise KeyError(f"unexpected key {key!r} for {type(model).__name__}")
+        if tuple(own[target].shape) != tuple(value.shape):
+            raise ValueError(f"{key}: expected shape {tuple(own[target].shape)}, got {tuple(value.shape)}")
+        mapped[target] = value
+    missing = sorted(k for k in own if k not in mapped and not k.endswith("position_ids"))
+    if missing:
+        raise KeyError(f"missing key(s) for {type(model).__name__}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    model.load_state_dict(mapped, strict=False)
+
+
+class TextEncoder(PromptEncoder):
+    """A CLIPTokenizer and a transformers CLIPTextModel (SD 1.x/2.x `text_encoder/`): prompts -> (B, n, D), n the
+    tokenizer's model_max_length (77 in SD)."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel | CLIPTextModelWithProjection,
+                 layer: Layer = "last") -> None:
+        super().__init__(tokenizer, layer)
+        if not isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
+            raise TypeError(f"model must be a CLIPTextModel, got {type(model).__name__}")
+        self.model = model
+        self.train(model.training)  # the wrapper's mode is its model's (empty_embedding caches in eval mode)
+
+    @classmethod
+    def from_config(cls, config: CLIPTextConfig, *, seed: int = 0, pad_token: str = EOS,
+                    layer: Layer = "last") -> TextEncoder:
+        """A randomly initialised encoder (seeded) with the offline tokenizer: for tests and tiny models."""
+        with seeded(seed):
+            model = CLIPTextModel(config)
+        return cls(build_clip_tokenizer(pad_token), model.eval(), layer)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    def hidden_states(self, input_ids: torch.Tensor, skip: int) -> torch.Tensor:
+        """diffusers' encode_prompt: last_hidden_state, or final_layer_norm(hidden_states[-(skip + 1)])."""
+        if skip == 0:
+            return self.model(input_ids=input_ids).last_hidden_state
+        states = self.model(input_ids=input_ids, output_hidden_states=True).hidden_states
+        return _core(self.model).final_layer_norm(states[-(skip + 1)])
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write `text_encoder/` (config.json, model.safetensors) and `tokenizer/` in diffusers layout, atomically."""
+        out = Path(folder) / "text_encoder"
+        config = self.model.config.to_dict()
+        config["architectures"] = [type(self.model).__name__]
+        write_text(json.dumps(config, indent=2, sort_keys=True, default=str), out / "config.json")
+        tensors = {k: v.detach().contiguous().cpu() for k, v in hub_state_dict(self.model).items()}
+        save_state_dict(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        save_tokenizer(self.tokenizer, Path(folder) / "tokenizer")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, layer: Layer = "last",
+                        dtype: torch.dtype | None = None) -> TextEncoder:
+        """Load `text_encoder/` + `tokenizer/` from a local diffusers folder, or from the hub when one is reachable."""
+        path = Path(folder)
+        if path.is_dir():
+            return cls._from_folder(path, layer, dtype)
+        if path.is_absolute() or str(folder).startswith((".", "~")) or str(folder).count("/") != 1:
+            raise FileNotFoundError(f"model folder not found: {folder}")
+        try:  # a hub name "owner/model": transformers' own loaders, which need the network
+            config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder")
+            model_cls = _model_class(config)
+            model = model_cls.from_pretrained(str(folder), subfolder="text_encoder", dtype=dtype or torch.float32)
+            tokenizer = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer")
+        except OSError as e:
+            raise OSError(
+                f"could not load {folder!r} from the Hugging Face hub: no hub is reachable from here (or the repo does "
+                f"not exist). Pass a local folder in diffusers layout (text_encoder/ and tokenizer/) instead. ({e})"
+            ) from e
+        return cls(tokenizer, model.eval(), layer)
+
+    @classmethod
+    def _from_folder(cls, path: Path, layer: Layer, dtype: torch.dtype | None) -> TextEncoder:
+        enc = path / "text_encoder"
+        for needed in (enc / "config.json", enc / "model.safetensors", path / "tokenizer"):
+            if not needed.exists():
+                extra = " (pickle weights are not read; convert to safetensors)" if needed.suffix == ".safetensors" \
+                    and any(enc.glob("*.bin")) else ""
+                raise FileNotFoundError(f"{path} is not a diffusers text-encoder folder: {needed} is missing{extra}")
+        config = CLIPTextConfig.from_json_file(str(enc / "config.json"))
+        model = _model_class(config)(config)
+        load_hub_state_dict(model, load_state_dict(enc / "model.safetensors"))
+        if dtype is not None:
+            model = model.to(dtype)
+        return cls(load_tokenizer(path / "tokenizer"), model.eval(), layer)
+
+
+def _model_class(config: CLIPTextConfig) -> type[CLIPTextModel] | type[CLIPTextModelWithProjection]:
+    """CLIPTextModelWithProjection when config.json names it (SDXL's second encoder), else CLIPTextModel."""
+    names = getattr(config, "architectures", None) or []
+    return CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in names else CLIPTextModel
+
+
+# ------------------------------------------------------------------------------------------------- OpenCLIP
+class OpenCLIPTextEncoder(PromptEncoder):
+    """An open_clip text tower (CLIP, CustomTextCLIP or TextTransformer) -> per-token states after ln_final; the
+    default tokenizer pads with "!" to the tower's context length (its positional table)."""
+
+    def __init__(self, model: nn.Module, tokenizer: CLIPTokenizer | None = None, layer: Layer = "last") -> None:
+        tower = getattr(model, "text", model)  # CustomTextCLIP keeps its tower in .text
+        for name in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
+            if not hasattr(tower, name):
+                raise TypeError(f"{type(model).__name__} is not an open_clip text tower: it has no {name!r}")
+        if getattr(tower, "cls_emb", None) is not None:
+            raise NotImplementedError("open_clip text towers with a class token (CoCa) are not supported")
+        if getattr(tower, "attn_mask", None) is None:
+            raise NotImplementedError("open_clip text towers without a causal mask are not supported")
+        if tokenizer is None:
+            tokenizer = build_clip_tokenizer(pad_token="!", model_max_length=int(tower.positional_embedding.shape[0]))
+        super().__init__(tokenizer, layer)
+        self.model = model
+        self.tower = tower
+        self.train(model.training)  # the wrapper's mode is its model's (empty_embedding caches in eval mode)
+
+    @classmethod
+    def from_config(cls, config: dict, *, seed: int = 0, layer: Layer = "last") -> OpenCLIPTextEncoder:
+        """An open_clip model built from a config dict (embed_dim, vision_cfg, text_cfg[, custom_text]), seeded."""
+        import open_clip
+
+        config = copy.deepcopy(config)
+        model_cls = open_clip.CustomTextCLIP if config.pop("custom_text", False) else open_clip.CLIP
+        with seeded(seed):
+            model = model_cls(**config)
+        return cls(model.eval(), layer=layer)
+
+    @classmethod
+    def from_file(cls, config: dict, path: str | Path, *, layer: Layer = "last",
+                  allow_pickle: bool = False) -> OpenCLIPTextEncoder:
+        """Build from `config` and load open_clip weights from a local .safetensors (pickle only if allowed)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"open_clip weights not found: {path}")
+        state = load_state_dict(path, allow_pickle=allow_pickle)  # pickle only if allowed, and then weights-only
+        enc = cls.from_config(config, layer=layer)
+        enc.model.load_state_dict(state, strict=False)  # visual tower keys may be absent; text keys checked below
+        own = {k for k in enc.model.state_dict() if not k.startswith("visual.")}
+        missing = sorted(own - set(state))
+        if missing:
+            raise KeyError(f"{path} lacks text-tower key(s) {missing[:5]}")
+        return enc
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.tower.ln_final.weight.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.tower.transformer.resblocks)
+
+    def hidden_states(self, input_ids: torch.Tensor, skip: int) -> torch.Tensor:
+        """ln_final(output of the first L - skip residual blocks) under the causal mask, as SD 2.x's embedder."""
+        tower, n = self.tower, input_ids.shape[1]
+        cast = tower.transformer.get_cast_dtype()
+        x = tower.token_embedding(input_ids).to(cast) + tower.positional_embedding[:n].to(cast)  # (B, n, D)
+        mask = tower.attn_mask[:n, :n].to(x.dtype)
+        batch_first = getattr(tower.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in tower.transformer.resblocks[: self.num_layers - skip]:
+            x = block(x, attn_mask=mask)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        return tower.ln_final(x)

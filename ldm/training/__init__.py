@@ -1,0 +1,55 @@
+"""Every training application and what they share: the config dataclasses (config), captioned datasets (data), the
+resumable loop (loop), atomic checkpoints (checkpoint), EMA (ema), local multi-process launch (launch) and processes
+beside (beside); the U-Net application (unet: `ldm train`, `accelerate launch -m ldm.training.unet`), the KL-VAE
+(vae), the contrastive CLIP (clip), REPA alignment (repa), and export of a run as a pipeline folder (export)."""
+
+from ldm.lazy import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "config": (
+        "TextModelConfig", "ModelConfig", "TimestepBiasConfig", "AlignConfig", "ObjectiveConfig", "OptimConfig",
+        "RunConfig", "TrainConfig", "load_train_config", "build_optimizer", "build_lr_scheduler",
+        "build_accelerator"
+    ),
+    "data": (
+        "HubUnavailableError", "DataConfig", "load_records", "open_image", "resize_shorter_side", "crop_box",
+        "to_tensor", "sample_generator", "preprocess", "collate", "samples_consumed", "ResumableSampler",
+        "CaptionedImages", "StreamingCaptionedImages", "build_dataloader"
+    ),
+    "ema": (
+        "EMAConfig", "ema_decay", "ema_update_", "EMA"
+    ),
+    "checkpoint": (
+        "checkpoint_name", "step_seed", "slot_generators", "rng_state", "set_rng_state", "folder_digest",
+        "list_checkpoints", "latest_checkpoint", "resolve_resume", "prune_checkpoints", "save_checkpoint",
+        "read_meta", "load_checkpoint", "load_weights_only"
+    ),
+    "loop": (
+        "Part", "StepContext", "MetricsLogger", "batch_length", "zero_loss", "check_fresh_output", "run_loop"
+    ),
+    "launch": (
+        "free_port", "split_batch", "launch_command", "launch_train"
+    ),
+    "beside": (
+        "Beside",
+    ),
+    "repa": (
+        "Projector", "alignment_loss", "block_output", "captured", "PatchFeatures", "Aligner", "output_channels"
+    ),
+    "clip": (
+        "default_clip_model", "ClipTrainConfig", "build_clip", "context_length", "text_heads", "negclip_loss",
+        "ContrastiveStep", "clamp_logit_scale", "train_clip", "save_clip", "export_clip", "load_clip",
+        "clip_text_encoder"
+    ),
+    "vae": (
+        "VAEModelConfig", "VAETrainConfig", "psnr", "check_same_trainable", "build_vae", "Reconstruct", "VAEStep",
+        "evaluate_psnr", "train_vae", "export_vae"
+    ),
+    "unet": (
+        "load_vae", "build_components", "save_frozen", "timestep_weights", "dropout_mask", "DiffusionStep",
+        "render_grid", "text_part", "align_part", "check_fresh_run", "check_frozen", "train"
+    ),
+    "export": (
+        "find_checkpoint", "check_same_latents"
+    ),
+})

@@ -1,0 +1,88 @@
+"""Export a training checkpoint as a diffusers-format pipeline folder (safetensors) that our loader
+(pipelines.Pipeline.from_pretrained) and diffusers' StableDiffusionPipeline.from_pretrained both read.
+
+A checkpoint holds the trained U-Net (raw and EMA weights), and the text encoder too when it was trained jointly
+(train_text_encoder); the frozen parts (VAE, text encoder, tokenizer, noise schedule) and the U-Net config live once
+per run in `<output_dir>/frozen/`, named by the checkpoint's meta.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import torch
+
+from autoencoder.model import AutoencoderKL
+from ldm.training.checkpoint import folder_digest, latest_checkpoint, load_weights_only, read_meta
+from ldm.io import WeightsError, load_weights
+from ldm.components import load_pipeline_folder, save_pipeline
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """`path` itself when it is a checkpoint folder, else the latest complete checkpoint of a run folder."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    latest = latest_checkpoint(path / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder (meta.json) nor a run folder with complete "
+                                "checkpoints under checkpoints/")
+    return latest
+
+
+def check_same_latents(trained: AutoencoderKL, other: AutoencoderKL, what: str) -> None:
+    """Refuse `other` in place of `trained` (the VAE a U-Net learned the latents of) unless it encodes identically."""
+    # Only the decoder may differ (decoder-only fine-tuning): every config field but force_upcast, a precision hint,
+    # and every encoder / quant_conv tensor, both ways, so an added quant_conv or encoder attention is caught too.
+    for f in dataclasses.fields(trained.config):
+        mine, theirs = getattr(trained.config, f.name), getattr(other.config, f.name)
+        if f.name != "force_upcast" and mine != theirs:
+            raise WeightsError(f"{what}: config {f.name} is {theirs!r}, but the U-Net was trained with {mine!r}")
+    prefixes = ("encoder.", "quant_conv.")
+    mine = {k: v for k, v in trained.state_dict().items() if k.startswith(prefixes)}
+    theirs = {k: v for k, v in other.state_dict().items() if k.startswith(prefixes)}
+    if odd := sorted(mine.keys() ^ theirs.keys()):
+        raise WeightsError(f"{what}: {odd[0]} is {'missing' if odd[0] in mine else 'unexpected'}; the VAE the U-Net "
+                           "was trained with has the same encoder keys (only the decoder may be fine-tuned)")
+    for key, value in mine.items():
+        if theirs[key].shape != value.shape:
+            raise WeightsError(f"{what}: {key} has shape {tuple(theirs[key].shape)}, the training VAE's "
+                               f"{tuple(value.shape)}")
+        if not torch.equal(theirs[key].to(value.device, value.dtype), value):
+            raise WeightsError(f"{what}: {key} differs from the VAE the U-Net was trained with, so its latents are "
+                               "not the U-Net's (only the decoder may be fine-tuned)")
+
+
+def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True,
+           vae: AutoencoderKL | None = None, vae_name: str = "the replacement VAE") -> Path:
+    """Write the pipeline of `checkpoint_dir` (a checkpoint, or a run folder: its latest) to `out_dir`, with the EMA
+    U-Net weights (use_ema=True) or the raw ones. `vae` replaces the training VAE (e.g. its decoder fine-tuned,
+    ldm.training.vae's train_encoder=false); it must encode exactly as the training VAE (check_same_latents, whose
+    errors call it `vae_name`). Returns out_dir."""
+    ckpt = find_checkpoint(checkpoint_dir)
+    meta = read_meta(ckpt)
+    frozen = (ckpt / meta["frozen"]).resolve()
+    if not frozen.is_dir():
+        raise FileNotFoundError(f"{ckpt}: the frozen components folder {frozen} named in meta.json is missing "
+                                "(copy the whole run folder, not just the checkpoint)")
+    recorded = meta.get("frozen_sha256")
+    if recorded is None:
+        warnings.warn(f"{ckpt}: meta.json records no frozen_sha256 (a checkpoint from before it was recorded), so it "
+                      f"is not checked that {frozen} holds the VAE / text encoder this U-Net was trained with",
+                      stacklevel=2)
+    elif folder_digest(frozen) != recorded:
+        raise WeightsError(f"{frozen} is not the frozen VAE / text encoder / schedule the U-Net of {ckpt} was trained "
+                           "with (its sha256 differs from meta.json's frozen_sha256): was another run started in the "
+                           "same output_dir, or the folder edited?")
+    parts = load_pipeline_folder(frozen, vae_class=AutoencoderKL, unet_weights=False)
+    if vae is not None:
+        check_same_latents(parts.vae, vae, f"export: {vae_name}")
+    load_weights(parts.unet, load_weights_only(ckpt, "unet", use_ema=use_ema), what=f"{ckpt} unet")
+    if "text_encoder" in meta["parts"]:  # trained jointly (train_text_encoder): frozen/ holds the initial one
+        load_weights(parts.text_encoder, load_weights_only(ckpt, "text_encoder", use_ema=use_ema),
+                     what=f"{ckpt} text_encoder")
+    save_pipeline(out_dir, unet=parts.unet, vae=vae if vae is not None else parts.vae,
+                  text_encoder=parts.text_encoder, schedule=parts.schedule)
+    return Path(out_dir)

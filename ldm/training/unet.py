@@ -1,0 +1,381 @@
+"""Latent-diffusion training and fine-tuning with accelerate (Rombach et al. 2022, sec. 3-4).
+
+One step on a batch of (image, caption): z = scaling * (E(x) sample) from the frozen VAE, c = text encoder(caption)
+(frozen, or trained jointly with train_text_encoder) with the caption replaced by "" with probability p
+(condition dropout, for classifier-free guidance), t ~ U{0..T-1}, eps ~ N(0, I),
+z_t = sqrt(alphā_t) z + sqrt(1 - alphā_t) eps, and the U-Net regresses the eps / v / z target
+(ldm.diffusion.parameterization.target) under MSE, optionally min-SNR-gamma weighted (ldm.diffusion.losses.diffusion_loss).
+
+Every random draw of sample i comes from a generator seeded by (seed, step, micro-batch, global slot), so a resumed
+run repeats the uninterrupted one bit for bit on CPU, and 2 processes x batch B match 1 process x batch 2B.
+
+    python -m ldm.training.unet --config configs/train-tiny.yaml run.max_steps=200 optim.lr=3e-4
+    accelerate launch -m ldm.training.unet --config configs/train-tiny.yaml run.resume=latest
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import CLIPTextConfig
+
+from autoencoder.model import AutoencoderKL, DiagonalGaussian, VAEConfig  # the one allowed ldm -> autoencoder import
+from ldm.training.loop import Part, StepContext, run_loop
+from ldm.training.checkpoint import folder_digest, resolve_resume
+from ldm.components import Components, IncompatibleComponentsError, load_pipeline_folder, save_pipeline
+from ldm.config import ConfigError, load_config, to_dict
+from ldm.training.data import build_dataloader
+from ldm.diffusion.denoiser import CFGDenoiser, DiscreteVPDenoiser
+from ldm.diffusion.losses import diffusion_loss, timestep_bias_weights
+from ldm.diffusion.process import q_sample
+from ldm.diffusion.samplers import SAMPLERS
+from ldm.training.ema import EMA
+from ldm.io import write_bytes
+from ldm.random import randn, seeded
+from ldm.training.repa import Aligner, PatchFeatures, Projector, alignment_loss, block_output, captured, output_channels
+from ldm.networks.text import TextEncoder
+from ldm.training.config import (TrainConfig, build_accelerator, build_lr_scheduler, build_optimizer, load_train_config,
+                              sd_schedule)
+from ldm.networks.unet import UNet, UNetConfig
+
+logger = logging.getLogger(__name__)
+FROZEN = "frozen"  # <output_dir>/frozen: the diffusers-layout folder of everything but the U-Net weights (with
+# train_text_encoder, the text encoder there is the initial one; checkpoints hold the trained one)
+
+
+# ------------------------------------------------------------------------------------------------------ building
+
+
+def load_vae(folder: str | Path) -> AutoencoderKL:
+    """An AutoencoderKL from a diffusers `vae/` folder."""
+    return AutoencoderKL.from_pretrained(folder)
+
+
+def build_components(config: TrainConfig) -> Components:
+    """Fine-tune: load model.pretrained. From scratch: seeded random U-Net / VAE / CLIP text encoder from configs."""
+    m = config.model
+    if m.pretrained is not None:
+        parts = load_pipeline_folder(m.pretrained, vae_class=AutoencoderKL)
+        schedule = m.schedule or parts.schedule
+    else:
+        unet_config = load_config(UNetConfig, m.unet)
+        with seeded(m.init_seed):
+            unet = UNet(unet_config)
+        if m.vae_weights:
+            vae = load_vae(m.vae_weights)
+        else:
+            with seeded(m.init_seed + 1):
+                vae = AutoencoderKL(load_config(VAEConfig, m.vae))
+        t = m.text
+        clip = CLIPTextConfig(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                              num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                              max_position_embeddings=t.max_position_embeddings, vocab_size=t.vocab_size,
+                              projection_dim=t.projection_dim)
+        text = TextEncoder.from_config(clip, seed=m.init_seed + 2, pad_token=t.pad_token)
+        parts = Components(unet, vae, text, sd_schedule())
+        schedule = m.schedule or parts.schedule
+    if config.objective.prediction_type is not None:
+        schedule = dataclasses.replace(schedule, prediction_type=config.objective.prediction_type)
+    parts.schedule = schedule
+    try:
+        parts.check()
+    except IncompatibleComponentsError as e:
+        raise ConfigError(str(e)) from e
+    return parts
+
+
+def save_frozen(folder: Path, parts: Components) -> None:
+    """Write the frozen parts and the U-Net config as a diffusers-layout folder (export adds the U-Net weights)."""
+    save_pipeline(folder, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, schedule=parts.schedule,
+                  unet_weights=False)
+
+
+# ------------------------------------------------------------------------------------------------------- one step
+
+
+def timestep_weights(config: TrainConfig, num_timesteps: int) -> torch.Tensor | None:
+    """objective.timestep_bias's p(t) over the schedule's timesteps (None: uniform), or a ConfigError naming it."""
+    bias = config.objective.timestep_bias
+    if bias.strategy == "none":
+        return None
+    try:
+        return timestep_bias_weights(num_timesteps, bias.strategy, bias.multiplier, bias.portion, bias.begin, bias.end)
+    except ValueError as e:
+        raise ConfigError(f"objective.timestep_bias: {e}") from None
+
+
+def dropout_mask(generators: list[torch.Generator], p: float) -> torch.Tensor:
+    """Bernoulli(p) per sample, one uniform draw from each sample's generator: True = caption becomes ""."""
+    return torch.stack([torch.rand((), generator=g) < p for g in generators]) if generators else torch.zeros(0, dtype=bool)
+
+
+class DiffusionStep:
+    """The per-micro-batch loss of latent diffusion (module docstring); holds the frozen VAE, the text encoder
+    (`text`: the prepared module when it is trained, else parts.text_encoder), the optional REPA `aligner` and the
+    per-record caches (latent moments, alignment targets). Once the caches hold every record of `dataset` (a
+    map-style ldm.training.data.CaptionedImages), it stops the dataset decoding images."""
+
+    def __init__(self, config: TrainConfig, parts: Components, unet: torch.nn.Module, device: torch.device,
+                 dtype: torch.dtype, text: torch.nn.Module | None = None,
+                 t_weights: torch.Tensor | None = None, dataset: Any = None, aligner: Aligner | None = None) -> None:
+        self.config, self.unet, self.device, self.dtype = config, unet, device, dtype
+        self.vae, self.text = parts.vae, parts.text_encoder if text is None else text
+        self.alphas_cumprod = parts.schedule.alphas_cumprod().to(device)
+        self.prediction = parts.schedule.prediction_type
+        self.cache: dict[int, torch.Tensor] = {}  # record -> q(z|x)'s moments
+        self.target_cache: dict[int, torch.Tensor] = {}  # record -> REPA target features
+        self.aligner = aligner
+        self.t_weights = t_weights  # None: uniform t (train's timestep_weights)
+        self.dataset = dataset if hasattr(dataset, "images") else None
+        if config.run.cache_latents:  # one image at a time: a cached moment must not depend on its batch-mates
+            self.vae.enable_slicing()
+
+    def timesteps(self, gens: list[torch.Generator]) -> torch.Tensor:
+        """One t per example from its generator: uniform on 0..T-1, or from objective.timestep_bias's p(t)."""
+        if self.t_weights is None:
+            return torch.cat([torch.randint(0, len(self.alphas_cumprod), (1,), generator=g) for g in gens])
+        return torch.cat([torch.multinomial(self.t_weights, 1, generator=g) for g in gens])
+
+    def per_record(self, batch: dict[str, Any], cache: dict[int, torch.Tensor],
+                   compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """compute(pixels) for the batch, or its rows from `cache` (filled here when run.cache_latents)."""
+        indices = batch["indices"].tolist()
+        if self.config.run.cache_latents and all(i in cache for i in indices):
+            return torch.stack([cache[i] for i in indices]).to(self.device)
+        if "pixel_values" not in batch:
+            missing = [i for i in indices if i not in cache]
+            raise RuntimeError(f"a batch without images, but records {missing[:5]} have nothing cached")
+        values = compute(batch["pixel_values"].to(self.device, self.dtype))  # from (B, 3, H, W)
+        if self.config.run.cache_latents:
+            cache.update({i: v.cpu() for i, v in zip(indices, values, strict=True)})
+            caches = [self.cache] + ([self.target_cache] if self.aligner is not None else [])
+            if self.dataset is not None and all(len(c) == len(self.dataset) for c in caches):
+                self.dataset.images = False  # every record is cached: stop opening images
+        return values
+
+    @torch.no_grad()
+    def latents(self, batch: dict[str, Any], gens: list[torch.Generator]) -> torch.Tensor:
+        """z = scaling * (z ~ q(z|x)) for the batch, moments cached per record when run.cache_latents."""
+        moments = self.per_record(batch, self.cache, lambda x: self.vae.encode(x).parameters)  # (B, 2C, h, w)
+        return self.vae.scale_latents(DiagonalGaussian(moments).sample(gens)).float()  # (B, C, h, w)
+
+    def alignment_targets(self, pixels: torch.Tensor) -> torch.Tensor:
+        """REPA's target features; one image at a time when cached, so a cached row does not depend on its batch."""
+        if not self.config.run.cache_latents:
+            return self.aligner.features(pixels)
+        return torch.cat([self.aligner.features(x[None]) for x in pixels])
+
+    def __call__(self, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        obj = self.config.objective
+        captions = list(batch["captions"])
+        n = len(captions)  # >= 1: ldm.training.loop.run_loop handles micro-batches with no readable image
+        gens = ctx.generators(n)
+        drop = dropout_mask(gens, obj.condition_dropout)
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        z = self.latents(batch, gens)
+        with contextlib.nullcontext() if self.config.train_text_encoder else torch.no_grad():
+            c = self.text(captions).to(self.dtype)  # (B, n, D); forward = encode (through DDP when wrapped)
+        t = self.timesteps(gens).to(self.device)  # (B,)
+        noise = randn(z.shape, gens, device=self.device)
+        if obj.noise_offset > 0:
+            noise = noise + obj.noise_offset * randn((n, z.shape[1], 1, 1), gens, device=self.device)
+        z_t = q_sample(z, t, self.alphas_cumprod, noise)
+        with captured(self.aligner.block) if self.aligner else contextlib.nullcontext() as seen:
+            out = self.unet(z_t, t, encoder_hidden_states=c).float()
+        weighting = "min_snr" if obj.min_snr_gamma is not None else "simple"
+        loss = diffusion_loss(out, z, noise, t, self.alphas_cumprod, prediction=self.prediction,
+                              weighting=weighting, gamma=obj.min_snr_gamma or 5.0).mean()
+        logs = {"dropped": float(drop.float().mean())}
+        if self.aligner is not None:
+            target = self.per_record(batch, self.target_cache, self.alignment_targets)  # (B, D, H', W')
+            align = alignment_loss(self.aligner.projector(seen[0]), target).mean()
+            logs.update(diffusion=float(loss.detach()), align=float(align.detach()))
+            loss = loss + obj.align.weight * align
+        return loss, logs
+
+
+# ----------------------------------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def render_grid(parts: Components, unet: torch.nn.Module, prompts: list[str], seeds: list[int], *, size: int,
+                steps: int, guidance_scale: float) -> Image.Image:
+    """prompts x seeds images (rows x columns) with the Euler sampler and classifier-free guidance, from the same
+    initial latent as pipelines.text_to_image.Pipeline for the same seed and schedule."""
+    schedule, vae, text = parts.schedule, parts.vae, parts.text_encoder
+    device = next(unet.parameters()).device
+    den = CFGDenoiser(DiscreteVPDenoiser(unet, schedule.sigmas(), schedule.prediction_type), guidance_scale)
+    euler = SAMPLERS["euler"]
+    sigmas = euler.sigmas(schedule, steps)
+    prior_scale = float((1 + sigmas[0] ** 2).sqrt())
+    latent = size // vae.downsample_factor
+    empty = text.empty_embedding(1)
+    rows = []
+    for prompt in prompts:
+        c = text.encode([prompt])
+        for seed in seeds:
+            x = randn((1, unet.config.in_channels, latent, latent), torch.Generator().manual_seed(seed), device=device)
+            # The VP prior, as the Pipeline starts: x_T = eps * sqrt(1 + sigma_max^2) (diffusers' init_noise_sigma),
+            # not eps * sigma_max (the VE prior); the two differ by a factor sqrt(1 + 1/sigma_max^2).
+            z = euler(den, x * prior_scale, sigmas,
+                      cond={"cond": {"encoder_hidden_states": c}, "uncond": {"encoder_hidden_states": empty}})
+            rows.append(vae.decode(vae.unscale_latents(z.to(next(vae.parameters()).dtype))).float().cpu())
+    images = ((torch.cat(rows).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (P*S, 3, H, W)
+    n_cols = len(seeds)
+    grid = images.reshape(len(prompts), n_cols, *images.shape[1:]).permute(0, 3, 1, 4, 2)  # (P, H, S, W, 3)
+    return Image.fromarray(grid.reshape(len(prompts) * size, n_cols * size, 3).numpy())
+
+
+# ------------------------------------------------------------------------------------------------------------ run
+
+
+def text_part(config: TrainConfig, text: torch.nn.Module, accelerator: Any) -> Part:
+    """The text encoder as a trained Part: float32 weights, its own AdamW (text_encoder_lr), schedule and EMA."""
+    text.requires_grad_(True).train().to(accelerator.device)
+    ema = EMA(text, config.ema) if config.ema.enabled else None
+    optim = dataclasses.replace(config.optim, lr=config.text_encoder_lr or config.optim.lr)
+    optimizer = build_optimizer(list(text.parameters()), optim)
+    scheduler = build_lr_scheduler(optimizer, optim, config.run.max_steps)
+    text_p, optimizer_p = accelerator.prepare(text, optimizer)
+    return Part("text_encoder", text_p, optimizer_p, scheduler, ema)
+
+
+def align_part(config: TrainConfig, unet: torch.nn.Module, text_width: int, accelerator: Any
+               ) -> tuple[Part, Aligner]:
+    """REPA's projector as a trained Part (its own AdamW at optim.lr, the same schedule, no EMA), the frozen target
+    encoder and the hooked U-Net block; the projector's input width is read from one dry pass of the U-Net."""
+    align, device = config.objective.align, accelerator.device
+    features = PatchFeatures.from_folder(align.encoder).to(device)
+    block = block_output(unet, align.block)
+    size = unet.config.sample_size
+    x = torch.zeros(1, unet.config.in_channels, size, size, device=device)
+    context = torch.zeros(1, 77, text_width, device=device)  # any token count: cross-attention keys
+    was_training = unet.training
+    unet.eval()
+    channels = output_channels(block, lambda: unet(x, torch.zeros(1, dtype=torch.long, device=device),
+                                                  encoder_hidden_states=context))
+    unet.train(was_training)
+    with seeded(config.model.init_seed + 3):
+        projector = Projector(channels, features.width, align.hidden).to(device)
+    optimizer = build_optimizer(list(projector.parameters()), config.optim)
+    scheduler = build_lr_scheduler(optimizer, config.optim, config.run.max_steps)
+    projector_p, optimizer_p = accelerator.prepare(projector, optimizer)
+    return Part("projector", projector_p, optimizer_p, scheduler, None), Aligner(features, projector_p, block)
+
+
+def check_fresh_run(out: Path) -> None:
+    """A fresh run (run.resume unset) must not reuse a run folder: its frozen/ parts or checkpoints would be mixed
+    with this run's U-Net."""
+    taken = [name for name in (FROZEN, "checkpoints") if (out / name).exists()]
+    if taken:
+        raise FileExistsError(f"run.output_dir {out} already holds {' and '.join(f'{t}/' for t in taken)} of another "
+                              "run: continue it with run.resume=latest (--resume latest), or choose another output_dir")
+
+
+def check_frozen(state: dict[str, Any], digest: str, folder: Path) -> None:
+    """The checkpoint resumed from must have been trained with the frozen parts now in `folder`."""
+    recorded = state.get("frozen_sha256")
+    if recorded is not None and recorded != digest:
+        raise ValueError(f"{folder} (sha256 {digest[:12]}...) is not the frozen VAE/text encoder/schedule this "
+                         f"checkpoint was trained with (sha256 {recorded[:12]}...)")
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns {"step", "checkpoint"} of the last checkpoint.
+
+    `<output_dir>/frozen` is written when there is no checkpoint to resume from, and its sha256 (ldm.training.checkpoint.
+    folder_digest) goes into every checkpoint's meta.json, where resume and ldm.training.export check it."""
+    run = config.run
+    out = Path(run.output_dir)
+    if run.resume is None:
+        check_fresh_run(out)
+    accelerator = build_accelerator(run, config.optim)
+    parts = build_components(config)
+    t_weights = timestep_weights(config, parts.schedule.num_train_timesteps)  # before frozen/ is written
+    no_checkpoint = resolve_resume(out / "checkpoints", run.resume) is None
+    if accelerator.is_main_process and (no_checkpoint or not (out / FROZEN).is_dir()):
+        save_frozen(out / FROZEN, parts)  # (re)written when no checkpoint names it; resume checks its digest
+    accelerator.wait_for_everyone()
+    digest = folder_digest(out / FROZEN)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.mixed_precision, torch.float32)
+    device = accelerator.device
+    train_text = config.train_text_encoder
+    for frozen in (parts.vae,) if train_text else (parts.vae, parts.text_encoder):
+        frozen.requires_grad_(False).eval().to(device, dtype)
+    unet = parts.unet.to(device)
+    unet.gradient_checkpointing = run.gradient_checkpointing
+    unet.train()
+    ema = EMA(unet, config.ema) if config.ema.enabled else None
+    optimizer = build_optimizer([p for p in unet.parameters() if p.requires_grad], config.optim)
+    scheduler = build_lr_scheduler(optimizer, config.optim, run.max_steps)
+    loader, position = build_dataloader(config.data, run.batch_size, num_workers=run.num_workers,
+                                        num_processes=accelerator.num_processes)
+    unet_p, optimizer_p, loader_p = accelerator.prepare(unet, optimizer, loader)
+    trained = [Part("unet", unet_p, optimizer_p, scheduler, ema)]
+    if train_text:  # in training mode: validation encodes its empty prompt afresh (PromptEncoder.empty_embedding)
+        trained.append(text_part(config, parts.text_encoder, accelerator))
+    aligner = None
+    if config.objective.align.weight > 0:
+        part, aligner = align_part(config, unet, parts.text_encoder.hidden_size, accelerator)
+        trained.append(part)
+    step_fn = DiffusionStep(config, parts, unet_p, device, dtype, text=trained[1].model if train_text else None,
+                            t_weights=t_weights, dataset=loader.dataset, aligner=aligner)
+
+    def validate(step: int) -> None:
+        if not run.validate_every or step % run.validate_every:
+            return
+        if accelerator.is_main_process:
+            raw = accelerator.unwrap_model(unet_p)
+            with contextlib.ExitStack() as swaps:
+                for part in trained:
+                    if part.ema is not None:
+                        swaps.enter_context(part.ema.swapped(accelerator.unwrap_model(part.model)))
+                raw.eval()
+                grid = render_grid(parts, raw, run.validation_prompts, run.validation_seeds,
+                                   size=config.data.resolution, steps=run.validation_steps,
+                                   guidance_scale=run.guidance_scale)
+                raw.train()
+            png = io.BytesIO()
+            grid.save(png, format="PNG")
+            write_bytes(png.getvalue(), out / "validation" / f"step-{step:08d}.png")
+        accelerator.wait_for_everyone()
+
+    meta = {"config": to_dict(config), "frozen": f"../../{FROZEN}", "frozen_sha256": digest}
+    result = run_loop(accelerator, run, config.optim, parts=trained,
+                      loader=loader_p, position=position, step_fn=step_fn, meta=meta, on_step=validate,
+                      on_resume=lambda state: check_frozen(state, digest, out / FROZEN))
+    accelerator.end_training()
+    return result
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="ldm train", description="Train or fine-tune a latent diffusion U-Net.")
+    parser.add_argument("--config", required=True, help="YAML file mirroring ldm.training.config.TrainConfig")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (same as run.resume=...)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4 run.max_steps=100")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"run.resume={args.resume}"] if args.resume else [])
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point (`python -m ldm.training.unet`, `accelerate launch -m ldm.training.unet`, `ldm train`)."""
+    args, overrides = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = load_train_config(TrainConfig, args.config, overrides)
+    result = train(config)
+    logger.info("finished at step %d; last checkpoint %s", result["step"], result["checkpoint"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
