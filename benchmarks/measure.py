@@ -10,19 +10,14 @@ unmapped on free). This counts what the call makes resident: activations, tempor
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from ldm.unet import UNetConfig
 
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
@@ -94,54 +89,13 @@ def compare(name: str, ours: Callable, theirs: Callable, reps: int, device: torc
     return res
 
 
-def interleaved_medians(steps: dict[str, Callable[[], torch.Tensor]], *, rounds: int,
-                        warmup: int) -> dict[str, float]:
-    """Median wall seconds of each CPU step function over `rounds` rounds that call every function once in turn
-    (round-robin, so load drift hits all alike), after `warmup` unmeasured rounds."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(warmup + rounds):
-        for name, fn in steps.items():
-            elapsed = measure(fn, torch.device("cpu"))[1]
-            if i >= warmup:
-                times[name].append(elapsed)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def training_step_setup(description: str, argv: list[str] | None, *, steps: int, warmup: int
-                        ) -> tuple[argparse.Namespace, dict, UNetConfig]:
-    """The training-step benchmarks' command line (batch, measured steps, warm-up rounds, threads, latent side, out),
-    torch's thread count set from it, configs/default-model.yaml and its U-Net config at that latent side."""
-    from ldm.config import from_dict, load_yaml
-    from ldm.unet import UNetConfig
-
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=steps, help="measured steps per variant")
-    parser.add_argument("--warmup", type=int, default=warmup)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--latent", type=int, default=None, help="latent side (default: the recipe's sample_size)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    recipe = load_yaml(Path(__file__).resolve().parents[1] / "configs/default-model.yaml")
-    unet = recipe["unet_model"]
-    return args, recipe, from_dict(UNetConfig, {**unet, "sample_size": args.latent or unet["sample_size"]})
-
-
-def report_training_steps(args: argparse.Namespace, stem: str, rows: dict, markdown: list[str], *,
-                          latent: int) -> None:
-    """Write a training-step benchmark's report (its settings and `rows`) as JSON + Markdown, and print the table."""
-    data = {"batch": args.batch, "latent": latent, "threads": args.threads, "steps": args.steps,
-            "torch": torch.__version__, "variants": rows}
-    write_report(args.out, stem, data, "\n".join(markdown))
-    print("\n".join(markdown))
-
-
-def write_report(out_dir: str | Path, stem: str, data: dict, markdown: str) -> None:
-    """Write `<stem>.json` and `<stem>.md` into out_dir, each atomically."""
+def write_report(out_dir: str | Path, stem: str, data: dict, markdown: str, *, echo: bool = True) -> None:
+    """Write `<stem>.json` and `<stem>.md` into out_dir, each atomically; `echo`: also print the Markdown."""
     import json
 
     from ldm.io import write_text
 
     write_text(json.dumps(data, indent=2) + "\n", Path(out_dir) / f"{stem}.json")
     write_text(markdown.rstrip("\n") + "\n", Path(out_dir) / f"{stem}.md")
+    if echo:
+        print(markdown)

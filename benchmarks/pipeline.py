@@ -59,8 +59,8 @@ def model_configs(name: str) -> tuple:
 
     from autoencoder.model import VAEConfig
     from ldm.config import load_config
-    from ldm.unet import UNetConfig
-    from ldm.schedule import sd_schedule
+    from ldm.networks.unet import UNetConfig
+    from ldm.diffusion.schedule import sd_schedule
     from pipelines.single_file import SD1_TEXT
     from pipelines.tiny import tiny_text_config
 
@@ -83,8 +83,9 @@ def build_pair(name: str, sampler: str, device: torch.device, dtype: torch.dtype
     from transformers import CLIPTextModel
 
     from autoencoder.model import AutoencoderKL
-    from ldm.text import EOS, TextEncoder, build_clip_tokenizer
-    from ldm.unet import UNet
+    from ldm.networks.text import TextEncoder
+    from ldm.networks.tokenizer import EOS, build_clip_tokenizer
+    from ldm.networks.unet import UNet
     from pipelines.text_to_image import Pipeline
 
     unet_cfg, vae_cfg, text_cfg, schedule = model_configs(name)
@@ -258,10 +259,7 @@ def main() -> None:
             res["results"][f"{name}@{size}"] = bench_case(args, name, size, pair, device)
         del pair
     res["process_max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = Path(args.out)
-    md = report_md(res)
-    write_report(out, "pipeline", res, md)
-    print(md)
+    write_report(args.out, "pipeline", res, report_md(res))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """How a model draws two-object relations (a section of benchmarks/quality.py): accuracy per relation word and what
-the failures were (ldm.shapes_detect.relation_outcome), over several seeds per prompt."""
+the failures were (ldm.shapes.detect.relation_outcome), over several seeds per prompt."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ldm import shapes as S
-from ldm.shapes_captions import parse_caption
-from ldm.shapes_detect import detect, relation_outcome
+from ldm.shapes import scenes as S
+from ldm.shapes.captions import parse_caption
+from ldm.shapes.detect import detect, relation_outcome
 
 OUTCOMES = ("right", "swapped", "orthogonal", "missing")
 

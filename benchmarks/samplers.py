@@ -25,13 +25,13 @@ from diffusers import (  # noqa: E402
     HeunDiscreteScheduler,
 )
 
-from ldm.denoiser import DiscreteVPDenoiser  # noqa: E402
-from ldm.samplers import sample  # noqa: E402
-from ldm.schedule import NoiseSchedule, sampler_sigmas  # noqa: E402
-from ldm.toy import mixture_2d  # noqa: E402
+from ldm.diffusion.denoiser import DiscreteVPDenoiser  # noqa: E402
+from ldm.diffusion.samplers import sample  # noqa: E402
+from ldm.diffusion.schedule import NoiseSchedule, sampler_sigmas  # noqa: E402
+from ldm.diffusion.toy import mixture_2d  # noqa: E402
 from ldm.io import write_bytes  # noqa: E402
 from benchmarks.measure import write_report  # noqa: E402
-from ldm.toy import run_diffusers_scheduler, vp_eps_net  # noqa: E402
+from ldm.diffusion.toy import run_diffusers_scheduler, vp_eps_net  # noqa: E402
 
 warnings.filterwarnings("ignore")
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -85,7 +85,7 @@ def main() -> None:
     md = [f"# Samplers: sliced Wasserstein-2 to the 2-D mixture (n = {args.n}, noise floor {floor:.4f})", "",
           "| sampler | steps | NFE | SW ours | SW diffusers |", "|---|---|---|---|---|"]
     md += [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['sw_ours']:.4f} | {r['sw_diffusers']:.4f} |" for r in rows]
-    write_report(args.out, "samplers", report, "\n".join(md))
+    write_report(args.out, "samplers", report, "\n".join(md), echo=False)
     import matplotlib
 
     matplotlib.use("Agg")

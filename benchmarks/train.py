@@ -1,7 +1,7 @@
 """Training throughput: our U-Net training step against the equivalent diffusers loop, in one run.
 
 Both sides train from the same initial weights on the same latents, captions embeddings, timesteps and noise with the
-same AdamW: ours is ldm.unet.UNet + ldm.diffusion.q_sample/diffusion_loss; diffusers' is UNet2DConditionModel +
+same AdamW: ours is ldm.networks.unet.UNet + ldm.diffusion.process.q_sample / losses.diffusion_loss; diffusers' is UNet2DConditionModel +
 DDPMScheduler.add_noise + F.mse_loss. Steps alternate (ours, diffusers, diffusers, ours, ...) so load drift hits
 both; reports images/s from the median step time (wall and process CPU time) and the median peak memory of a step
 (benchmarks/measure.py: CUDA max allocated; CPU peak-RSS growth with the peak reset before each step), and writes
@@ -26,9 +26,10 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.measure import compare, reexec_with_mmap_threshold, write_report  # noqa: E402
 
 from ldm.config import load_config  # noqa: E402
-from ldm.diffusion import diffusion_loss, q_sample  # noqa: E402
-from ldm.schedule import sd_schedule  # noqa: E402
-from ldm.unet import UNet, UNetConfig  # noqa: E402
+from ldm.diffusion.losses import diffusion_loss  # noqa: E402
+from ldm.diffusion.process import q_sample  # noqa: E402
+from ldm.diffusion.schedule import sd_schedule  # noqa: E402
+from ldm.networks.unet import UNet, UNetConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.batch}, latent {args.latent}, {args.steps} alternated steps (medians); max |loss difference| "
               f"{res['max_abs_output_diff']:.2e}")
     write_report(out, f"train-{args.device}", report, "\n".join(md))
-    print("\n".join(md))
     return 0
 
 

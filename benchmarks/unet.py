@@ -42,7 +42,7 @@ def bench_unet(args, device: torch.device, dtype: torch.dtype) -> dict:
     from diffusers import UNet2DConditionModel
 
     from ldm.config import load_config
-    from ldm.unet import UNet, UNetConfig
+    from ldm.networks.unet import UNet, UNetConfig
 
     cfg = load_config(UNetConfig, ROOT / "configs/unet-sd15.yaml")
     torch.manual_seed(0)
@@ -150,10 +150,7 @@ def main() -> None:
         vae = bench_vae(args, device, dtype)
         vae["shape"] = f"B=1, 4x{args.latent}x{args.latent} -> 3x{8 * args.latent}x{8 * args.latent}"
         res["results"]["vae-decode"] = vae
-    out = Path(args.out)
-    md = report_md(res)
-    write_report(out, "unet", res, md)
-    print(md)
+    write_report(args.out, "unet", res, report_md(res))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """The default model's U-Net stage in one process with T threads against N processes with one thread each
-(ldm.launch: accelerate, gloo DDP), the same global batch, in one run.
+(ldm.training.launch: accelerate, gloo DDP), the same global batch, in one run.
 
-The recipe (ldm.default_model) builds a small init folder (the real U-Net, VAE and text-encoder architectures; 1024
+The recipe (ldm.shapes.recipe) builds a small init folder (the real U-Net, VAE and text-encoder architectures; 1024
 training images; CLIP and VAE trained for 2 steps, which does not change the U-Net's speed); then its U-Net stage runs
 `--steps` updates with cached latents once per layout, the layouts alternated `--rounds` times so load drift hits
 both. Reported: images/s, the median of the logged rates after the latent cache is full, and the ratio.
 
-    python benchmarks/train_processes.py                    # 1 x 2 threads vs 2 x 1 thread, batch 32
-    python benchmarks/train_processes.py 'vae_model.block_out_channels=[16,32,32,32]' unet_model.sample_size=8 \
+    python benchmarks/research/train_processes.py                    # 1 x 2 threads vs 2 x 1 thread, batch 32
+    python benchmarks/research/train_processes.py 'vae_model.block_out_channels=[16,32,32,32]' unet_model.sample_size=8 \
         unet.optim.fused=true --name f8                     # the f = 8 recipe's U-Net stage (8 x 8 latents)
 """
 
@@ -20,13 +20,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
 from benchmarks.measure import write_report  # noqa: E402
-from ldm.default_model import DEFAULT_CONFIG, load_recipe, run_recipe, stage_unet  # noqa: E402
+from ldm.shapes.recipe import DEFAULT_CONFIG, load_recipe, run_recipe, stage_unet  # noqa: E402
 
 SMALL = ["data.n_train=1024", "data.n_test_held_out=8", "data.n_test_seen=8", "clip.run.max_steps=2",
          "vae.run.max_steps=2", "vae.run.validate_every=0", "unet_extend_to=[]", "unet.run.validate_every=0",
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="global batch")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/research/results"))
     parser.add_argument("--name", default=None, help="report suffix (train-processes-cpu-NAME)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for both layouts, e.g. unet_model.sample_size=8")
     args = parser.parse_args(argv)
@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     stem = "train-processes-cpu" + (f"-{args.name}" if args.name else "")
     write_report(args.out, stem, {"batch": args.batch, "steps": args.steps, "overrides": args.overrides,
                                   "rates": rates, "median": median, "ratio": ratio}, "\n".join(md))
-    print("\n".join(md))
     return 0
 
 

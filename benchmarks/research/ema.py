@@ -1,4 +1,4 @@
-"""EMA update time: ldm.ema.EMA against diffusers' EMAModel (per-parameter loop and foreach), in one run.
+"""EMA update time: ldm.training.ema.EMA against diffusers' EMAModel (per-parameter loop and foreach), in one run.
 
 The parameters are those the default-model recipe's U-Net stage averages after every optimizer step: the U-Net of
 configs/default-model.yaml and the recipe's CLIP text tower (from its clip.model: width 64, 2 layers, 49408-token
@@ -7,8 +7,8 @@ implementation, in alternating order; medians and ratios ours / diffusers are re
 After the run the shadow weights are compared: ours and the loop EMAModel must agree bit for bit (same decay
 sequence, same arithmetic); the foreach EMAModel may differ by rounding (reported).
 
-    python benchmarks/ema.py                      # CPU, 2 threads, 30 repetitions
-    python benchmarks/ema.py --threads 1 --reps 50
+    python benchmarks/research/ema.py                      # CPU, 2 threads, 30 repetitions
+    python benchmarks/research/ema.py --threads 1 --reps 50
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.measure import compare, write_report  # noqa: E402
-from ldm.clip_train import build_clip, clip_text_encoder  # noqa: E402
+from ldm.training.clip import build_clip, clip_text_encoder  # noqa: E402
 from ldm.config import from_dict, load_yaml  # noqa: E402
-from ldm.ema import EMA, EMAConfig  # noqa: E402
-from ldm.unet import UNet, UNetConfig  # noqa: E402
+from ldm.training.ema import EMA, EMAConfig  # noqa: E402
+from ldm.networks.unet import UNet, UNetConfig  # noqa: E402
 
 
 def recipe_model() -> nn.Module:
     """The U-Net and text tower of the default-model recipe in one module, seeded, built as the recipe builds them
-    (ldm.clip_train.build_clip + clip_text_encoder from the YAML's clip.model)."""
+    (ldm.training.clip.build_clip + clip_text_encoder from the YAML's clip.model)."""
     recipe = load_yaml(ROOT / "configs/default-model.yaml")
     torch.manual_seed(0)
     unet = UNet(from_dict(UNetConfig, recipe["unet_model"]))
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/research/results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from diffusers.training_utils import EMAModel
@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
           f"threads, {args.reps} alternating repetitions (medians), torch {torch.__version__}"]
     write_report(args.out, "ema-cpu", {"threads": args.threads, "reps": args.reps, "tensors": len(params),
                                        "weights": n, "torch": torch.__version__, "results": results}, "\n".join(md))
-    print("\n".join(md))
     return 0
 
 

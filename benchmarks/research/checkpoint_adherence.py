@@ -1,10 +1,10 @@
 """Prompt adherence of a U-Net training checkpoint, without exporting it by hand: the checkpoint's EMA weights (or
-raw, --raw) go into a temporary pipeline folder (pipelines.export, with --vae as a decoder-tuned replacement), then
-benchmarks/quality.py's prompt sets are drawn and scored by the detector (ldm.shapes_detect), as its adherence
+raw, --raw) go into a temporary pipeline folder (ldm.training.export, with --vae as a decoder-tuned replacement), then
+benchmarks/quality.py's prompt sets are drawn and scored by the detector (ldm.shapes.detect), as its adherence
 section does, at each guidance scale. Meant for watching a recipe's U-Net stage learn (docs/default-model.md).
 
-    python benchmarks/checkpoint_adherence.py runs/default/unet --scales 3 5 --sampler euler_ancestral --steps 30
-    python benchmarks/checkpoint_adherence.py runs/default/unet/checkpoints/step-00012000 --vae runs/default/vae-decoder-export
+    python benchmarks/research/checkpoint_adherence.py runs/default/unet --scales 3 5 --sampler euler_ancestral --steps 30
+    python benchmarks/research/checkpoint_adherence.py runs/default/unet/checkpoints/step-00012000 --vae runs/default/vae-decoder-export
 """
 
 from __future__ import annotations
@@ -19,17 +19,18 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.quality import ATTRIBUTES, _pct, adherence, prompt_sets  # noqa: E402
+from benchmarks.quality import _pct, adherence, prompt_sets  # noqa: E402
+from benchmarks.quality_metrics import ATTRIBUTES  # noqa: E402
 
 
 def checkpoint_adherence(checkpoint: str | Path, scales: list[float], *, sampler: str, steps: int, n_single: int,
                          n_pair: int, vae: str | Path | None = None, use_ema: bool = True) -> dict[str, Any]:
     """{scale: {prompt set: summarize(scores)}} for the checkpoint (or a run folder's latest), and its meta."""
     from autoencoder.model import AutoencoderKL
-    from ldm.checkpoint import read_meta
-    from pipelines.export import export, find_checkpoint
+    from ldm.training.checkpoint import read_meta
+    from ldm.training.export import export, find_checkpoint
     from pipelines.text_to_image import Pipeline
 
     ckpt = find_checkpoint(checkpoint)

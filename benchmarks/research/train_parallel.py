@@ -1,7 +1,7 @@
 """What a second process can add to the recipe's U-Net-stage step on this CPU, with and without gradient exchange.
 
-The step is benchmarks/train_text_context.make_step's (CLIP text tower at 77 tokens + U-Net, v-prediction loss,
-clipping, fused AdamW, EMA), the global batch fixed. Layouts, each run alone:
+The step is benchmarks/research/train_text_context.make_step's (CLIP text tower at 77 tokens + U-Net, v-prediction
+loss, clipping, fused AdamW, EMA), the global batch fixed. Layouts, each run alone:
 
   1 x T threads        one process, the whole batch (the recipe's layout)
   N x 1, independent   N processes, batch / N each, no communication at all: the ceiling of any data parallelism
@@ -11,7 +11,7 @@ Reported: median step time of rank 0 after warm-up (the median of 3 rounds, the 
 images/s and the ratio to the first layout. Separately,
 the time of one gloo all-reduce of the step's gradient volume (U-Net + text tower parameters).
 
-    python benchmarks/train_parallel.py --latent 8              # the f = 8 U-Net, 2 processes
+    python benchmarks/research/train_parallel.py --latent 8              # the f = 8 U-Net, 2 processes
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchmarks.measure import report_training_steps, training_step_setup  # noqa: E402
-from ldm.launch import free_port  # noqa: E402
+from benchmarks.research.steps import report_training_steps, training_step_setup  # noqa: E402
+from ldm.training.launch import free_port  # noqa: E402
 
 ROUNDS = 3  # each layout runs once per round, in fresh processes; reported: the median over rounds
 
@@ -39,7 +39,7 @@ def worker(rank: int, world: int, port: int, mode: str, cfg, clip_model: dict, b
            warmup: int, threads: int, result: dict) -> None:
     """Run `steps` joint steps in one process of `world`; rank 0 stores its median step time (and the all-reduce
     time of the gradient volume) in `result`."""
-    from benchmarks.train_text_context import make_batches, make_step
+    from benchmarks.research.train_text_context import make_batches, make_step
 
     torch.set_num_threads(threads)
     if world > 1:

@@ -1,7 +1,8 @@
 """The recipe's whole U-Net-stage step with other U-Net layouts and latent sizes, against the recipe's step.
 
-One step as ldm.train runs it with `train_text_encoder: true` (benchmarks/train_text_context.make_step: the CLIP
-text tower at 77 tokens, the U-Net, v-prediction loss, clipping, fused AdamW and an EMA for each). Variants:
+One step as ldm.training.unet runs it with `train_text_encoder: true`
+(benchmarks/research/train_text_context.make_step: the CLIP text tower at 77 tokens, the U-Net, v-prediction loss,
+clipping, fused AdamW and an EMA for each). Variants:
 
   recipe       configs/default-model.yaml's unet_model: 4 x 16 x 16 latents (f = 4), blocks (32, 64, 128)
   f8           the same U-Net on 4 x 8 x 8 latents (an f = 8 VAE)
@@ -11,7 +12,7 @@ text tower at 77 tokens, the U-Net, v-prediction loss, clipping, fused AdamW and
 Steps are interleaved (round-robin) so load drift hits every variant alike; reported are median step times and
 each variant's speed as a ratio to the recipe's step.
 
-    python benchmarks/train_unet_variants.py                 # 2 threads, batch 32
+    python benchmarks/research/train_unet_variants.py                 # 2 threads, batch 32
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.measure import interleaved_medians, report_training_steps, training_step_setup  # noqa: E402
-from benchmarks.train_text_context import make_batches, make_step, timing, timing_table  # noqa: E402
-from ldm.unet import UNetConfig  # noqa: E402
+from benchmarks.research.steps import interleaved_medians, report_training_steps, training_step_setup  # noqa: E402
+from benchmarks.research.train_text_context import make_batches, make_step, timing, timing_table  # noqa: E402
+from ldm.networks.unet import UNetConfig  # noqa: E402
 
 DOWN, XDOWN, UP, XUP = "DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"
 

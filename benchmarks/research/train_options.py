@@ -9,9 +9,9 @@ hits all of them. Reported: the median step time, images/s and each variant's sp
   bf16           run.mixed_precision=bf16: torch.autocast(bfloat16) around the forward
   channels_last  the U-Net's weights and input in channels-last memory format (not a training option; measured)
 
-    python benchmarks/train_options.py                     # CPU, batch 32, 2 threads
-    python benchmarks/train_options.py --batch 64 --threads 1
-    python benchmarks/train_options.py --latent 8      # the U-Net on 8 x 8 latents (an f = 8 VAE)
+    python benchmarks/research/train_options.py                     # CPU, batch 32, 2 threads
+    python benchmarks/research/train_options.py --batch 64 --threads 1
+    python benchmarks/research/train_options.py --latent 8      # the U-Net on 8 x 8 latents (an f = 8 VAE)
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.measure import interleaved_medians, report_training_steps, training_step_setup  # noqa: E402
-from ldm.diffusion import diffusion_loss, q_sample  # noqa: E402
-from ldm.schedule import sd_schedule  # noqa: E402
-from ldm.unet import UNet, UNetConfig  # noqa: E402
+from benchmarks.research.steps import interleaved_medians, report_training_steps, training_step_setup  # noqa: E402
+from ldm.diffusion.losses import diffusion_loss  # noqa: E402
+from ldm.diffusion.process import q_sample  # noqa: E402
+from ldm.diffusion.schedule import sd_schedule  # noqa: E402
+from ldm.networks.unet import UNet, UNetConfig  # noqa: E402
 
 VARIANTS: dict[str, dict[str, bool]] = {
     "plain": {},

@@ -1,20 +1,20 @@
 """The recipe's whole U-Net-stage step with a shorter text context and a sparser EMA, against the recipe's step.
 
-One step as ldm.train runs it with `train_text_encoder: true`: the captions tokenized and encoded by the CLIP text
+One step as ldm.training.unet runs it with `train_text_encoder: true`: the captions tokenized and encoded by the CLIP text
 tower (configs/default-model.yaml `clip.model`, seeded weights), the U-Net (`unet_model`, v-prediction loss), the
 gradient clipped over both, fused AdamW for each, an EMA of each. Variants:
 
   recipe          text_cfg.context_length 77 (CLIP's), ema.update_every 1
   context32       context_length 32: the tokenizer pads to 32 (the shapes captions are at most 22 tokens), so the
                   text tower and every cross-attention see 32 tokens instead of 77
-  ema_every4      ema.update_every 4 (ldm.ema): the shadows move on every 4th step
+  ema_every4      ema.update_every 4 (ldm.training.ema): the shadows move on every 4th step
   context32_ema4  both
 
 Steps are interleaved (round-robin) so load drift hits every variant alike; reported are median step times and
 each variant's speed as a ratio to the recipe's step.
 
-    python benchmarks/train_text_context.py --latent 8          # the f = 8 U-Net (8 x 8 latents), 2 threads
-    python benchmarks/train_text_context.py --threads 1
+    python benchmarks/research/train_text_context.py --latent 8          # the f = 8 U-Net (8 x 8 latents), 2 threads
+    python benchmarks/research/train_text_context.py --threads 1
 """
 
 from __future__ import annotations
@@ -23,17 +23,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.measure import interleaved_medians, report_training_steps, training_step_setup  # noqa: E402
-from ldm.clip_train import build_clip, clip_text_encoder  # noqa: E402
-from ldm.diffusion import diffusion_loss, q_sample  # noqa: E402
-from ldm.ema import EMA, EMAConfig  # noqa: E402
-from ldm.schedule import sd_schedule  # noqa: E402
-from ldm.unet import UNet, UNetConfig  # noqa: E402
+from benchmarks.research.steps import interleaved_medians, report_training_steps, training_step_setup  # noqa: E402
+from ldm.training.clip import build_clip, clip_text_encoder  # noqa: E402
+from ldm.diffusion.losses import diffusion_loss  # noqa: E402
+from ldm.diffusion.process import q_sample  # noqa: E402
+from ldm.training.ema import EMA, EMAConfig  # noqa: E402
+from ldm.diffusion.schedule import sd_schedule  # noqa: E402
+from ldm.networks.unet import UNet, UNetConfig  # noqa: E402
 
 VARIANTS: dict[str, tuple[int, int]] = {  # name: (context_length, ema.update_every)
     "recipe": (77, 1),
