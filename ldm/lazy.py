@@ -12,7 +12,8 @@ from typing import Any
 
 def lazy_exports(package: str, exports: dict[str, tuple[str, ...]]) -> tuple[list[str], Callable[[str], Any],
                                                                                  Callable[[], list[str]]]:
-    """(__all__, __getattr__, __dir__) for `package`, whose submodule `module` defines each name in exports[module]."""
+    """(__all__, __getattr__, __dir__) for `package`, whose submodule `module` defines each name in exports[module]; a
+    module written with a dot ("ldm.training.export") is absolute, for a name re-exported from a lower layer."""
     where: dict[str, str] = {}
     for module, names in exports.items():
         for name in names:
@@ -23,7 +24,8 @@ def lazy_exports(package: str, exports: dict[str, tuple[str, ...]]) -> tuple[lis
     def __getattr__(name: str) -> Any:
         if name not in where:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{package}.{where[name]}"), name)
+        module = where[name] if "." in where[name] else f"{package}.{where[name]}"
+        value = getattr(importlib.import_module(module), name)
         setattr(sys.modules[package], name, value)  # the next lookup is a plain attribute
         return value
 

@@ -1,6 +1,6 @@
 """What a user calls: `Pipeline` (text-to-image and img2img), loading any model folder or single-file checkpoint
 (loading, folder, single_file with the CompVis key maps of convert), saving both ways, and the `ldm` command line
-(cli). A trained run is exported by ldm.training.export (`ldm export`)."""
+(cli), and `export`, a training run -> a pipeline folder (ldm.training.export, `ldm export`)."""
 
 from ldm.lazy import lazy_exports
 
@@ -16,5 +16,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ),
     "single_file": (
         "load_single_file", "save_single_file"
+    ),
+    "ldm.training.export": (
+        "export",
     ),
 })

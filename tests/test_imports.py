@@ -135,6 +135,9 @@ def test_every_exported_name_resolves_to_its_module():
         for name in module.__all__:
             value = getattr(module, name)
             assert value is not None, f"{package}.{name}"
+            home = getattr(value, "__module__", None) or ""
+            if home.split(".")[0] in PACKAGES:  # a lazy export is an import too: it must not reach up either
+                assert layer_of(home) <= layer_of(package), f"{package}.{name} comes from {home}, a higher layer"
         assert set(module.__all__) <= set(dir(module))
 
 
