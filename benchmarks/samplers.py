@@ -26,8 +26,8 @@ from diffusers import (  # noqa: E402
 )
 
 from ldm.diffusion.denoiser import DiscreteVPDenoiser  # noqa: E402
-from ldm.diffusion.samplers import sample  # noqa: E402
-from ldm.diffusion.schedule import NoiseSchedule, sampler_sigmas  # noqa: E402
+from ldm.diffusion.samplers import SAMPLERS  # noqa: E402
+from ldm.diffusion.schedule import NoiseSchedule  # noqa: E402
 from ldm.diffusion.toy import mixture_2d  # noqa: E402
 from ldm.io import write_bytes  # noqa: E402
 from benchmarks.measure import write_report  # noqa: E402
@@ -37,13 +37,15 @@ warnings.filterwarnings("ignore")
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
           timestep_spacing="trailing", steps_offset=0)
 # name -> (diffusers class, extra config, step kwargs, flavor, diffusers in VP coordinates, NFE per step count)
+# our sampler -> (its diffusers scheduler, constructor extras, step kwargs, NFE for n steps); which timesteps it walks
+# and whether diffusers returns VP coordinates come from the SAMPLERS entry, as in the pipeline
 CASES = {
-    "ddpm": (DDPMScheduler, dict(clip_sample=False), {}, "ddim", True, lambda n: n),
-    "ddim": (DDIMScheduler, dict(clip_sample=False), {}, "ddim", True, lambda n: n),
-    "euler": (EulerDiscreteScheduler, {}, {}, "euler", False, lambda n: n),
-    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}, {}, "euler", False, lambda n: n),
-    "heun": (HeunDiscreteScheduler, {}, {}, "euler", False, lambda n: 2 * n - 1),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}, {}, "dpmsolver", True, lambda n: n),
+    "ddpm": (DDPMScheduler, dict(clip_sample=False), {}, lambda n: n),
+    "ddim": (DDIMScheduler, dict(clip_sample=False), {}, lambda n: n),
+    "euler": (EulerDiscreteScheduler, {}, {}, lambda n: n),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}, {}, lambda n: n),
+    "heun": (HeunDiscreteScheduler, {}, {}, lambda n: 2 * n - 1),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}, {}, lambda n: n),
 }
 
 
@@ -68,12 +70,13 @@ def main() -> None:
     noise = torch.randn(args.n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     floor = sliced_wasserstein(gmm.sample(args.n, torch.Generator().manual_seed(7)), truth)
     rows = []
-    for name, (cls, extra, kw, flavor, vp, nfe) in CASES.items():
+    for name, (cls, extra, kw, nfe) in CASES.items():
+        spec = SAMPLERS[name]
         for n in args.steps:
-            sig = sampler_sigmas(sched, n, flavor)
+            sig, vp = spec.sigmas(sched, n), spec.vp_output
             x = noise * (1 + sig[0] ** 2).sqrt() if vp else noise * sig[0]
-            ours = sample(DiscreteVPDenoiser(vp_eps_net(gmm, table, "linear"), table, interpolation="linear"), x, sig,
-                          name, generator=torch.Generator().manual_seed(1))
+            ours = spec(DiscreteVPDenoiser(vp_eps_net(gmm, table, "linear"), table, interpolation="linear"), x, sig,
+                        generator=torch.Generator().manual_seed(1))
             ref = run_diffusers_scheduler(cls(**SD, **extra), vp_eps_net(gmm, table, "linear"), noise if vp else x, n,
                                 generator=torch.Generator().manual_seed(1) if name in ("ddpm", "euler_ancestral") else None, **kw)
             rows.append(dict(sampler=name, steps=n, nfe=nfe(n), sw_ours=sliced_wasserstein(ours, truth),
