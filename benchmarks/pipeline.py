@@ -5,8 +5,8 @@ identical weights, in one run.
     python benchmarks/pipeline.py --quick  # 1 repetition, no 512 x 512 case (about 3 minutes on 2 shared cores)
     python benchmarks/pipeline.py --device cuda --dtype float16 --steps 30 --compile --peak-tflops 989
 
-Models: the tiny model (configs/unet-tiny.yaml, configs/vae-tiny.yaml, a 2-layer CLIP text encoder, 32 x 32 px) and
-SD 1.5-shaped random weights (configs/unet-sd15.yaml, configs/vae-sd.yaml, a CLIP ViT-L/14-shaped text encoder).
+Models: the tiny model (ldm/configs/unet-tiny.yaml, ldm/configs/vae-tiny.yaml, a 2-layer CLIP text encoder, 32 x 32 px) and
+SD 1.5-shaped random weights (ldm/configs/unet-sd15.yaml, ldm/configs/vae-sd.yaml, a CLIP ViT-L/14-shaped text encoder).
 diffusers' modules are built from our configs with their own seeded random initialisation; ours load the very same
 tensors by name (strict, `assign=True`), so both pipelines read the same memory. The diffusers scheduler is the one
 whose timesteps our sampler walks (euler -> EulerDiscreteScheduler, ...), both get the same initial latents, and the
@@ -65,12 +65,12 @@ def model_configs(name: str) -> tuple:
     from pipelines.tiny import tiny_text_config
 
     if name == "tiny":
-        unet = load_config(UNetConfig, ROOT / "configs/unet-tiny.yaml")
-        vae = load_config(VAEConfig, ROOT / "configs/vae-tiny.yaml")
+        unet = load_config(UNetConfig, ROOT / "ldm/configs/unet-tiny.yaml")
+        vae = load_config(VAEConfig, ROOT / "ldm/configs/vae-tiny.yaml")
         text = tiny_text_config()
     else:
-        unet = load_config(UNetConfig, ROOT / "configs/unet-sd15.yaml")
-        vae = load_config(VAEConfig, ROOT / "configs/vae-sd.yaml")
+        unet = load_config(UNetConfig, ROOT / "ldm/configs/unet-sd15.yaml")
+        vae = load_config(VAEConfig, ROOT / "ldm/configs/vae-sd.yaml")
         text = CLIPTextConfig(**SD1_TEXT)
     return unet, vae, text, sd_schedule()
 

@@ -8,7 +8,7 @@ both; reports images/s from the median step time (wall and process CPU time) and
 benchmarks/results/train-<device>.json and .md. The reported output difference is that of the losses.
 
     python benchmarks/train.py                       # CPU, tiny config
-    python benchmarks/train.py --device cuda --unet configs/unet-sd15.yaml --batch 4 --latent 64
+    python benchmarks/train.py --device cuda --unet ldm/configs/unet-sd15.yaml --batch 4 --latent 64
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ldm.networks.unet import UNet, UNetConfig  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--unet", default=str(ROOT / "configs/unet-tiny.yaml"))
+    parser.add_argument("--unet", default=str(ROOT / "ldm/configs/unet-tiny.yaml"))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--latent", type=int, default=32, help="latent side (image side / 8)")
     parser.add_argument("--steps", type=int, default=10)

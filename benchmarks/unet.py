@@ -5,8 +5,8 @@
     python benchmarks/unet.py --latent 32          # quarter-size inputs (256 px), for a slow or busy CPU
     python benchmarks/unet.py --device cuda --dtype float16 --reps 20
 
-U-Net: configs/unet-sd15.yaml with diffusers' random initialisation, batch 2, 4 x 64 x 64 latents, 77 x 768 text.
-VAE: configs/vae-sd.yaml, decode of a 1 x 4 x 64 x 64 latent to a 512 x 512 image. Our modules share diffusers'
+U-Net: ldm/configs/unet-sd15.yaml with diffusers' random initialisation, batch 2, 4 x 64 x 64 latents, 77 x 768 text.
+VAE: ldm/configs/vae-sd.yaml, decode of a 1 x 4 x 64 x 64 latent to a 512 x 512 image. Our modules share diffusers'
 weight tensors (loaded by name, strict), so both sides read the same memory. Each repetition times ours and
 diffusers' back to back, alternating which goes first; the median over repetitions and the ratio ours / diffusers
 are reported (a ratio <= 1 means ours is as fast or faster), in wall-clock and in process CPU time. At full SD
@@ -44,7 +44,7 @@ def bench_unet(args, device: torch.device, dtype: torch.dtype) -> dict:
     from ldm.config import load_config
     from ldm.networks.unet import UNet, UNetConfig
 
-    cfg = load_config(UNetConfig, ROOT / "configs/unet-sd15.yaml")
+    cfg = load_config(UNetConfig, ROOT / "ldm/configs/unet-sd15.yaml")
     torch.manual_seed(0)
     theirs = UNet2DConditionModel.from_config(cfg.to_diffusers()).to(device, dtype).eval()
     # diffusers' default processor is AttnProcessor2_0 (scaled_dot_product_attention), the same kernel as ours
@@ -71,7 +71,7 @@ def bench_vae(args, device: torch.device, dtype: torch.dtype) -> dict:
 
     from ldm.config import load_config
 
-    cfg = load_config(VAEConfig, ROOT / "configs/vae-sd.yaml")
+    cfg = load_config(VAEConfig, ROOT / "ldm/configs/vae-sd.yaml")
     torch.manual_seed(0)
     theirs = DAutoencoderKL.from_config(cfg.to_diffusers()).to(device, dtype).eval()
     ours = AutoencoderKL(cfg)

@@ -14,6 +14,9 @@ import yaml
 from ldm.io import write_text
 
 T = TypeVar("T")
+# The configs that ship inside the package (U-Net / VAE presets, training examples, the recipe): a bare file name such as
+# "train-tiny.yaml" that is not a file where it is given names one of these, so they work however ldm is installed.
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 class _Loader(yaml.SafeLoader):
@@ -147,11 +150,24 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(config)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with an error naming the file when it is missing or not a mapping."""
+def config_path(path: str | Path) -> Path:
+    """`path` when it is a file; else, for a bare name ("unet-tiny.yaml" or "unet-tiny"), the bundled config of that
+    name (BUNDLED_CONFIGS); else FileNotFoundError naming the path and the bundled names."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    if path.is_file():
+        return path
+    if len(path.parts) == 1:
+        for candidate in (BUNDLED_CONFIGS / path.name, BUNDLED_CONFIGS / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    bundled = ", ".join(sorted(p.name for p in BUNDLED_CONFIGS.glob("*.yaml")))
+    raise FileNotFoundError(f"config file not found: {path} (a bare name finds a bundled config: {bundled})")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping (a file, or a bundled config by name: config_path), with an error naming the file when it is
+    missing or not a mapping."""
+    path = config_path(path)
     data = yaml_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")

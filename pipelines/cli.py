@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     t = sub.add_parser("train", help="train or fine-tune (forwards to ldm.training.unet)", add_help=False,
-                       description="All arguments go to ldm.training.unet: ldm train --config configs/train-tiny.yaml ...")
+                       description="All arguments go to ldm.training.unet: ldm train --config train-tiny.yaml ...")
     t.add_argument("train_args", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train)
 

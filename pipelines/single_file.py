@@ -1,7 +1,7 @@
 """Single-file Stable Diffusion 1.x/2.x checkpoints in the original (CompVis/Stability) key layout.
 
 Configs come from the file's safetensors metadata when we wrote it, otherwise from the SD 1.x / SD 2.x presets in
-configs/ (told apart by the text encoder's layout: CLIP for 1.x, OpenCLIP for 2.x). Every tensor then goes through
+ldm/configs/ (told apart by the text encoder's layout: CLIP for 1.x, OpenCLIP for 2.x). Every tensor then goes through
 the key maps of pipelines/convert.py and a strict, shape-checked load that names any bad key.
 """
 
@@ -18,7 +18,7 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from autoencoder.model import AutoencoderKL, VAEConfig
-from ldm.config import load_config
+from ldm.config import BUNDLED_CONFIGS, load_config
 from ldm.io import build_with_weights, load_state_dict, save_state_dict
 from ldm.diffusion.parameterization import PREDICTIONS
 from ldm.diffusion.schedule import NoiseSchedule
@@ -41,7 +41,6 @@ from pipelines.convert import (
 )
 from pipelines.folder import Components
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 METADATA_KEY = "ldm_configs"
 # CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x) text towers.
 SD1_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -100,8 +99,8 @@ def load_single_file(
         pad = meta.get("pad_token", EOS)
     else:
         v2 = bool(parts["open_clip"])
-        unet_cfg = load_config(UNetConfig, CONFIGS / ("unet-sd2.yaml" if v2 else "unet-sd15.yaml"))
-        vae_cfg = load_config(VAEConfig, CONFIGS / "vae-sd.yaml")
+        unet_cfg = load_config(UNetConfig, BUNDLED_CONFIGS / ("unet-sd2.yaml" if v2 else "unet-sd15.yaml"))
+        vae_cfg = load_config(VAEConfig, BUNDLED_CONFIGS / "vae-sd.yaml")
         if v2:
             text_cfg = openclip_text_config(parts["open_clip"], num_heads=SD2_TEXT_HEADS, drop_last_layers=1)
             if prediction_type is None:

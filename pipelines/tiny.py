@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from transformers import CLIPTextConfig
 
 from autoencoder.model import AutoencoderKL, VAEConfig
-from ldm.config import load_config
+from ldm.config import BUNDLED_CONFIGS, load_config
 from ldm.random import seeded
 from ldm.networks.text import TextEncoder
 from ldm.diffusion.schedule import sd_schedule
 from ldm.networks.unet import UNet, UNetConfig
 from pipelines.folder import Components
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def tiny_text_config(hidden_size: int = 32) -> CLIPTextConfig:
@@ -27,9 +25,9 @@ def tiny_text_config(hidden_size: int = 32) -> CLIPTextConfig:
 
 
 def tiny_components(seed: int = 0, *, text_hidden_size: int = 32) -> Components:
-    """U-Net (configs/unet-tiny.yaml), VAE (configs/vae-tiny.yaml), a tiny CLIP text encoder and SD's schedule."""
+    """U-Net (ldm/configs/unet-tiny.yaml), VAE (ldm/configs/vae-tiny.yaml), a tiny CLIP text encoder and SD's schedule."""
     with seeded(seed):
-        unet = UNet(load_config(UNetConfig, CONFIGS / "unet-tiny.yaml")).eval()
-        vae = AutoencoderKL(load_config(VAEConfig, CONFIGS / "vae-tiny.yaml")).eval()
+        unet = UNet(load_config(UNetConfig, BUNDLED_CONFIGS / "unet-tiny.yaml")).eval()
+        vae = AutoencoderKL(load_config(VAEConfig, BUNDLED_CONFIGS / "vae-tiny.yaml")).eval()
     text = TextEncoder.from_config(tiny_text_config(text_hidden_size), seed=seed + 1).eval()
     return Components(unet=unet, vae=vae, text_encoder=text, schedule=sd_schedule())

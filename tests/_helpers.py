@@ -24,11 +24,11 @@ def same_weights(a: torch.nn.Module | Mapping[str, torch.Tensor], b: torch.nn.Mo
 
 
 def tiny_overrides(data: Path, out: Path, *extra: str) -> list[str]:
-    """configs/train-tiny.yaml shrunk for tests: 16 images of 32 px, batch 2 x 2 accumulation, 6 updates."""
+    """ldm/configs/train-tiny.yaml shrunk for tests: 16 images of 32 px, batch 2 x 2 accumulation, 6 updates."""
     return [f"data.path={data}", f"run.output_dir={out}", f"run.max_steps={STEPS}", "run.batch_size=2",
             "optim.gradient_accumulation_steps=2", "run.checkpoint_every=2", "run.keep_last=10", "run.validate_every=0",
             "run.log_every=1", "run.progress_bar=false", "optim.warmup_steps=2", "ema.decay=0.9", *extra]
 
 
 def tiny_config(data: Path, out: Path, *extra: str) -> TrainConfig:
-    return load_train_config(TrainConfig, ROOT / "configs/train-tiny.yaml", tiny_overrides(data, out, *extra))
+    return load_train_config(TrainConfig, ROOT / "ldm/configs/train-tiny.yaml", tiny_overrides(data, out, *extra))

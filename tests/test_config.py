@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -67,3 +68,16 @@ def test_overrides_parse_yaml_scalars_and_nest():
 def test_yaml_reads_exponent_floats_without_a_dot(tmp_path):
     (tmp_path / "c.yaml").write_text("name: x\ninner:\n  lr: 1e-4\n  betas: [9e-1, 0.999]\n")
     assert load_config(Outer, tmp_path / "c.yaml").inner == Inner(lr=1e-4, betas=(0.9, 0.999))
+
+
+def test_config_path_finds_a_file_first_then_a_bundled_config_by_bare_name(tmp_path, monkeypatch):
+    from ldm.config import BUNDLED_CONFIGS, config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert config_path("train-tiny.yaml") == BUNDLED_CONFIGS / "train-tiny.yaml"
+    assert config_path("train-tiny") == BUNDLED_CONFIGS / "train-tiny.yaml"
+    (tmp_path / "train-tiny.yaml").write_text("model: {}\n")  # a file of the same name where it is given wins
+    assert config_path("train-tiny.yaml") == Path("train-tiny.yaml")
+    with pytest.raises(FileNotFoundError, match=r"config file not found: sub/train-tiny.yaml \(a bare name finds a "
+                                                r"bundled config: default-model.yaml, .*vae-train-tiny.yaml\)"):
+        config_path("sub/train-tiny.yaml")  # a path with a folder is never looked up among the bundled ones

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").glob("*.yaml")),
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "ldm" / "configs").glob("*.yaml")),
         *sorted((ROOT / "benchmarks").rglob("README.md"))]
 SUBCOMMANDS = {"generate", "convert", "info", "train", "export"}
 
@@ -39,9 +39,12 @@ def test_quoted_one_liner_imports(where, statement):
         assert hasattr(imported, name.strip()), f"{where}: `{statement}`: {module} has no {name.strip()}"
 
 
-@pytest.mark.parametrize("where,config", quoted(r"--config (configs/[\w.-]+\.yaml)"))
+@pytest.mark.parametrize("where,config", quoted(r"--config ([\w./-]+\.yaml)"))
 def test_quoted_config_exists(where, config):
-    assert (ROOT / config).is_file(), f"{where} passes --config {config}, which does not exist"
+    """A path from the repository root, or a bare name that finds a bundled config (ldm.config.config_path)."""
+    from ldm.config import config_path
+
+    assert (ROOT / config).is_file() or config_path(config).is_file(), f"{where}: --config {config} does not exist"
 
 
 @pytest.mark.parametrize("where,sub", quoted(r"(?m)^\s*(?:#\s*)?ldm (\w+) "))
@@ -61,5 +64,5 @@ def test_the_patterns_find_commands():
     assert ("README.md", "ldm.shapes.recipe") in quoted(r"python3? -m ((?:ldm|pipelines|autoencoder|benchmarks)[\w.]*)")
     assert any(m == "from ldm.shapes.dataset import export_imagefolder" for _, m in
                quoted(r"python -c \"(from [\w.]+ import [\w, ]+);"))
-    assert len(quoted(r"--config (configs/[\w.-]+\.yaml)")) >= 4
+    assert len(quoted(r"--config ([\w./-]+\.yaml)")) >= 4
     assert len(quoted(r"(?m)^\s*(?:#\s*)?ldm (\w+) ")) >= 5

@@ -1,7 +1,7 @@
 """EMA update time: ldm.training.ema.EMA against diffusers' EMAModel (per-parameter loop and foreach), in one run.
 
 The parameters are those the default-model recipe's U-Net stage averages after every optimizer step: the U-Net of
-configs/default-model.yaml and the recipe's CLIP text tower (from its clip.model: width 64, 2 layers, 49408-token
+ldm/configs/default-model.yaml and the recipe's CLIP text tower (from its clip.model: width 64, 2 layers, 49408-token
 vocabulary; the token embedding is 3.2 M of its 3.3 M weights), float32, seeded. Every repetition times one update of each
 implementation, in alternating order; medians and ratios ours / diffusers are reported (< 1: ours is faster).
 After the run the shadow weights are compared: ours and the loop EMAModel must agree bit for bit (same decay
@@ -33,7 +33,7 @@ from ldm.networks.unet import UNet, UNetConfig  # noqa: E402
 def recipe_model() -> nn.Module:
     """The U-Net and text tower of the default-model recipe in one module, seeded, built as the recipe builds them
     (ldm.training.clip.build_clip + clip_text_encoder from the YAML's clip.model)."""
-    recipe = load_yaml(ROOT / "configs/default-model.yaml")
+    recipe = load_yaml(ROOT / "ldm/configs/default-model.yaml")
     torch.manual_seed(0)
     unet = UNet(from_dict(UNetConfig, recipe["unet_model"]))
     clip = recipe["clip"]["model"]

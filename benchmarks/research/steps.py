@@ -38,7 +38,7 @@ def interleaved_medians(steps: dict[str, Callable[[], torch.Tensor]], *, rounds:
 def training_step_setup(description: str, argv: list[str] | None, *, steps: int, warmup: int
                         ) -> tuple[argparse.Namespace, dict, UNetConfig]:
     """The training-step benchmarks' command line (batch, measured steps, warm-up rounds, threads, latent side, out),
-    torch's thread count set from it, configs/default-model.yaml and its U-Net config at that latent side."""
+    torch's thread count set from it, ldm/configs/default-model.yaml and its U-Net config at that latent side."""
     from ldm.config import from_dict, load_yaml
     from ldm.networks.unet import UNetConfig
 
@@ -51,7 +51,7 @@ def training_step_setup(description: str, argv: list[str] | None, *, steps: int,
     parser.add_argument("--out", default=str(ROOT / "benchmarks/research/results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    recipe = load_yaml(ROOT / "configs/default-model.yaml")
+    recipe = load_yaml(ROOT / "ldm/configs/default-model.yaml")
     unet = recipe["unet_model"]
     return args, recipe, from_dict(UNetConfig, {**unet, "sample_size": args.latent or unet["sample_size"]})
 

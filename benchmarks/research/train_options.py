@@ -1,6 +1,6 @@
 """Training-step options on the default model's U-Net, against the plain float32 step, in one run.
 
-Every variant trains its own copy of the same seeded U-Net (configs/default-model.yaml `unet_model`, 4 x 16 x 16
+Every variant trains its own copy of the same seeded U-Net (ldm/configs/default-model.yaml `unet_model`, 4 x 16 x 16
 latents, 77 x 64 text states) on the same batches; the variants' steps are interleaved (round-robin) so load drift
 hits all of them. Reported: the median step time, images/s and each variant's speed as a ratio to the plain step.
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     md = ["| variant | step (ms) | images/s | speed / plain |", "|---|---|---|---|"]
     md += [f"| {k} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | {r['speed_over_plain']:.3f} |"
            for k, r in rows.items()]
-    md.append(f"\nU-Net of configs/default-model.yaml ({sum(p.numel() for p in UNet(cfg).parameters()):,} parameters), "
+    md.append(f"\nU-Net of ldm/configs/default-model.yaml ({sum(p.numel() for p in UNet(cfg).parameters()):,} parameters), "
               f"batch {b}, latent {side}, {args.threads} CPU threads, {args.steps} interleaved steps per variant "
               f"(medians), torch {torch.__version__}")
     stem = "train-options-cpu" + ("" if args.latent is None else f"-latent{side}")

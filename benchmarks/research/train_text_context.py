@@ -1,7 +1,7 @@
 """The recipe's whole U-Net-stage step with a shorter text context and a sparser EMA, against the recipe's step.
 
 One step as ldm.training.unet runs it with `train_text_encoder: true`: the captions tokenized and encoded by the CLIP text
-tower (configs/default-model.yaml `clip.model`, seeded weights), the U-Net (`unet_model`, v-prediction loss), the
+tower (ldm/configs/default-model.yaml `clip.model`, seeded weights), the U-Net (`unet_model`, v-prediction loss), the
 gradient clipped over both, fused AdamW for each, an EMA of each. Variants:
 
   recipe          text_cfg.context_length 77 (CLIP's), ema.update_every 1

@@ -4,7 +4,7 @@ One step as ldm.training.unet runs it with `train_text_encoder: true`
 (benchmarks/research/train_text_context.make_step: the CLIP text tower at 77 tokens, the U-Net, v-prediction loss,
 clipping, fused AdamW and an EMA for each). Variants:
 
-  recipe       configs/default-model.yaml's unet_model: 4 x 16 x 16 latents (f = 4), blocks (32, 64, 128)
+  recipe       ldm/configs/default-model.yaml's unet_model: 4 x 16 x 16 latents (f = 4), blocks (32, 64, 128)
   f8           the same U-Net on 4 x 8 x 8 latents (an f = 8 VAE)
   f4_4level    4 x 16 x 16 latents, blocks (16, 32, 64, 128): a thin 16 x 16 level, then the f8 variant's levels
                at 8 x 8, 4 x 4 and 2 x 2 (cross-attention at 4 x 4 and 2 x 2, as f8 has)

@@ -1,6 +1,6 @@
 """The recipe of the bundled default model (issue 7): every stage, its config, and one command that runs them all.
 
-    python -m ldm.shapes.recipe --out runs/default                 # the whole recipe (configs/default-model.yaml)
+    python -m ldm.shapes.recipe --out runs/default                 # the whole recipe (ldm/configs/default-model.yaml)
     python -m ldm.shapes.recipe --out runs/default --resume        # continue after a stop, stage by stage
     python -m ldm.shapes.recipe --out runs/default --resume --export pipelines/default_model
 

@@ -1,4 +1,4 @@
-"""The default model's recipe as data: the stage configs (mirrored by configs/default-model.yaml), the run folders each
+"""The default model's recipe as data: the stage configs (mirrored by ldm/configs/default-model.yaml), the run folders each
 stage writes under --out, and `load_recipe`, which places them and spreads the one seed (ldm.shapes.recipe runs it)."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from typing import Any, Literal
 
 from autoencoder.model import VAEConfig
 from ldm.training.vae import VAETrainConfig
-from ldm.config import apply_overrides, from_dict, load_yaml
+from ldm.config import BUNDLED_CONFIGS, apply_overrides, from_dict, load_yaml
 from ldm.networks.unet import UNetConfig
 from ldm.training.clip import ClipTrainConfig
 from ldm.training.config import TrainConfig
 from ldm.training.launch import split_batch
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default-model.yaml"
+DEFAULT_CONFIG = BUNDLED_CONFIGS / "default-model.yaml"
 STAGES = ("data", "clip", "vae", "init", "unet", "layout", "decoder", "export")
 
 
@@ -59,7 +59,7 @@ class LayoutTuneConfig:
 
 @dataclass
 class DefaultModelConfig:
-    """The whole recipe (configs/default-model.yaml). Stage configs carry no paths: the recipe sets them."""
+    """The whole recipe (ldm/configs/default-model.yaml). Stage configs carry no paths: the recipe sets them."""
 
     clip: ClipTrainConfig
     vae_model: VAEConfig

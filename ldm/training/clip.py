@@ -6,7 +6,7 @@ tokenized by the project's offline CLIP tokenizer with pad token "!" (id 0), so 
 Its text tower, converted to a transformers CLIPTextModel (ldm.networks.text_openclip), is a pipeline's frozen text encoder;
 its image tower gives CLIP scores and the feature space of a Frechet distance (benchmarks/quality.py).
 
-    python -m ldm.training.clip --config configs/default-model.yaml ...   (normally run by ldm.shapes.recipe)
+    python -m ldm.training.clip --config default-model.yaml ...   (normally run by ldm.shapes.recipe)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The training config tree (mirrored by configs/train-*.yaml) and the objects it builds: optimizer, LR schedule,
+"""The training config tree (mirrored by ldm/configs/train-*.yaml) and the objects it builds: optimizer, LR schedule,
 Accelerator. Shared by latent-diffusion training (ldm.training.unet) and VAE training (ldm.training.vae).
 
     TrainConfig
@@ -203,7 +203,7 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    """Latent-diffusion training / fine-tuning (configs/train-tiny.yaml, configs/train-finetune-example.yaml)."""
+    """Latent-diffusion training / fine-tuning (ldm/configs/train-tiny.yaml, ldm/configs/train-finetune-example.yaml)."""
 
     model: ModelConfig
     data: DataConfig

@@ -21,14 +21,21 @@ from ldm.components import load_pipeline_folder, save_pipeline
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """`path` itself when it is a checkpoint folder, else the latest complete checkpoint of a run folder."""
+    """`path` itself when it is a checkpoint folder; else the latest complete checkpoint of RUN/checkpoints/latest
+    (the name `run.resume=latest` uses; no folder of that name exists), of a checkpoints/ folder, or of a run folder."""
     path = Path(path)
     if (path / "meta.json").is_file():
         return path
-    latest = latest_checkpoint(path / "checkpoints")
+    if path.name == "latest" and not path.exists():
+        folder = path.parent
+    elif path.name == "checkpoints" or not (path / "checkpoints").is_dir():
+        folder = path
+    else:
+        folder = path / "checkpoints"
+    latest = latest_checkpoint(folder)
     if latest is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint folder (meta.json) nor a run folder with complete "
-                                "checkpoints under checkpoints/")
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder (meta.json), RUN/checkpoints/latest, nor a run "
+                                "or checkpoints/ folder with a complete checkpoint")
     return latest
 
 

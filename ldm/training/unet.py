@@ -9,8 +9,8 @@ z_t = sqrt(alphā_t) z + sqrt(1 - alphā_t) eps, and the U-Net regresses the eps
 Every random draw of sample i comes from a generator seeded by (seed, step, micro-batch, global slot), so a resumed
 run repeats the uninterrupted one bit for bit on CPU, and 2 processes x batch B match 1 process x batch 2B.
 
-    python -m ldm.training.unet --config configs/train-tiny.yaml run.max_steps=200 optim.lr=3e-4
-    accelerate launch -m ldm.training.unet --config configs/train-tiny.yaml run.resume=latest
+    python -m ldm.training.unet --config train-tiny.yaml run.max_steps=200 optim.lr=3e-4
+    accelerate launch -m ldm.training.unet --config train-tiny.yaml run.resume=latest
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the generator loss sees the discriminator with requires_grad off (so -D(x_rec) m
 discriminator loss sees x and x_rec detached (so it moves only D). PSNR = 10 log10(2^2 / MSE) on held-out images
 (pixels in [-1, 1]) is logged to eval.csv every run.validate_every steps, with the EMA weights.
 
-    python -m ldm.training.vae --config configs/vae-train-tiny.yaml run.max_steps=200
+    python -m ldm.training.vae --config vae-train-tiny.yaml run.max_steps=200
     python -m ldm.training.vae --export runs/vae-tiny out/vae      # a diffusers vae/ folder (model.vae_weights)
 """
 
@@ -51,7 +51,7 @@ class VAEModelConfig:
 
 @dataclass
 class VAETrainConfig:
-    """VAE training (configs/vae-train-tiny.yaml); run/optim/ema sections are those of ldm.training.config."""
+    """VAE training (ldm/configs/vae-train-tiny.yaml); run/optim/ema sections are those of ldm.training.config."""
 
     model: VAEModelConfig
     data: DataConfig

@@ -25,7 +25,7 @@ from ldm.config import ConfigError, load_config
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "ldm" / "configs"
 TOL = 1e-5  # fp32 CPU parity with diffusers (max abs error)
 
 TINY = load_config(VAEConfig, CONFIGS / "vae-tiny.yaml")  # f = 8, mid-block attention, quant convs

@@ -25,7 +25,7 @@ from ldm.config import ConfigError, load_config
 from ldm.networks.unet import UNet, UNetConfig
 
 TOL = 1e-5
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "ldm" / "configs"
 
 # Three tiny configurations: SD 1.x-like (attention_head_dim = head count, conv projections), SD 2.x-like (linear
 # projections, per-block heads giving head width 16, upcast attention) and an uneven one (channel multipliers 1, 3, 2,

@@ -15,13 +15,13 @@ from tests._helpers import same_weights
 @pytest.fixture(scope="module")
 def tiny_unet() -> UNet:
     torch.manual_seed(0)
-    return UNet(load_config(UNetConfig, "configs/unet-tiny.yaml"))
+    return UNet(load_config(UNetConfig, "unet-tiny.yaml"))
 
 
 @pytest.fixture(scope="module")
 def tiny_vae() -> AutoencoderKL:
     torch.manual_seed(0)
-    return AutoencoderKL(load_config(VAEConfig, "configs/vae-tiny.yaml"))
+    return AutoencoderKL(load_config(VAEConfig, "vae-tiny.yaml"))
 
 
 def test_unet_folder_round_trips_both_ways_with_diffusers(tmp_path, tiny_unet):

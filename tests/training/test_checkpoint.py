@@ -19,7 +19,7 @@ from ldm.diffusion.losses import timestep_bias_weights
 from ldm.training.unet import DiffusionStep, dropout_mask
 from ldm.training.config import OptimConfig, TrainConfig, build_lr_scheduler, build_optimizer, load_train_config
 
-BASE = {"model": {"unet": "configs/unet-tiny.yaml", "vae": "configs/vae-tiny.yaml", "text": {}},
+BASE = {"model": {"unet": "unet-tiny.yaml", "vae": "vae-tiny.yaml", "text": {}},
         "data": {"path": "/nonexistent-is-fine-for-config"}}
 
 
@@ -347,19 +347,19 @@ def test_biased_timesteps_follow_their_distribution_and_uniform_is_unchanged():
 
 
 def test_timestep_bias_config_errors_name_the_key():
-    cfg = load_train_config(TrainConfig, "configs/train-tiny.yaml", ["objective.timestep_bias.strategy=later",
+    cfg = load_train_config(TrainConfig, "train-tiny.yaml", ["objective.timestep_bias.strategy=later",
                                                                      "objective.timestep_bias.multiplier=3"])
     assert cfg.objective.timestep_bias.multiplier == 3.0 and cfg.objective.timestep_bias.portion == 0.25
     for bad, key in (("strategy=late", "strategy"), ("multiplier=-1", "multiplier"), ("portion=0", "portion")):
         with pytest.raises(ConfigError, match=key):
-            load_train_config(TrainConfig, "configs/train-tiny.yaml", [f"objective.timestep_bias.{bad}"])
+            load_train_config(TrainConfig, "train-tiny.yaml", [f"objective.timestep_bias.{bad}"])
 
 
 # ---------------------------------------------------------------------------------------------------- configs
 
 
 def test_train_config_yaml_and_overrides():
-    cfg = load_train_config(TrainConfig, "configs/train-tiny.yaml", ["optim.lr=1e-3", "run.max_steps=7"])
+    cfg = load_train_config(TrainConfig, "train-tiny.yaml", ["optim.lr=1e-3", "run.max_steps=7"])
     assert cfg.optim.lr == 1e-3 and cfg.run.max_steps == 7 and cfg.objective.condition_dropout == 0.1
     assert cfg.model.text.hidden_size == 32 and cfg.model.schedule.beta_schedule == "scaled_linear"
 
@@ -385,3 +385,21 @@ def test_missing_model_section_is_named():
         load_train_config(TrainConfig, None, [], base={"data": BASE["data"]})
     with pytest.raises(ConfigError, match=r"needs model\.\['text'\]"):
         load_train_config(TrainConfig, None, ["model.text=null"], base=BASE)
+
+
+def test_export_finds_the_checkpoint_by_every_documented_form(tmp_path):
+    """`ldm export` takes a checkpoint folder, RUN/checkpoints/latest (the README's form), RUN/checkpoints or RUN."""
+    from ldm.training.export import find_checkpoint
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        (run / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{step:08d}" / "meta.json").write_text("{}")
+    (run / "checkpoints" / "step-00000006").mkdir()  # half-written: no meta.json
+    last = run / "checkpoints" / "step-00000004"
+    for given in (last, run / "checkpoints" / "latest", run / "checkpoints", run):
+        assert find_checkpoint(given) == last, given
+    assert find_checkpoint(run / "checkpoints" / "step-00000002") == run / "checkpoints" / "step-00000002"
+    for bad in (tmp_path / "nowhere", tmp_path / "nowhere" / "checkpoints" / "latest", run / "checkpoints" / "step-00000006"):
+        with pytest.raises(FileNotFoundError, match="neither a checkpoint folder"):
+            find_checkpoint(bad)

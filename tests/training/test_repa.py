@@ -23,7 +23,7 @@ from tests._helpers import ROOT, STEPS, tiny_config
 from tests._helpers import TINY_CLIP
 from tests.training.test_train import assert_same_checkpoint
 
-BLOCK = "down_blocks.0.attentions.0"  # configs/unet-tiny.yaml: cross-attention at the 4 x 4 latent grid
+BLOCK = "down_blocks.0.attentions.0"  # ldm/configs/unet-tiny.yaml: cross-attention at the 4 x 4 latent grid
 
 
 def test_alignment_loss_is_minus_the_mean_cosine_similarity():
@@ -55,7 +55,7 @@ def test_alignment_loss_pools_the_target_grid_to_the_blocks():
 
 def tiny_unet() -> UNet:
     torch.manual_seed(0)
-    return UNet(load_config(UNetConfig, ROOT / "configs/unet-tiny.yaml")).eval()
+    return UNet(load_config(UNetConfig, ROOT / "ldm/configs/unet-tiny.yaml")).eval()
 
 
 def test_the_hooked_block_gives_its_feature_map_and_is_released():

@@ -98,7 +98,7 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(straight, shapes, tmp_
     """SIGKILL a training subprocess after its first checkpoint; no corrupt checkpoint is left, and resuming in a new
     process finishes with weights bitwise equal to the uninterrupted run."""
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "ldm.training.unet", "--config", str(ROOT / "configs/train-tiny.yaml"),
+    cmd = [sys.executable, "-m", "ldm.training.unet", "--config", str(ROOT / "ldm/configs/train-tiny.yaml"),
            *tiny_overrides(shapes, out, "run.checkpoint_every=1")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -259,7 +259,7 @@ def test_finetune_loss_decreases_and_export_loads(shapes, tmp_path):
     pretrained = tmp_path / "pretrained"
     make_pretrained(tiny_config(shapes, tmp_path / "x"), pretrained)
     out = tmp_path / "run"
-    config = load_train_config(TrainConfig, ROOT / "configs/train-finetune-example.yaml", [
+    config = load_train_config(TrainConfig, ROOT / "ldm/configs/train-finetune-example.yaml", [
         f"model.pretrained={pretrained}", f"data.path={shapes}", "data.resolution=32", "data.crop=center",
         "data.random_flip=false", f"run.output_dir={out}", "run.max_steps=40", "run.batch_size=4",
         "run.mixed_precision=no", "run.gradient_checkpointing=true", "run.num_workers=0", "run.checkpoint_every=40",
@@ -306,7 +306,7 @@ def test_vae_training_resumes_bitwise_and_exports(shapes, tmp_path):
     from ldm.training.vae import VAETrainConfig, build_vae, export_vae, train_vae
 
     def cfg(out, *extra):
-        return load_train_config(VAETrainConfig, ROOT / "configs/vae-train-tiny.yaml", [
+        return load_train_config(VAETrainConfig, ROOT / "ldm/configs/vae-train-tiny.yaml", [
             f"data.path={shapes}", f"eval_data.path={shapes}", "eval_data.max_samples=4", f"run.output_dir={out}",
             "run.max_steps=4", "run.batch_size=2", "loss.disc_start=2", "run.validate_every=4", "run.checkpoint_every=2",
             "run.log_every=1", "run.progress_bar=false", *extra])
@@ -339,7 +339,7 @@ def test_vae_training_survives_a_micro_batch_of_only_unreadable_images(shapes, t
     for name in ("000000.png", "000001.png"):
         (data / name).write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     out = tmp_path / "run"
-    train_vae(load_train_config(VAETrainConfig, ROOT / "configs/vae-train-tiny.yaml", [
+    train_vae(load_train_config(VAETrainConfig, ROOT / "ldm/configs/vae-train-tiny.yaml", [
         f"data.path={data}", "data.shuffle=false", "eval_data=null", f"run.output_dir={out}", "run.max_steps=2",
         "run.batch_size=2", "run.num_workers=0", "run.checkpoint_every=2", "run.log_every=1", "run.validate_every=0",
         "run.progress_bar=false"]))

@@ -30,7 +30,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     one = tmp_path / "one"
     train(tiny_config(data, one, "run.batch_size=4", *extra))
     two = tmp_path / "two"
-    cmd = launch_command(ROOT / "configs/train-tiny.yaml", 2, "no", free_port(),
+    cmd = launch_command(ROOT / "ldm/configs/train-tiny.yaml", 2, "no", free_port(),
                          tiny_overrides(data, two, "run.batch_size=2", *extra))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)

@@ -34,7 +34,7 @@ def unet_run(shapes, tmp_path_factory) -> Path:
 
 
 def vae_config(shapes: Path, out: Path, *extra: str) -> VAETrainConfig:
-    return load_train_config(VAETrainConfig, ROOT / "configs/vae-train-tiny.yaml", [
+    return load_train_config(VAETrainConfig, ROOT / "ldm/configs/vae-train-tiny.yaml", [
         f"data.path={shapes}", "eval_data=null", f"run.output_dir={out}", "run.max_steps=2", "run.batch_size=2",
         "run.checkpoint_every=2", "run.log_every=1", "run.validate_every=0", "run.progress_bar=false",
         "loss.use_discriminator=false", *extra])
