@@ -61,7 +61,7 @@ def model_configs(name: str) -> tuple:
     from ldm.config import load_config
     from ldm.networks.unet import UNetConfig
     from ldm.diffusion.schedule import sd_schedule
-    from pipelines.single_file import SD1_TEXT
+    from ldm.loading.single_file import SD1_TEXT
     from pipelines.tiny import tiny_text_config
 
     if name == "tiny":

@@ -1,11 +1,13 @@
-"""Latent diffusion, one room per concern (imports flow down this list; tests/test_imports.py checks it):
+"""Latent diffusion, one room per concern; each imports only those listed above it (autoencoder/, beside this package,
+sits between networks/ and loading/; tests/test_imports.py checks it):
 
 - io, random, config, lazy: plumbing every part uses (safetensors I/O and atomic writes, seeded noise, YAML <->
   dataclasses, lazy package exports)
 - diffusion/: the math in sigma space: schedules, parameterizations, forward process / posterior / ELBO, losses,
   denoiser wrappers and guidance, samplers, score SDEs, likelihoods, analytic toy data
 - networks/: layers, the cross-attention U-Net, the CLIP tokenizer and text encoders
-- components: a model's parts (U-Net, VAE, text encoder, schedule) and their diffusers folder
+- loading/: a model's parts (U-Net, VAE, text encoder, schedule) and reading / writing them: diffusers folders,
+  CompVis single files, the hub
 - training/: the U-Net, VAE and CLIP training applications and what they share (config, data, loop, checkpoints, EMA,
   launch), and export of a run
 - shapes/: the synthetic captioned-shapes world and the bundled default model's recipe
@@ -14,4 +16,4 @@ The KL-VAE lives beside this package in `autoencoder/`; what a user calls (Pipel
 This file imports nothing, so that importing one part never loads the others.
 """
 
-__all__ = ["components", "config", "diffusion", "io", "lazy", "networks", "random", "shapes", "training"]
+__all__ = ["config", "diffusion", "io", "lazy", "loading", "networks", "random", "shapes", "training"]

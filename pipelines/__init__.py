@@ -1,23 +1,16 @@
-"""What a user calls: `Pipeline` (text-to-image and img2img), loading any model folder or single-file checkpoint
-(loading, folder, single_file with the CompVis key maps of convert), saving both ways, and the `ldm` command line
-(cli), and `export`, a training run -> a pipeline folder (ldm.training.export, `ldm export`)."""
+"""What a user calls: `Pipeline` (text-to-image and img2img), the bundled default model (loading), the `ldm` command
+line (cli), and, re-exported from the layers below, loading and saving any model folder or single-file checkpoint
+(ldm.loading) and `export`, a training run -> a pipeline folder (ldm.training.export, `ldm export`)."""
 
 from ldm.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "text_to_image": (
-        "PipelineOutput", "Pipeline"
+    "text_to_image": ("PipelineOutput", "Pipeline"),
+    "loading": ("DEFAULT_MODEL", "load_default_model"),
+    "ldm.loading.sources": ("ModelNotFoundError", "load_components"),
+    "ldm.loading.components": (
+        "Components", "IncompatibleComponentsError", "is_pipeline_folder", "load_pipeline_folder", "save_pipeline"
     ),
-    "loading": (
-        "DEFAULT_MODEL", "ModelNotFoundError", "load_components"
-    ),
-    "folder": (
-        "Components", "IncompatibleComponentsError", "is_pipeline_folder", "load_pipeline_components", "save_pipeline"
-    ),
-    "single_file": (
-        "load_single_file", "save_single_file"
-    ),
-    "ldm.training.export": (
-        "export",
-    ),
+    "ldm.loading.single_file": ("load_single_file", "save_single_file"),
+    "ldm.training.export": ("export",),
 })

@@ -105,8 +105,9 @@ def image_grid(images: Sequence[Any], cols: int | None = None) -> Any:
 
 def _load(model: str | None, allow_pickle: bool, prediction_type: str | None = None) -> Any:
     """Components from a folder, a single file or a hub name (default: the bundled model)."""
-    from pipelines.loading import DEFAULT_MODEL, load_components
-    from pipelines.single_file import load_single_file
+    from ldm.loading.sources import load_components
+    from pipelines.loading import DEFAULT_MODEL
+    from ldm.loading.single_file import load_single_file
 
     path = Path(model).expanduser() if model is not None else DEFAULT_MODEL
     if prediction_type is not None and path.is_file():
@@ -194,8 +195,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from pipelines.folder import save_pipeline
-    from pipelines.single_file import save_single_file
+    from ldm.loading.components import save_pipeline
+    from ldm.loading.single_file import save_single_file
 
     src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
     if not src.exists():

@@ -1,53 +1,18 @@
-"""One entry point for every model source: a pipeline folder, a single-file checkpoint, a hub name, the default."""
+"""The bundled default model: where it ships in the package, and loading it (docs/default-model.md)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ldm.io import PICKLE_SUFFIXES
-from pipelines.folder import Components, is_pipeline_folder, load_pipeline_components
-from pipelines.single_file import load_single_file
+from ldm.loading.components import Components, load_pipeline_folder
+from ldm.loading.sources import ModelNotFoundError
 
-# The bundled default model ships inside the package (see docs/default-model.md).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """No model at the given path, and it is not a reachable hub name."""
-
-
-def load_components(path: str | Path, *, allow_pickle: bool = False) -> Components:
-    """Load components from a pipeline folder, a single `.safetensors` (or, with allow_pickle, `.ckpt`) file, or a
-    Hugging Face hub name "owner/name" (downloaded through huggingface_hub when a hub is reachable)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return load_pipeline_components(p, allow_pickle=allow_pickle)
-    if p.is_file():
-        return load_single_file(p, allow_pickle=allow_pickle)
-    if p == DEFAULT_MODEL:
-        raise ModelNotFoundError(
-            f"the bundled default model is missing from {DEFAULT_MODEL}; reinstall the package, or pass a model "
-            "folder or checkpoint to Pipeline.from_pretrained"
-        )
-    name = str(path)
-    looks_local = p.suffix in (".safetensors", *PICKLE_SUFFIXES) or name.startswith((".", "/", "~")) or name.count("/") != 1
-    if looks_local:
-        raise ModelNotFoundError(f"no model folder or checkpoint file at {path}")
-    return _from_hub(name, allow_pickle)
-
-
-def _from_hub(repo_id: str, allow_pickle: bool) -> Components:
-    """Download a diffusers-format repo (safetensors and configs only) and load it as a folder."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"])
-    except (LocalEntryNotFoundError, HFValidationError, OSError) as e:
-        raise ModelNotFoundError(
-            f"{repo_id!r} is not a local path, and it could not be fetched from the Hugging Face hub (no hub is "
-            f"reachable from here, or the repo does not exist): pass a local pipeline folder or .safetensors file. ({e})"
-        ) from e
-    if not is_pipeline_folder(folder):
-        raise ModelNotFoundError(f"hub repo {repo_id!r} has no model_index.json: not a diffusers pipeline")
-    return load_pipeline_components(folder, allow_pickle=allow_pickle)
+def load_default_model() -> Components:
+    """The bundled default model's components, or ModelNotFoundError saying how to get them back."""
+    if not (DEFAULT_MODEL / "model_index.json").is_file():
+        raise ModelNotFoundError(f"the bundled default model is missing from {DEFAULT_MODEL}; reinstall the package, "
+                                 "or pass a model folder or checkpoint to Pipeline.from_pretrained")
+    return load_pipeline_folder(DEFAULT_MODEL)

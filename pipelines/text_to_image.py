@@ -19,9 +19,10 @@ from ldm.diffusion.samplers import SAMPLERS
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.text import TextEncoder
 from ldm.networks.unet import UNet
-from pipelines.folder import Components, check_components, save_pipeline
+from ldm.loading.components import Components, check_components, save_pipeline
 from pipelines.images import from_image, to_output
-from pipelines.loading import DEFAULT_MODEL, load_components
+from ldm.loading.sources import load_components
+from pipelines.loading import load_default_model
 
 OutputType = Literal["pil", "np", "pt", "latent"]
 
@@ -60,7 +61,7 @@ class Pipeline:
     ) -> None:
         given = [c is not None for c in (unet, vae, text_encoder, schedule)]
         if not any(given):
-            c = load_components(DEFAULT_MODEL)
+            c = load_default_model()
             unet, vae, text_encoder, schedule = c.unet, c.vae, c.text_encoder, c.schedule
         elif not all(given):
             raise ValueError("pass all four components (unet, vae, text_encoder, schedule), or none for the default model")

@@ -11,7 +11,7 @@ from ldm.random import seeded
 from ldm.networks.text import TextEncoder
 from ldm.diffusion.schedule import sd_schedule
 from ldm.networks.unet import UNet, UNetConfig
-from pipelines.folder import Components
+from ldm.loading.components import Components
 
 
 

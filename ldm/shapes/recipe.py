@@ -107,7 +107,7 @@ def stage_vae(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
 
 
 def stage_init(cfg: DefaultModelConfig, out: Path) -> dict[str, Any]:
-    from ldm.components import save_pipeline
+    from ldm.loading.components import save_pipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -53,9 +53,10 @@ class TextModelConfig:
 
 @dataclass
 class ModelConfig:
-    """Either `pretrained` (a diffusers-layout folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/) to fine-tune,
-    or `unet` + `vae` (YAML files of UNetConfig / VAEConfig) + `text` to train from scratch. `vae_weights` (a diffusers
-    vae/ folder) gives the frozen VAE trained weights when training from scratch. Relative paths are from the cwd."""
+    """Either `pretrained` (anything Pipeline.from_pretrained loads: a diffusers-layout folder, a single .safetensors
+    checkpoint, a hub name; ldm.loading.load_components) to fine-tune, or `unet` + `vae` (YAML files of UNetConfig /
+    VAEConfig, or bundled configs by bare name) + `text` to train from scratch. `vae_weights` (a diffusers vae/ folder)
+    gives the frozen VAE trained weights when training from scratch. Relative paths are from the cwd."""
 
     pretrained: str | None = None
     unet: str | None = None

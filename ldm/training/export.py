@@ -17,7 +17,7 @@ import torch
 from autoencoder.model import AutoencoderKL
 from ldm.training.checkpoint import folder_digest, latest_checkpoint, load_weights_only, read_meta
 from ldm.io import WeightsError, load_weights
-from ldm.components import load_pipeline_folder, save_pipeline
+from ldm.loading.components import load_pipeline_folder, save_pipeline
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -83,7 +83,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
         raise WeightsError(f"{frozen} is not the frozen VAE / text encoder / schedule the U-Net of {ckpt} was trained "
                            "with (its sha256 differs from meta.json's frozen_sha256): was another run started in the "
                            "same output_dir, or the folder edited?")
-    parts = load_pipeline_folder(frozen, vae_class=AutoencoderKL, unet_weights=False)
+    parts = load_pipeline_folder(frozen, unet_weights=False)
     if vae is not None:
         check_same_latents(parts.vae, vae, f"export: {vae_name}")
     load_weights(parts.unet, load_weights_only(ckpt, "unet", use_ema=use_ema), what=f"{ckpt} unet")

@@ -31,7 +31,8 @@ from transformers import CLIPTextConfig
 from autoencoder.model import AutoencoderKL, DiagonalGaussian, VAEConfig  # the one allowed ldm -> autoencoder import
 from ldm.training.loop import Part, StepContext, run_loop
 from ldm.training.checkpoint import folder_digest, resolve_resume
-from ldm.components import Components, IncompatibleComponentsError, load_pipeline_folder, save_pipeline
+from ldm.loading.components import Components, IncompatibleComponentsError, save_pipeline
+from ldm.loading.sources import load_components
 from ldm.config import ConfigError, load_config, to_dict
 from ldm.training.data import build_dataloader
 from ldm.diffusion.denoiser import CFGDenoiser, DiscreteVPDenoiser
@@ -64,7 +65,7 @@ def build_components(config: TrainConfig) -> Components:
     """Fine-tune: load model.pretrained. From scratch: seeded random U-Net / VAE / CLIP text encoder from configs."""
     m = config.model
     if m.pretrained is not None:
-        parts = load_pipeline_folder(m.pretrained, vae_class=AutoencoderKL)
+        parts = load_components(m.pretrained)  # a pipeline folder, a single .safetensors file or a hub name
         schedule = m.schedule or parts.schedule
     else:
         unet_config = load_config(UNetConfig, m.unet)

@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipelines.cli import main, output_paths
-from pipelines.folder import save_pipeline
-from pipelines.loading import load_components
+from ldm.loading.components import save_pipeline
+from ldm.loading.sources import load_components
 from pipelines.tiny import tiny_components
 
 FAST = ["--steps", "2", "--no-progress", "--device", "cpu"]

@@ -16,7 +16,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from pipelines.folder import IncompatibleComponentsError, save_pipeline
+from ldm.loading.components import IncompatibleComponentsError, save_pipeline
 from pipelines.text_to_image import Pipeline
 from pipelines.tiny import tiny_components
 

@@ -104,7 +104,7 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     """All stages at tiny sizes; the export loads and ships the decoder-tuned VAE on the U-Net's encoder; a second
     run without --resume refuses, with it skips every stage; a stage re-run re-runs the later ones."""
     from autoencoder.model import AutoencoderKL
-    from pipelines.folder import load_pipeline_components
+    from ldm.loading.components import load_pipeline_folder
 
     out = tmp_path / "run"
     cfg = load_recipe(DEFAULT_CONFIG, out, TINY_RUN)
@@ -114,7 +114,7 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     assert report["unet"]["step"] == 3 and [s for s, _ in list_checkpoints(out / "unet" / "checkpoints")] == [2, 3]
     assert stage_unet(cfg, out)["step"] == 3
     assert [s for s, _ in list_checkpoints(out / "unet" / "checkpoints")] == [2, 3]
-    c = load_pipeline_components(tmp_path / "model")
+    c = load_pipeline_folder(tmp_path / "model")
     assert c.unet.config.sample_size * c.vae.config.downsample_factor == 64
     assert c.vae.config.scaling_factor == report["init"]["vae_scaling_factor"] > 0
     # the decoder stage: the shipped VAE is vae-decoder's EMA export, its encoder bit-identical to init/vae's
@@ -129,7 +129,7 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     layout_ema = load_weights_only(latest_checkpoint(out / "unet-layout" / "checkpoints"), "unet", use_ema=True)
     assert all(torch.equal(c.unet.state_dict()[k], v) for k, v in layout_ema.items())
     unet_ema = load_weights_only(latest_checkpoint(out / "unet" / "checkpoints"), "unet", use_ema=True)
-    exported = load_pipeline_components(out / "unet-export").unet.state_dict()
+    exported = load_pipeline_folder(out / "unet-export").unet.state_dict()
     assert all(torch.equal(exported[k], v) for k, v in unet_ema.items())
     assert not all(torch.equal(layout_ema[k], v) for k, v in unet_ema.items())
     # unet.train_text_encoder: text_encoder/ was trained on, so clip/ keeps the CLIP's own text tower and load_clip
@@ -150,11 +150,11 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     # switching the decoder stage off re-runs it (skipped) and the export, which then ships init/vae
     off = run_recipe(load_recipe(DEFAULT_CONFIG, out, [*TINY_RUN, "vae_decoder=null"]), out, resume=True)
     assert off["decoder"]["skipped"] and (out / "decoder.done").read_text() == "skipped"
-    assert all(torch.equal(v, start[k]) for k, v in load_pipeline_components(out / "pipeline").vae.state_dict().items())
+    assert all(torch.equal(v, start[k]) for k, v in load_pipeline_folder(out / "pipeline").vae.state_dict().items())
     # switching the layout stage off ships the unet run's EMA U-Net
     off = run_recipe(load_recipe(DEFAULT_CONFIG, out, [*TINY_RUN, "unet_layout.enabled=false"]), out, resume=True)
     assert off["layout"]["skipped"] and (out / "layout.done").read_text() == "skipped"
-    shipped_unet = load_pipeline_components(out / "pipeline").unet.state_dict()
+    shipped_unet = load_pipeline_folder(out / "pipeline").unet.state_dict()
     assert all(torch.equal(shipped_unet[k], v) for k, v in unet_ema.items())
     # a stage that runs removes the later markers first, so a stop after it cannot leave a stale export behind
     (out / "unet.done").unlink()
@@ -267,7 +267,7 @@ def test_recipe_per_channel_latent_norm_folds_into_the_init_vae(tmp_path):
 def test_recipe_snr_shift_goes_into_the_init_folders_schedule(tmp_path):
     """snr_shift=2: init/scheduler is SD's schedule with SNR / 4 (as trained_betas), which the U-Net stage trains
     with and diffusers reads; a shift <= 0 is refused."""
-    from ldm.components import load_schedule
+    from ldm.loading.components import load_schedule
     from ldm.diffusion.schedule import sd_schedule, shift_snr
 
     out = tmp_path / "run"

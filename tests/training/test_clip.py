@@ -71,7 +71,7 @@ def test_clip_config_checks_context_length():
 
 def test_clip_folder_without_text_tower_round_trips(tmp_path):
     """save_clip(text=False) + the pipeline's text_encoder/ rebuild the same CLIP: equal image and text features."""
-    from pipelines.folder import save_pipeline
+    from ldm.loading.components import save_pipeline
     from pipelines.tiny import tiny_components
 
     clip = build_clip(TINY_CLIP, seed=4).eval()

@@ -20,7 +20,7 @@ from ldm.config import ConfigError
 from ldm.io import load_state_dict, save_state_dict
 from ldm.training.unet import build_components, render_grid, save_frozen, train
 from ldm.training.config import TrainConfig, load_train_config
-from tests._helpers import STEPS, tiny_config, tiny_overrides
+from tests._helpers import STEPS, same_weights, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,15 +126,13 @@ def test_joint_text_encoder_training_resumes_bitwise_and_exports_the_trained_enc
     (the initial ones, the same seeded init as the frozen run's, whose checkpoints hold the U-Net only); resuming at step 2 reproduces step 6
     bit for bit for both parts; the export carries the EMA text encoder (frozen/'s is left as it was); resuming it
     without train_text_encoder is refused naming the parts."""
-    from autoencoder.model import AutoencoderKL
     from ldm.training.checkpoint import read_meta
-    from ldm.components import load_pipeline_folder
+    from ldm.loading.components import load_pipeline_folder
     from ldm.io import WeightsError
     from ldm.training.export import export
-    from pipelines.folder import load_pipeline_components
 
     def frozen_text(folder: Path) -> dict[str, torch.Tensor]:
-        return load_pipeline_folder(folder, vae_class=AutoencoderKL, unet_weights=False).text_encoder.state_dict()
+        return load_pipeline_folder(folder, unet_weights=False).text_encoder.state_dict()
 
     out = tmp_path / "joint"
     extra = ("train_text_encoder=true", "text_encoder_lr=3e-3", "run.validate_every=3", "run.validation_steps=2")
@@ -157,7 +155,7 @@ def test_joint_text_encoder_training_resumes_bitwise_and_exports_the_trained_enc
     assert_same_checkpoint(final, resumed / "checkpoints/step-00000006", ("unet", "text_encoder"))
 
     folder = export(out, tmp_path / "exported")
-    exported = load_pipeline_components(folder).text_encoder.state_dict()
+    exported = load_pipeline_folder(folder).text_encoder.state_dict()
     assert all(torch.equal(exported[k], ema[k]) for k in ema)
     assert not all(torch.equal(exported[k], initial[k]) for k in initial)
     with pytest.raises(WeightsError, match=r"holds parts \['unet', 'text_encoder'\], this run trains \['unet'\]"):
@@ -275,10 +273,10 @@ def test_finetune_loss_decreases_and_export_loads(shapes, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from ldm.training.export import export
-    from pipelines.folder import load_pipeline_components
+    from ldm.loading.components import load_pipeline_folder
 
     folder = export(out, tmp_path / "exported")
-    ours = load_pipeline_components(folder)
+    ours = load_pipeline_folder(folder)
     ema = load_state_dict(out / "checkpoints/step-00000040/unet.ema.safetensors")
     assert all(torch.equal(v, ema[k]) for k, v in ours.unet.state_dict().items())
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
@@ -286,6 +284,34 @@ def test_finetune_loss_decreases_and_export_loads(shapes, tmp_path):
     with torch.no_grad():
         err = (pipe.unet(x, t, encoder_hidden_states=c).sample - ours.unet(x, t, encoder_hidden_states=c)).abs().max()
     assert err < 1e-5, err
+
+
+def test_finetune_starts_from_a_single_file_as_from_its_folder(shapes, tmp_path):
+    """model.pretrained may be anything Pipeline.from_pretrained loads: the same model as a pipeline folder and as a
+    single .safetensors checkpoint builds bit-identical components, and 2 updates from each give identical weights."""
+    from ldm.loading.components import load_pipeline_folder
+    from ldm.loading.single_file import save_single_file
+    from ldm.training.unet import build_components
+
+    folder, file = tmp_path / "pretrained", tmp_path / "pretrained.safetensors"
+    make_pretrained(tiny_config(shapes, tmp_path / "x"), folder)
+    save_single_file(load_pipeline_folder(folder), file)
+    runs = {}
+    for name, source in (("folder", folder), ("file", file)):
+        config = load_train_config(TrainConfig, ROOT / "ldm/configs/train-finetune-example.yaml", [
+            f"model.pretrained={source}", f"data.path={shapes}", "data.resolution=32", "data.crop=center",
+            "data.random_flip=false", f"run.output_dir={tmp_path / name}", "run.max_steps=2", "run.batch_size=2",
+            "run.mixed_precision=no", "run.num_workers=0", "run.checkpoint_every=2", "run.validate_every=0",
+            "run.progress_bar=false", "optim.warmup_steps=0", "optim.gradient_accumulation_steps=1"])
+        parts = build_components(config)
+        runs[name] = parts
+        train(config)
+    a, b = runs["folder"], runs["file"]
+    for part in ("unet", "vae", "text_encoder"):
+        assert same_weights(getattr(a, part), getattr(b, part)), part
+    assert a.schedule == b.schedule
+    trained = [load_state_dict(tmp_path / n / "checkpoints/step-00000002/unet.safetensors") for n in ("folder", "file")]
+    assert same_weights(*trained)
 
 
 # ---------------------------------------------------------------------------------------------------------- VAE

@@ -18,7 +18,7 @@ from ldm.training.unet import train
 from ldm.training.config import load_train_config
 from pipelines.cli import main as cli
 from ldm.training.export import check_same_latents, export
-from pipelines.folder import load_pipeline_components
+from ldm.loading.components import load_pipeline_folder
 from tests._helpers import ROOT, tiny_config
 
 TINY_VAE = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
@@ -105,7 +105,7 @@ def test_export_ships_a_decoder_finetuned_vae_and_refuses_another_encoder(unet_r
     trained = AutoencoderKL.from_pretrained(unet_run / "frozen/vae")
     tuned = _changed(trained, "decoder.")
     export(unet_run, tmp_path / "ok", vae=tuned)
-    shipped = load_pipeline_components(tmp_path / "ok").vae.state_dict()
+    shipped = load_pipeline_folder(tmp_path / "ok").vae.state_dict()
     assert all(torch.equal(v, shipped[k]) for k, v in tuned.state_dict().items())
     with pytest.raises(WeightsError, match=r"encoder\.conv_in\.weight differs"):
         export(unet_run, tmp_path / "bad", vae=_changed(trained, "encoder."))
@@ -117,5 +117,5 @@ def test_export_ships_a_decoder_finetuned_vae_and_refuses_another_encoder(unet_r
     assert not (tmp_path / "bad").exists()
     tuned.save_pretrained(tmp_path / "tuned-vae")
     assert cli(["export", str(unet_run), str(tmp_path / "cli"), "--vae", str(tmp_path / "tuned-vae")]) == 0
-    vae = load_pipeline_components(tmp_path / "cli").vae
+    vae = load_pipeline_folder(tmp_path / "cli").vae
     assert torch.equal(vae.decoder.conv_in.weight, tuned.decoder.conv_in.weight)

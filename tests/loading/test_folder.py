@@ -6,7 +6,7 @@ import pytest
 from diffusers import StableDiffusionPipeline
 
 from ldm.io import WeightsError
-from pipelines.folder import IncompatibleComponentsError, load_pipeline_components, save_pipeline
+from ldm.loading.components import IncompatibleComponentsError, load_pipeline_folder, save_pipeline
 from pipelines.tiny import tiny_components
 from tests._helpers import same_weights
 
@@ -24,7 +24,7 @@ def test_layout_and_our_round_trip(saved):
     assert sorted(p.name for p in path.iterdir()) == [
         "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]  # fmt: skip
     assert not list(path.rglob("*.bin")) and len(list(path.rglob("*.safetensors"))) == 3
-    back = load_pipeline_components(path)
+    back = load_pipeline_folder(path)
     assert same_weights(back.unet, c.unet) and same_weights(back.vae, c.vae) and same_weights(back.text_encoder.model, c.text_encoder.model)
     assert back.schedule == c.schedule
 
@@ -36,7 +36,7 @@ def test_diffusers_loads_our_folder_and_we_load_theirs(saved, tmp_path):
     assert pipe.tokenizer("a red circle").input_ids == c.text_encoder.tokenizer("a red circle").input_ids
     assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.steps_offset == 1
     pipe.save_pretrained(tmp_path / "theirs")
-    back = load_pipeline_components(tmp_path / "theirs")
+    back = load_pipeline_folder(tmp_path / "theirs")
     assert same_weights(back.unet, c.unet) and same_weights(back.vae, c.vae) and same_weights(back.text_encoder.model, c.text_encoder.model)
     assert back.schedule == c.schedule
 
@@ -51,18 +51,18 @@ def test_incompatible_components_are_named(tmp_path):
 def test_missing_and_corrupt_files_are_clear_errors(saved, tmp_path):
     _, path = saved
     with pytest.raises(FileNotFoundError, match="model_index.json is missing"):
-        load_pipeline_components(tmp_path)
+        load_pipeline_folder(tmp_path)
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
     shutil.rmtree(broken / "vae")
     with pytest.raises(FileNotFoundError, match=r"missing subfolder\(s\) \['vae'\]"):
-        load_pipeline_components(broken)
+        load_pipeline_folder(broken)
     shutil.copytree(path / "vae", broken / "vae")
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(WeightsError, match="corrupt or truncated"):
-        load_pipeline_components(broken)
+        load_pipeline_folder(broken)
     cfg = json.loads((path / "unet" / "config.json").read_text())
     assert cfg["cross_attention_dim"] == 32

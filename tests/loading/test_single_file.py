@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ldm.io import WeightsError, load_state_dict
-from pipelines.folder import save_pipeline
-from pipelines.single_file import load_single_file, save_single_file
+from ldm.loading.components import save_pipeline
+from ldm.loading.single_file import load_single_file, save_single_file
 from pipelines.tiny import tiny_components
 from tests._helpers import same_weights
 

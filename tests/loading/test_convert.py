@@ -5,7 +5,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-from pipelines.convert import (
+from ldm.loading.convert import (
     UNET_PREFIX,
     VAE_PREFIX,
     split_single_file,

@@ -2,7 +2,7 @@
 
 Configs come from the file's safetensors metadata when we wrote it, otherwise from the SD 1.x / SD 2.x presets in
 ldm/configs/ (told apart by the text encoder's layout: CLIP for 1.x, OpenCLIP for 2.x). Every tensor then goes through
-the key maps of pipelines/convert.py and a strict, shape-checked load that names any bad key.
+the key maps of ldm/loading/convert.py and a strict, shape-checked load that names any bad key.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ldm.networks.tokenizer import EOS, build_clip_tokenizer
 from ldm.networks.text_openclip import openclip_text_config, openclip_to_transformers
 from ldm.diffusion.schedule import sd_schedule
 from ldm.networks.unet import UNet, UNetConfig
-from pipelines.convert import (
+from ldm.loading.convert import (
     CLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
@@ -39,7 +39,7 @@ from pipelines.convert import (
     vae_prefix_map,
     vae_to_compvis,
 )
-from pipelines.folder import Components
+from ldm.loading.components import Components
 
 METADATA_KEY = "ldm_configs"
 # CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x) text towers.

@@ -1,11 +1,6 @@
 """The four components of a latent text-to-image model and their folder in diffusers' Stable Diffusion layout:
 model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/. A folder we write loads in diffusers'
-StableDiffusionPipeline, and a folder diffusers writes loads here.
-
-This module sits below `autoencoder`, so the VAE class is passed in by the caller (pipelines.folder binds it; the
-training applications ldm.training.unet and ldm.training.export pass it too); anything with `config.latent_channels`, `save_pretrained` and a
-`from_pretrained` classmethod fits.
-"""
+StableDiffusionPipeline, and a folder diffusers writes loads here."""
 
 from __future__ import annotations
 
@@ -14,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from typing import Any
 
+from autoencoder.model import AutoencoderKL
 from ldm.io import atomic_directory, read_json, write_json
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.text import TextEncoder
@@ -35,7 +30,7 @@ class Components:
     """The four parts of a latent text-to-image model."""
 
     unet: UNet
-    vae: Any  # autoencoder.model.AutoencoderKL
+    vae: AutoencoderKL
     text_encoder: TextEncoder
     schedule: NoiseSchedule
 
@@ -44,7 +39,7 @@ class Components:
         check_components(self.unet, self.vae, self.text_encoder)
 
 
-def check_components(unet: UNet, vae: Any, text_encoder: TextEncoder) -> None:
+def check_components(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder) -> None:
     """The text embedding width must equal the U-Net's cross-attention width, and the VAE's latent channels its
     input and output channels."""
     problems = []
@@ -105,7 +100,7 @@ def save_pipeline(
     folder: str | Path,
     *,
     unet: UNet,
-    vae: Any,
+    vae: AutoencoderKL,
     text_encoder: TextEncoder,
     schedule: NoiseSchedule,
     scheduler_class: str = DEFAULT_SCHEDULER_CLASS,
@@ -132,7 +127,6 @@ def is_pipeline_folder(path: str | Path) -> bool:
 def load_pipeline_folder(
     folder: str | Path,
     *,
-    vae_class: Any,
     allow_pickle: bool = False,
     dtype: torch.dtype | None = None,
     unet_weights: bool = True,
@@ -154,7 +148,7 @@ def load_pipeline_folder(
         unet = unet.to(dtype) if dtype is not None else unet
     components = Components(
         unet=unet.eval(),
-        vae=vae_class.from_pretrained(folder / "vae", allow_pickle=allow_pickle, dtype=dtype).eval(),
+        vae=AutoencoderKL.from_pretrained(folder / "vae", allow_pickle=allow_pickle, dtype=dtype).eval(),
         text_encoder=TextEncoder.from_pretrained(folder, dtype=dtype).eval(),
         schedule=load_schedule(folder / "scheduler"),
     )

@@ -1,0 +1,45 @@
+"""One entry point for every model source: a pipeline folder, a single-file checkpoint, a hub name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ldm.io import PICKLE_SUFFIXES
+from ldm.loading.components import Components, is_pipeline_folder, load_pipeline_folder
+from ldm.loading.single_file import load_single_file
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model at the given path, and it is not a reachable hub name."""
+
+
+def load_components(path: str | Path, *, allow_pickle: bool = False) -> Components:
+    """Load components from a pipeline folder, a single `.safetensors` (or, with allow_pickle, `.ckpt`) file, or a
+    Hugging Face hub name "owner/name" (downloaded through huggingface_hub when a hub is reachable)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return load_pipeline_folder(p, allow_pickle=allow_pickle)
+    if p.is_file():
+        return load_single_file(p, allow_pickle=allow_pickle)
+    name = str(path)
+    looks_local = p.suffix in (".safetensors", *PICKLE_SUFFIXES) or name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local:
+        raise ModelNotFoundError(f"no model folder or checkpoint file at {path}")
+    return _from_hub(name, allow_pickle)
+
+
+def _from_hub(repo_id: str, allow_pickle: bool) -> Components:
+    """Download a diffusers-format repo (safetensors and configs only) and load it as a folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as e:
+        raise ModelNotFoundError(
+            f"{repo_id!r} is not a local path, and it could not be fetched from the Hugging Face hub (no hub is "
+            f"reachable from here, or the repo does not exist): pass a local pipeline folder or .safetensors file. ({e})"
+        ) from e
+    if not is_pipeline_folder(folder):
+        raise ModelNotFoundError(f"hub repo {repo_id!r} has no model_index.json: not a diffusers pipeline")
+    return load_pipeline_folder(folder, allow_pickle=allow_pickle)
