@@ -4,6 +4,8 @@ StableDiffusionPipeline, and a folder diffusers writes loads here."""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +98,19 @@ def load_schedule(folder: str | Path) -> NoiseSchedule:
     return NoiseSchedule.from_diffusers(read_json(Path(folder) / "scheduler_config.json"))
 
 
+def pipeline_schedule(schedule: NoiseSchedule, where: str | None = None) -> NoiseSchedule:
+    """The schedule a Stable Diffusion pipeline folder samples with: steps_offset 1. diffusers' StableDiffusionPipeline
+    sets it whatever the folder says (a deprecation rewrite in its __init__), so a folder that says otherwise samples
+    other timesteps there than its own config names; we follow diffusers, and warn naming `where` when given."""
+    if schedule.steps_offset == 1:
+        return schedule
+    if where is not None:
+        warnings.warn(f"{where}: steps_offset is {schedule.steps_offset}; sampling with 1, as diffusers' "
+                      "StableDiffusionPipeline does for every pipeline folder (re-save the folder to record it)",
+                      stacklevel=3)
+    return dataclasses.replace(schedule, steps_offset=1)
+
+
 def save_pipeline(
     folder: str | Path,
     *,
@@ -116,7 +131,7 @@ def save_pipeline(
             write_json({"_class_name": "UNet2DConditionModel", **unet.config.to_diffusers()}, tmp / "unet" / "config.json")
         vae.save_pretrained(tmp / "vae")
         text_encoder.save_pretrained(tmp)  # text_encoder/ and tokenizer/
-        save_schedule(schedule, tmp / "scheduler", scheduler_class)
+        save_schedule(pipeline_schedule(schedule), tmp / "scheduler", scheduler_class)
         write_json(model_index(scheduler_class), tmp / "model_index.json")
 
 
@@ -150,7 +165,7 @@ def load_pipeline_folder(
         unet=unet.eval(),
         vae=AutoencoderKL.from_pretrained(folder / "vae", allow_pickle=allow_pickle, dtype=dtype).eval(),
         text_encoder=TextEncoder.from_pretrained(folder, dtype=dtype).eval(),
-        schedule=load_schedule(folder / "scheduler"),
+        schedule=pipeline_schedule(load_schedule(folder / "scheduler"), str(folder / "scheduler")),
     )
     components.check()
     return components

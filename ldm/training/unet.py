@@ -31,7 +31,7 @@ from transformers import CLIPTextConfig
 from autoencoder.model import AutoencoderKL, DiagonalGaussian, VAEConfig  # the one allowed ldm -> autoencoder import
 from ldm.training.loop import Part, StepContext, run_loop
 from ldm.training.checkpoint import folder_digest, resolve_resume
-from ldm.loading.components import Components, IncompatibleComponentsError, save_pipeline
+from ldm.loading.components import Components, IncompatibleComponentsError, pipeline_schedule, save_pipeline
 from ldm.loading.sources import load_components
 from ldm.config import ConfigError, load_config, to_dict
 from ldm.training.data import build_dataloader
@@ -86,7 +86,7 @@ def build_components(config: TrainConfig) -> Components:
         schedule = m.schedule or parts.schedule
     if config.objective.prediction_type is not None:
         schedule = dataclasses.replace(schedule, prediction_type=config.objective.prediction_type)
-    parts.schedule = schedule
+    parts.schedule = pipeline_schedule(schedule)  # what the exported folder samples with, here and in diffusers
     try:
         parts.check()
     except IncompatibleComponentsError as e:

@@ -7,9 +7,11 @@ import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
@@ -262,3 +264,42 @@ def test_incompatible_components_are_refused():
         Pipeline(c.unet, c.vae, c.text_encoder, c.schedule, device="cpu")
     with pytest.raises(ValueError, match="pass all four components"):
         Pipeline(c.unet, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def offset0_folder(tmp_path_factory):
+    """A folder whose scheduler config says steps_offset 0, as from-scratch training configs used to export."""
+    c = tiny_components(seed=0)
+    path = tmp_path_factory.mktemp("tiny_offset0") / "model"
+    save_pipeline(path, unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
+    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "steps_offset": 0}))
+    return path
+
+
+ALL_SAMPLER_SCHEDULERS = [*SAMPLER_SCHEDULERS, ("heun", HeunDiscreteScheduler), ("ddpm", DDPMScheduler)]
+
+
+@pytest.mark.parametrize("sampler, scheduler_cls", ALL_SAMPLER_SCHEDULERS)
+def test_a_folder_with_another_steps_offset_samples_as_in_diffusers(offset0_folder, sampler, scheduler_cls):
+    """diffusers' StableDiffusionPipeline samples every folder with steps_offset 1; so do we (with a warning), for
+    every sampler that has a diffusers scheduler: images within 1/255 (1.51/255 apart before)."""
+    with pytest.warns(UserWarning, match="steps_offset is 0; sampling with 1"):
+        ours = Pipeline.from_pretrained(offset0_folder, device="cpu", dtype=torch.float32)
+    theirs = StableDiffusionPipeline.from_pretrained(offset0_folder, safety_checker=None, requires_safety_checker=False)
+    assert ours.schedule.steps_offset == 1 == theirs.scheduler.config.steps_offset
+    _compare_with_diffusers(ours, theirs, sampler, scheduler_cls)
+
+
+def test_saved_folders_record_steps_offset_one(tmp_path):
+    """A schedule with steps_offset 0 is written as 1 (what diffusers samples it with), and reads back without warning."""
+    import dataclasses
+    import warnings
+
+    c = tiny_components(seed=0)
+    save_pipeline(tmp_path / "m", unet=c.unet, vae=c.vae, text_encoder=c.text_encoder,
+                  schedule=dataclasses.replace(c.schedule, steps_offset=0))
+    assert json.loads((tmp_path / "m" / "scheduler" / "scheduler_config.json").read_text())["steps_offset"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Pipeline.from_pretrained(tmp_path / "m", device="cpu", dtype=torch.float32)

@@ -314,6 +314,35 @@ def test_finetune_starts_from_a_single_file_as_from_its_folder(shapes, tmp_path)
     assert same_weights(*trained)
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m"])
+def test_an_exported_from_scratch_run_samples_as_in_diffusers(exported_tiny_run, sampler):
+    """train-tiny.yaml's schedule names no steps_offset (0); the export records 1, which diffusers' pipeline would
+    impose, so every sampler with a diffusers scheduler gives diffusers' image within 1/255."""
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.text_to_image import Pipeline
+    from tests.pipelines.test_pipeline import ALL_SAMPLER_SCHEDULERS, _compare_with_diffusers
+
+    ours = Pipeline.from_pretrained(exported_tiny_run, device="cpu", dtype=torch.float32)
+    theirs = StableDiffusionPipeline.from_pretrained(exported_tiny_run, safety_checker=None,
+                                                     requires_safety_checker=False)
+    assert ours.schedule.steps_offset == 1 == theirs.scheduler.config.steps_offset
+    _compare_with_diffusers(ours, theirs, sampler, dict(ALL_SAMPLER_SCHEDULERS)[sampler])
+
+
+@pytest.fixture(scope="module")
+def exported_tiny_run(tmp_path_factory):
+    from ldm.shapes.dataset import export_imagefolder
+    from ldm.training.export import export
+
+    tmp = tmp_path_factory.mktemp("exported")
+    export_imagefolder(tmp / "data", 8, "train", 0, size=32)
+    config = tiny_config(tmp / "data", tmp / "run", "run.max_steps=2")
+    assert config.model.schedule.steps_offset == 0  # the YAML does not name it
+    train(config)
+    return export(tmp / "run", tmp / "exported")
+
+
 # ---------------------------------------------------------------------------------------------------------- VAE
 
 
