@@ -58,16 +58,20 @@ class Pipeline:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        scheduler_config: dict[str, Any] | None = None,
     ) -> None:
+        """`scheduler_config`: the scheduler_config.json the schedule came from, kept for save_pretrained."""
         given = [c is not None for c in (unet, vae, text_encoder, schedule)]
         if not any(given):
             c = load_default_model()
             unet, vae, text_encoder, schedule = c.unet, c.vae, c.text_encoder, c.schedule
+            scheduler_config = c.scheduler_config
         elif not all(given):
             raise ValueError("pass all four components (unet, vae, text_encoder, schedule), or none for the default model")
         assert unet is not None and vae is not None and text_encoder is not None and schedule is not None
         check_components(unet, vae, text_encoder)
         self.unet, self.vae, self.text_encoder, self.schedule = unet.eval(), vae.eval(), text_encoder.eval(), schedule
+        self.scheduler_config = scheduler_config
         device = torch.device(device) if device is not None else default_device()
         self.to(device, dtype if dtype is not None else default_dtype(device))
 
@@ -85,15 +89,18 @@ class Pipeline:
     ) -> Pipeline:
         """Load a pipeline folder (ours or diffusers'), or a single-file SD 1.x/2.x checkpoint."""
         c = load_components(path, allow_pickle=allow_pickle)
-        return cls(c.unet, c.vae, c.text_encoder, c.schedule, device=device, dtype=dtype)
+        return cls(c.unet, c.vae, c.text_encoder, c.schedule, device=device, dtype=dtype,
+                   scheduler_config=c.scheduler_config)
 
     @property
     def components(self) -> Components:
-        return Components(self.unet, self.vae, self.text_encoder, self.schedule)
+        return Components(self.unet, self.vae, self.text_encoder, self.schedule, self.scheduler_config)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write a safetensors pipeline folder that this class and diffusers' StableDiffusionPipeline both load."""
-        save_pipeline(path, unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, schedule=self.schedule)
+        """Write a safetensors pipeline folder that this class and diffusers' StableDiffusionPipeline both load; the
+        scheduler keeps the class and the keys of the folder it was loaded from."""
+        save_pipeline(path, unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, schedule=self.schedule,
+                      scheduler_config=self.scheduler_config)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         """Move to a device and dtype. In fp16 the VAE stays in fp32 when its config asks (`force_upcast`): the SD
@@ -236,7 +243,7 @@ class Pipeline:
                 callback(i, sigma, xi, x0)
 
         try:
-            out = spec(model, x, sigmas, callback=step, **options)
+            out = spec(model, x, sigmas, callback=step, **options, **spec.schedule_options(self.schedule))
         finally:
             bar.close()
         out = spec.to_output(out, sigmas[-1].item())  # DDIM with set_alpha_to_one=False ends at sigma > 0, in VP

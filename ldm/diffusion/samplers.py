@@ -66,11 +66,19 @@ def sample_euler_ancestral(
 ) -> torch.Tensor:
     """Euler to sigma_down, then fresh noise of std sigma_up (`ancestral_step`); eta = 1 is diffusers'
     EulerAncestralDiscreteScheduler and DDPM's posterior, eta = 0 is plain Euler."""
+    return _ancestral(model, x, sigmas, cond, generator, callback, eta, s_noise, None)
+
+
+def _ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, Any] | None,
+               generator: Generator, callback: Callback, eta: float, s_noise: float,
+               clip_x0: float | None) -> torch.Tensor:
+    """x <- x0_hat + sigma_down eps_hat + sigma_up z; clip_x0 = r clamps the x0 term alone to [-r, r]."""
     s = check_sigmas(sigmas)
     for i in range(len(s) - 1):
         denoised = denoise(model, x, s[i], cond, i)
         down, up = ancestral_step(s[i], s[i + 1], eta)
-        x = denoised + to_d(x, s[i], denoised) * down
+        x0 = denoised if clip_x0 is None else denoised.clamp(-clip_x0, clip_x0)
+        x = x0 + to_d(x, s[i], denoised) * down
         if eta > 0:
             x = x + randn_like(x, generator) * (s_noise * up)
         if callback is not None:
@@ -80,31 +88,36 @@ def sample_euler_ancestral(
 
 def sample_ddim(
     model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
-    generator: Generator = None, callback: Callback = None, eta: float = 0.0,
+    generator: Generator = None, callback: Callback = None, eta: float = 0.0, clip_x0: float | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_prev = x0_hat + sqrt(sigma_next^2 - sigma_up^2) eps_hat + sigma_up z.
 
     Divided by sqrt(alphā_prev), the VP update sqrt(ā_prev) x0 + sqrt(1 - ā_prev - std^2) eps + std z becomes exactly
     this with sigma_up = std / sqrt(ā_prev) = eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2), i.e. the
-    ancestral Euler step with the same eta; eta = 0 is Euler's method on the probability-flow ODE.
+    ancestral Euler step with the same eta; eta = 0 is Euler's method on the probability-flow ODE. clip_x0 = r clamps
+    x0_hat to [-r, r] in the first term only, eps_hat staying the network's: diffusers' DDIM with clip_sample.
     """
-    return sample_euler_ancestral(model, x, sigmas, cond=cond, generator=generator, callback=callback, eta=eta)
+    return _ancestral(model, x, sigmas, cond, generator, callback, eta, 1.0, clip_x0)
 
 
 @torch.no_grad()
 def sample_ddpm(
     model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
     generator: Generator = None, callback: Callback = None, variance: Literal["small", "large"] = "small",
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling from the posterior q(x_prev | x, x0_hat) (Ho et al. 2020, eqs. 6-7), in sigma space:
     mean = x0 + (sigma_next^2 / sigma^2)(x - x0); variance "small" = beta~ / ā_prev = sigma_next^2 (sigma^2 -
-    sigma_next^2) / sigma^2, "large" = beta / ā_prev = (sigma^2 - sigma_next^2)(1 + sigma_next^2) / (1 + sigma^2)."""
+    sigma_next^2) / sigma^2, "large" = beta / ā_prev = (sigma^2 - sigma_next^2)(1 + sigma_next^2) / (1 + sigma^2).
+    clip_x0 = r clamps x0_hat to [-r, r] before the posterior (Ho et al.'s clipping; diffusers' clip_sample)."""
     if variance not in ("small", "large"):
         raise ValueError(f"unknown DDPM variance {variance!r}; valid: small, large")
     s = check_sigmas(sigmas)
     for i in range(len(s) - 1):
         sig, nxt = s[i], s[i + 1]
         denoised = denoise(model, x, sig, cond, i)
+        if clip_x0 is not None:
+            denoised = denoised.clamp(-clip_x0, clip_x0)
         mean = denoised + (nxt**2 / sig**2) * (x - denoised)
         if variance == "small":
             var = nxt**2 * (sig**2 - nxt**2) / sig**2
@@ -175,6 +188,7 @@ class Sampler:
     flavor: Flavor = "euler"  # whose inference timesteps it walks: diffusers' Euler, DDIM or DPM-Solver family
     ends_at_zero: bool = False  # its diffusers scheduler ends at sigma 0 whatever set_alpha_to_one / final_sigmas_type say
     vp_output: bool = False  # its diffusers scheduler returns VP coordinates: a final sigma > 0 is divided out
+    clips_x0: bool = False  # takes clip_x0, as its diffusers scheduler clips x0 where clip_sample says (DDIM, DDPM)
 
     def __call__(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, **options: Any) -> torch.Tensor:
         return self.fn(model, x, sigmas, **options)
@@ -189,14 +203,19 @@ class Sampler:
         """The result in the coordinates its diffusers scheduler returns: x / sqrt(1 + sigma^2) for VP output."""
         return x / math.sqrt(1 + final_sigma**2) if self.vp_output and final_sigma > 0 else x
 
+    def schedule_options(self, schedule: NoiseSchedule) -> dict[str, Any]:
+        """The options `schedule` implies for this sampler as for its diffusers scheduler: clip_x0 for DDIM / DDPM
+        where clip_sample says so (or a scheduler config leaves it out: their default)."""
+        return {"clip_x0": schedule.clip_sample_range} if self.clips_x0 and schedule.clips_x0() else {}
+
     def accepts(self, option: str) -> bool:
         """Whether the function takes the keyword `option` (e.g. "eta")."""
         return option in inspect.signature(self.fn).parameters
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "ddpm": Sampler(sample_ddpm, flavor="ddim", ends_at_zero=True, vp_output=True),
-    "ddim": Sampler(sample_ddim, flavor="ddim", vp_output=True),
+    "ddpm": Sampler(sample_ddpm, flavor="ddim", ends_at_zero=True, vp_output=True, clips_x0=True),
+    "ddim": Sampler(sample_ddim, flavor="ddim", vp_output=True, clips_x0=True),
     "euler": Sampler(sample_euler),
     "euler_ancestral": Sampler(sample_euler_ancestral, ends_at_zero=True),
     "heun": Sampler(sample_heun, ends_at_zero=True),

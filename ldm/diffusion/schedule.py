@@ -114,10 +114,20 @@ class NoiseSchedule:
     set_alpha_to_one: bool = True  # DDIM flavor: final alphā 1 (sigma 0), else alphā_0 (sigma_min)
     final_sigmas_type: FinalSigma = "zero"  # Euler / DPM-Solver flavors: the final sigma
     use_karras_sigmas: bool = False
+    # DDIM / DDPM clip x0 to [-clip_sample_range, clip_sample_range]; None (a folder without the key): diffusers'
+    # class default, True. Our schedules say False: latents are not bounded by 1.
+    clip_sample: bool | None = False
+    clip_sample_range: float = 1.0
+    thresholding: bool = False  # dynamic thresholding (Imagen): not implemented; a folder asking for it is refused
 
     def __post_init__(self) -> None:
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if self.thresholding:
+            raise ValueError("scheduler config asks for dynamic thresholding (thresholding: true), which is not "
+                             "implemented here; set it to false to sample without it")
+        if not self.clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
         if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
             raise ValueError(
                 f"trained_betas has {len(self.trained_betas)} values, num_train_timesteps is {self.num_train_timesteps}"
@@ -159,17 +169,24 @@ class NoiseSchedule:
         ours = {f.name for f in fields(cls)}
         data = {k: v for k, v in config.items() if k in ours}
         data.setdefault("timestep_spacing", None)
+        data.setdefault("clip_sample", None)  # absent: the scheduler class's default (DDIM / DDPM clip)
         if "final_sigma" in config:  # legacy: one key for every flavor
             data.setdefault("final_sigmas_type", config["final_sigma"])
             data.setdefault("set_alpha_to_one", config["final_sigma"] == "zero")
         return from_dict(cls, data, where="scheduler_config")
 
     def to_diffusers(self) -> dict[str, Any]:
-        """A diffusers scheduler_config.json dict, under diffusers' key names; timestep_spacing None is left out."""
+        """A diffusers scheduler_config.json dict, under diffusers' key names; timestep_spacing and clip_sample None
+        (the class defaults) are left out, so a folder read and written keeps meaning what it meant."""
         data = to_dict(self)
-        if data["timestep_spacing"] is None:
-            del data["timestep_spacing"]
+        for key in ("timestep_spacing", "clip_sample"):
+            if data[key] is None:
+                del data[key]
         return data
+
+    def clips_x0(self) -> bool:
+        """Whether diffusers' DDIM / DDPM schedulers built from this config clip x0 (their default when unsaid)."""
+        return self.clip_sample is not False
 
     def final_sigma(self, flavor: Flavor) -> FinalSigma:
         """The final sigma diffusers' scheduler of this flavor ends at: set_alpha_to_one for "ddim",

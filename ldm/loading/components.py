@@ -8,6 +8,7 @@ import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +36,9 @@ class Components:
     vae: AutoencoderKL
     text_encoder: TextEncoder
     schedule: NoiseSchedule
+    # The scheduler_config.json the schedule was read from (None: ours): its class and the keys we do not model are
+    # written back as they were, so a re-saved folder samples in diffusers as the original did
+    scheduler_config: dict[str, Any] | None = None
 
     def check(self) -> None:
         """Raise IncompatibleComponentsError naming the sizes that do not fit together."""
@@ -79,17 +83,19 @@ def model_index(scheduler_class: str = DEFAULT_SCHEDULER_CLASS) -> dict[str, obj
     }
 
 
-def save_schedule(schedule: NoiseSchedule, folder: str | Path, scheduler_class: str = DEFAULT_SCHEDULER_CLASS) -> None:
-    """Write `scheduler_config.json` for diffusers' `scheduler_class`, carrying our schedule's keys."""
+def scheduler_class(original: dict[str, Any] | None) -> str:
+    """The diffusers scheduler class a folder names (that of `original`, a scheduler_config.json), else ours."""
+    name = (original or {}).get("_class_name")
+    return name if isinstance(name, str) and name else DEFAULT_SCHEDULER_CLASS
+
+
+def save_schedule(schedule: NoiseSchedule, folder: str | Path, original: dict[str, Any] | None = None) -> None:
+    """Write `scheduler_config.json`: our schedule's keys over `original` (the config it was read from: its class and
+    the keys we do not model, e.g. PNDM's skip_prk_steps, are kept), or for EulerDiscreteScheduler when None."""
     import diffusers
 
-    config = {
-        "_class_name": scheduler_class,
-        "_diffusers_version": diffusers.__version__,
-        **schedule.to_diffusers(),
-        "clip_sample": False,  # we never clip x0; diffusers' DDIM would, if the key were absent
-        "thresholding": False,
-    }
+    config = {**(original or {}), "_class_name": scheduler_class(original), "_diffusers_version": diffusers.__version__,
+              **schedule.to_diffusers()}
     write_json(config, Path(folder) / "scheduler_config.json")
 
 
@@ -118,7 +124,7 @@ def save_pipeline(
     vae: AutoencoderKL,
     text_encoder: TextEncoder,
     schedule: NoiseSchedule,
-    scheduler_class: str = DEFAULT_SCHEDULER_CLASS,
+    scheduler_config: dict[str, Any] | None = None,
     unet_weights: bool = True,
 ) -> None:
     """Write a diffusers-format pipeline folder (safetensors weights). The folder appears whole or not at all.
@@ -131,8 +137,8 @@ def save_pipeline(
             write_json({"_class_name": "UNet2DConditionModel", **unet.config.to_diffusers()}, tmp / "unet" / "config.json")
         vae.save_pretrained(tmp / "vae")
         text_encoder.save_pretrained(tmp)  # text_encoder/ and tokenizer/
-        save_schedule(pipeline_schedule(schedule), tmp / "scheduler", scheduler_class)
-        write_json(model_index(scheduler_class), tmp / "model_index.json")
+        save_schedule(pipeline_schedule(schedule), tmp / "scheduler", scheduler_config)
+        write_json(model_index(scheduler_class(scheduler_config)), tmp / "model_index.json")
 
 
 def is_pipeline_folder(path: str | Path) -> bool:
@@ -166,6 +172,7 @@ def load_pipeline_folder(
         vae=AutoencoderKL.from_pretrained(folder / "vae", allow_pickle=allow_pickle, dtype=dtype).eval(),
         text_encoder=TextEncoder.from_pretrained(folder, dtype=dtype).eval(),
         schedule=pipeline_schedule(load_schedule(folder / "scheduler"), str(folder / "scheduler")),
+        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
     )
     components.check()
     return components

@@ -91,5 +91,5 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
         load_weights(parts.text_encoder, load_weights_only(ckpt, "text_encoder", use_ema=use_ema),
                      what=f"{ckpt} text_encoder")
     save_pipeline(out_dir, unet=parts.unet, vae=vae if vae is not None else parts.vae,
-                  text_encoder=parts.text_encoder, schedule=parts.schedule)
+                  text_encoder=parts.text_encoder, schedule=parts.schedule, scheduler_config=parts.scheduler_config)
     return Path(out_dir)

@@ -97,7 +97,7 @@ def build_components(config: TrainConfig) -> Components:
 def save_frozen(folder: Path, parts: Components) -> None:
     """Write the frozen parts and the U-Net config as a diffusers-layout folder (export adds the U-Net weights)."""
     save_pipeline(folder, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, schedule=parts.schedule,
-                  unet_weights=False)
+                  scheduler_config=parts.scheduler_config, unet_weights=False)
 
 
 # ------------------------------------------------------------------------------------------------------- one step

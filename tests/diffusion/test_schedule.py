@@ -138,7 +138,9 @@ def test_final_sigma_and_spacing_per_flavor_and_legacy_key():
     assert sampler_sigmas(sched, 5, "euler", final_sigma="sigma_min")[-1] > 0  # an explicit argument wins
     legacy = NoiseSchedule.from_diffusers({"final_sigma": "sigma_min"})  # our configs before the two keys
     assert legacy.set_alpha_to_one is False and legacy.final_sigmas_type == "sigma_min"
-    assert NoiseSchedule.from_diffusers({"final_sigma": "zero"}) == NoiseSchedule(timestep_spacing=None)
+    # keys a config leaves out stay unsaid (None: the scheduler class's default) and are not written back
+    assert NoiseSchedule.from_diffusers({"final_sigma": "zero"}) == NoiseSchedule(timestep_spacing=None, clip_sample=None)
+    assert "clip_sample" not in sched.to_diffusers() and NoiseSchedule().to_diffusers()["clip_sample"] is False
 
 
 def test_diffusers_config_round_trip_and_bad_keys():

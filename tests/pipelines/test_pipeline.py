@@ -303,3 +303,57 @@ def test_saved_folders_record_steps_offset_one(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Pipeline.from_pretrained(tmp_path / "m", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def diffusers_euler_folder(folder, tmp_path_factory):
+    """The tiny weights saved by diffusers with a default EulerDiscreteScheduler: its config has no clip_sample key
+    (none of diffusers' non-DDIM schedulers write one), so DDIM / DDPM made from it clip x0 by their default."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            steps_offset=1, timestep_spacing="leading")
+    path = tmp_path_factory.mktemp("diffusers_euler") / "model"
+    pipe.save_pretrained(path)
+    assert "clip_sample" not in json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    return path
+
+
+@pytest.mark.parametrize("sampler, scheduler_cls", [("ddim", DDIMScheduler), ("ddpm", DDPMScheduler),
+                                                    ("euler", EulerDiscreteScheduler)])
+def test_a_config_without_clip_sample_clips_x0_as_diffusers_does(diffusers_euler_folder, sampler, scheduler_cls):
+    """diffusers' DDIM / DDPM made with from_config of such a folder clip x0 to [-1, 1]; ours do too (within 1/255,
+    209-230/255 apart before), and clipping changes these images, so the comparison can fail."""
+    ours = Pipeline.from_pretrained(diffusers_euler_folder, device="cpu", dtype=torch.float32)
+    theirs = StableDiffusionPipeline.from_pretrained(diffusers_euler_folder, safety_checker=None,
+                                                     requires_safety_checker=False)
+    assert ours.schedule.clip_sample is None and ours.schedule.clips_x0()
+    _compare_with_diffusers(ours, theirs, sampler, scheduler_cls)
+    if sampler != "euler":
+        unclipped = scheduler_cls.from_config(theirs.scheduler.config, clip_sample=False)
+        theirs.scheduler = unclipped
+        kw = dict(num_inference_steps=STEPS, guidance_scale=SCALE, height=32, width=32, output_type="np",
+                  latents=torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)))
+        plain = theirs(PROMPTS, generator=torch.Generator().manual_seed(2), **kw).images
+        got = ours(PROMPTS, generator=torch.Generator().manual_seed(2), sampler=sampler, progress=False, **kw).images
+        assert np.abs(got - plain).max() > 10 / 255  # clipping mattered here
+
+
+def test_save_pretrained_keeps_the_folders_scheduler_class_and_keys(sd15_folder, tmp_path):
+    """A folder with SD 1.5's PNDM scheduler re-saved by us still names PNDMScheduler (model_index.json too) and keeps
+    the keys we do not model (skip_prk_steps), so plain diffusers samples it with the same scheduler as before."""
+    Pipeline.from_pretrained(sd15_folder, device="cpu", dtype=torch.float32).save_pretrained(tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "PNDMScheduler" and config["skip_prk_steps"] is True
+    assert config["set_alpha_to_one"] is False and config["clip_sample"] is False
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["scheduler"] == ["diffusers",
+                                                                                              "PNDMScheduler"]
+    theirs = StableDiffusionPipeline.from_pretrained(tmp_path / "again", safety_checker=None,
+                                                     requires_safety_checker=False)
+    assert type(theirs.scheduler).__name__ == "PNDMScheduler"
+
+
+def test_dynamic_thresholding_is_refused_by_name():
+    from ldm.diffusion.schedule import NoiseSchedule
+
+    with pytest.raises(ValueError, match="dynamic thresholding"):
+        NoiseSchedule.from_diffusers({"thresholding": True})
