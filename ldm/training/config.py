@@ -16,6 +16,8 @@ Every unknown key or bad value raises ldm.config.ConfigError naming it.
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -263,9 +265,24 @@ def build_accelerator(run: RunConfig, optim: OptimConfig):
     # Started by torchrun (e.g. `accelerate launch --multi_gpu`) on a machine without CUDA: accelerate only picks
     # multi-process CPU (gloo) when told cpu=True, otherwise every process would train alone.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=run.mixed_precision,
         gradient_accumulation_steps=optim.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
     )
+    warn_if_one_of_several(accelerator.num_processes, os.environ)
+    return accelerator
+
+
+def warn_if_one_of_several(num_processes: int, env: Mapping[str, str]) -> bool:
+    """Warn (and return True) when `accelerate launch --num_processes N` started this process alone: its simple
+    launcher (taken with --cpu, or without --multi_gpu) sets MASTER_PORT for N processes but starts one, which then
+    trains by itself at the whole batch, silently."""
+    alone = num_processes == 1 and "MASTER_PORT" in env and "WORLD_SIZE" not in env
+    if alone:
+        warnings.warn("accelerate launch was asked for several processes but started this one alone (its simple "
+                      "launcher, which --cpu selects): training runs in ONE process. For several local processes use "
+                      "`accelerate launch --multi_gpu --num_processes N ...` (torchrun; gloo DDP on a CPU-only "
+                      "machine), as ldm.training.launch does", stacklevel=2)
+    return alone

@@ -44,3 +44,20 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     print(f"max |weights(2 processes) - weights(1 process)| = {err:.3g}")
     assert err < 1e-5, err
     assert a.keys() == b.keys()
+
+
+def test_one_process_of_several_asked_for_is_told_so():
+    """accelerate's simple launcher (`accelerate launch --cpu --num_processes 2`) sets MASTER_PORT and starts one
+    process: the training warns; torchrun's processes (WORLD_SIZE set) and a plain run do not."""
+    import warnings
+
+    import pytest
+
+    from ldm.training.config import warn_if_one_of_several
+
+    with pytest.warns(UserWarning, match="started this one alone"):
+        assert warn_if_one_of_several(1, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_one_of_several(1, {})
+        assert not warn_if_one_of_several(2, {"MASTER_PORT": "29500", "WORLD_SIZE": "2"})
