@@ -105,7 +105,9 @@ def load_records(config: DataConfig) -> tuple[datasets.Dataset | datasets.Iterab
         if not folder.is_dir():
             raise FileNotFoundError(
                 f"image folder not found: {folder} (expected a folder of images with metadata.jsonl or metadata.csv "
-                "holding a file_name column and a caption column)"
+                "holding a file_name column and a caption column; to make the synthetic shapes data there: python -c "
+                f"\"from ldm.shapes.dataset import export_imagefolder; export_imagefolder('{folder}', 256, 'train', 0, "
+                "size=32)\")"
             )
         records = datasets.load_dataset("imagefolder", data_dir=str(folder), split=config.split, **kwargs)
     elif config.source == "csv":

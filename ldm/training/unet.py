@@ -303,6 +303,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     parts = build_components(config)
     t_weights = timestep_weights(config, parts.schedule.num_train_timesteps)  # before frozen/ is written
     no_checkpoint = resolve_resume(out / "checkpoints", run.resume) is None
+    # the data is read before anything is written, so a run refused for its data leaves nothing behind to block a retry
+    loader, position = build_dataloader(config.data, run.batch_size, num_workers=run.num_workers,
+                                        num_processes=accelerator.num_processes)
     if accelerator.is_main_process and (no_checkpoint or not (out / FROZEN).is_dir()):
         save_frozen(out / FROZEN, parts)  # (re)written when no checkpoint names it; resume checks its digest
     accelerator.wait_for_everyone()
@@ -318,8 +321,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ema = EMA(unet, config.ema) if config.ema.enabled else None
     optimizer = build_optimizer([p for p in unet.parameters() if p.requires_grad], config.optim)
     scheduler = build_lr_scheduler(optimizer, config.optim, run.max_steps)
-    loader, position = build_dataloader(config.data, run.batch_size, num_workers=run.num_workers,
-                                        num_processes=accelerator.num_processes)
     unet_p, optimizer_p, loader_p = accelerator.prepare(unet, optimizer, loader)
     trained = [Part("unet", unet_p, optimizer_p, scheduler, ema)]
     if train_text:  # in training mode: validation encodes its empty prompt afresh (PromptEncoder.empty_embedding)

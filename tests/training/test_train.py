@@ -404,3 +404,14 @@ def test_vae_training_survives_a_micro_batch_of_only_unreadable_images(shapes, t
     weights = load_state_dict(out / "checkpoints/step-00000002/vae.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
 
+
+
+def test_a_run_refused_for_its_data_leaves_nothing_behind(shapes, tmp_path):
+    """Missing data is refused before anything is written (a retry is not blocked as 'another run'), and the message
+    says how to make the shapes data there."""
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=r"image folder not found: .*missing.*export_imagefolder\("):
+        train(tiny_config(tmp_path / "missing", out))
+    assert not (out / "frozen").exists() and not (out / "checkpoints").exists()
+    train(tiny_config(shapes, out, "run.max_steps=2"))  # the retry with the data starts as a fresh run
+    assert (out / "checkpoints" / "step-00000002" / "meta.json").is_file()
