@@ -135,7 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is not None and v <= 0:
-            raise UsageError(f"--{name} must be a positive multiple of the VAE factor (8 for SD), got {v}")
+            raise UsageError(f"--{name} must be a positive multiple of the model's VAE factor (8 for SD, 4 for the "
+                             f"bundled model), got {v}")
     if args.image is None and args.strength is not None:
         raise UsageError("--strength needs --image (image-to-image)")
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
@@ -305,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a name of ldm.diffusion.samplers.SAMPLERS (an unknown name lists them); default dpmpp_2m")
     g.add_argument("--seed", type=int, default=None, help="seed of the first image (image i gets seed + i)")
     g.add_argument("--negative-prompt", default=None, help="replaces the empty prompt of guidance")
-    g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
-    g.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
+    g.add_argument("--height", type=int, default=None, help="pixels, a multiple of the model's VAE factor: 8 for SD, 4 for the "
+                   "bundled model (default: the model's trained size)")
+    g.add_argument("--width", type=int, default=None, help="pixels, as --height (default: the model's trained size)")
     g.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
     g.add_argument("--grid", action="store_true", help="write all images as one grid to OUTPUT")
     g.add_argument("--grid-cols", type=int, default=None, help="grid columns (default ceil(sqrt(n)))")

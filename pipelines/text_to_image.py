@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,9 @@ class Pipeline:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         """Move to a device and dtype. In fp16 the VAE stays in fp32 when its config asks (`force_upcast`): the SD
         VAE decoder overflows in fp16."""
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for, but torch sees no CUDA device here "
+                             "(torch.cuda.is_available() is False): use 'cpu', or a machine and torch build with CUDA")
         self.device = torch.device(device) if device is not None else self.device
         self.dtype = dtype or self.dtype
         self.unet.to(self.device, self.dtype)
@@ -127,6 +131,11 @@ class Pipeline:
             if not isinstance(v, int) or v <= 0 or v % f:
                 lo, hi = max(f, (int(v) // f) * f), (int(v) // f + 1) * f
                 raise ValueError(f"{name}={v} must be a positive multiple of {f} (the VAE factor): e.g. {lo} or {hi}")
+        trained = self.unet.config.sample_size * f
+        if max(height, width) > 2 * trained or min(height, width) * 2 < trained:
+            warnings.warn(f"{height} x {width} is far from the {trained} x {trained} this model was trained at: expect "
+                          "images without meaning (and, larger, a run that takes (size / trained size)^2 times "
+                          "longer); height and width default to the trained size", stacklevel=3)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """(B, n, D) text embeddings (n: the tokenizer's model_max_length, CLIP's 77)."""

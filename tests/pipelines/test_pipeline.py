@@ -357,3 +357,24 @@ def test_dynamic_thresholding_is_refused_by_name():
 
     with pytest.raises(ValueError, match="dynamic thresholding"):
         NoiseSchedule.from_diffusers({"thresholding": True})
+
+
+def test_a_size_far_from_the_trained_one_is_warned_about(ours):
+    """The tiny model is trained at 32 x 32: 128 x 128 warns (as 512 x 512 with the 64-px bundled model would),
+    16 to 64 does not."""
+    import warnings
+
+    kw = dict(num_inference_steps=1, output_type="latent", progress=False, seed=0)
+    with pytest.warns(UserWarning, match=r"128 x 128 is far from the 32 x 32 this model was trained at"):
+        ours("a red circle", height=128, width=128, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for size in (16, 32, 64):
+            ours("a red circle", height=size, width=size, **kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_our_error_not_the_drivers(ours):
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        ours.to("cuda")
+    assert ours.device.type == "cpu"  # unchanged
