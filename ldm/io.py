@@ -56,7 +56,8 @@ def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str
 def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write a safetensors file atomically: a temporary file in the same folder, then `os.replace`."""
+    """Write a safetensors file atomically: a temporary file in the same folder, then `os.replace` (mode as for a new
+    file, like every other file we write; mkstemp's 0600 would otherwise stay)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -64,6 +65,7 @@ def save_state_dict(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -66,3 +66,17 @@ def test_the_patterns_find_commands():
                quoted(r"python -c \"(from [\w.]+ import [\w, ]+);"))
     assert len(quoted(r"--config ([\w./-]+\.yaml)")) >= 4
     assert len(quoted(r"(?m)^\s*(?:#\s*)?ldm (\w+) ")) >= 5
+
+
+def test_the_readmes_math_snippet_runs_and_prints():
+    """The README's 'diffusion math on its own' block runs as written and prints its check."""
+    import contextlib
+    import io
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    math_blocks = [b for b in blocks if "from ldm.diffusion import" in b]
+    assert len(math_blocks) == 1
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(math_blocks[0], "README.md", "exec"), {})  # noqa: S102 - our own README
+    assert "tensor(" in out.getvalue()

@@ -146,3 +146,18 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644  # mkstemp alone would give 0600
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755  # mkdtemp alone would give 0700
+
+
+def test_weights_and_configs_are_written_with_one_mode(tmp_path):
+    """safetensors, JSON and text files all get a new file's mode (0666 less the umask), not mkstemp's 0600."""
+    import os
+    import stat
+
+    from ldm.io import save_state_dict, write_json
+
+    save_state_dict({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    write_json({"a": 1}, tmp_path / "c.json")
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("w.safetensors", "c.json")}
+    assert modes == {0o666 & ~mask}
