@@ -228,8 +228,11 @@ class Pipeline:
         spec = SAMPLERS[sampler]  # the function and its schedule facts (which timesteps, final sigma, VP output)
         karras = self.schedule.use_karras_sigmas if karras_sigmas is None else karras_sigmas
         sigmas = spec.sigmas(self.schedule, num_inference_steps, karras=karras).float().to(self.device)
+        implied = spec.schedule_options(self.schedule, num_inference_steps, karras=karras)  # clip_x0, DDIM's step_to
         if init is not None:
             sigmas, z0 = self._img2img_start(init, n, sigmas, strength, num_inference_steps)
+            if "step_to" in implied:  # the same last steps
+                implied["step_to"] = implied["step_to"][len(implied["step_to"]) - (len(sigmas) - 1):]
         noise = latents.to(self.device, torch.float32) if latents is not None else randn(
             shape, generators, device=self.device, dtype=torch.float32)
         if tuple(noise.shape) != shape:
@@ -252,7 +255,7 @@ class Pipeline:
                 callback(i, sigma, xi, x0)
 
         try:
-            out = spec(model, x, sigmas, callback=step, **options, **spec.schedule_options(self.schedule))
+            out = spec(model, x, sigmas, callback=step, **options, **implied)
         finally:
             bar.close()
         out = spec.to_output(out, sigmas[-1].item())  # DDIM with set_alpha_to_one=False ends at sigma > 0, in VP

@@ -32,7 +32,7 @@ import torch
 
 from ldm.random import Generator, randn_like
 from ldm.diffusion.sampling import Callback, Denoiser, check_sigmas, denoise, to_d
-from ldm.diffusion.schedule import Flavor, NoiseSchedule, sampler_sigmas
+from ldm.diffusion.schedule import Flavor, NoiseSchedule, ddim_step_targets, sampler_sigmas
 from ldm.diffusion.sde import sample_langevin, sample_pc, sample_reverse_sde
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -66,21 +66,27 @@ def sample_euler_ancestral(
 ) -> torch.Tensor:
     """Euler to sigma_down, then fresh noise of std sigma_up (`ancestral_step`); eta = 1 is diffusers'
     EulerAncestralDiscreteScheduler and DDPM's posterior, eta = 0 is plain Euler."""
-    return _ancestral(model, x, sigmas, cond, generator, callback, eta, s_noise, None)
+    return _ancestral(model, x, sigmas, cond, generator, callback, eta, s_noise, None, None)
 
 
 def _ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, Any] | None,
                generator: Generator, callback: Callback, eta: float, s_noise: float,
-               clip_x0: float | None) -> torch.Tensor:
-    """x <- x0_hat + sigma_down eps_hat + sigma_up z; clip_x0 = r clamps the x0 term alone to [-r, r]."""
+               clip_x0: float | None, step_to: torch.Tensor | None) -> torch.Tensor:
+    """x <- x0_hat + sigma_down eps_hat + sigma_up z toward step_to[i] (default: the next sigma), then relabelled to
+    the next sigma keeping the VP sample x / sqrt(1 + sigma^2); clip_x0 = r clamps the x0 term alone to [-r, r]."""
     s = check_sigmas(sigmas)
+    targets = s[1:] if step_to is None else [float(v) for v in step_to]
+    if len(targets) != len(s) - 1:
+        raise ValueError(f"step_to has {len(targets)} sigmas for {len(s) - 1} steps")
     for i in range(len(s) - 1):
         denoised = denoise(model, x, s[i], cond, i)
-        down, up = ancestral_step(s[i], s[i + 1], eta)
+        down, up = ancestral_step(s[i], targets[i], eta)
         x0 = denoised if clip_x0 is None else denoised.clamp(-clip_x0, clip_x0)
         x = x0 + to_d(x, s[i], denoised) * down
         if eta > 0:
             x = x + randn_like(x, generator) * (s_noise * up)
+        if targets[i] != s[i + 1]:
+            x = x * math.sqrt((1 + s[i + 1] ** 2) / (1 + targets[i] ** 2))
         if callback is not None:
             callback(i, s[i], x, denoised)
     return x
@@ -89,6 +95,7 @@ def _ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: dic
 def sample_ddim(
     model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
     generator: Generator = None, callback: Callback = None, eta: float = 0.0, clip_x0: float | None = None,
+    step_to: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_prev = x0_hat + sqrt(sigma_next^2 - sigma_up^2) eps_hat + sigma_up z.
 
@@ -96,8 +103,10 @@ def sample_ddim(
     this with sigma_up = std / sqrt(ā_prev) = eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2), i.e. the
     ancestral Euler step with the same eta; eta = 0 is Euler's method on the probability-flow ODE. clip_x0 = r clamps
     x0_hat to [-r, r] in the first term only, eps_hat staying the network's: diffusers' DDIM with clip_sample.
+    step_to (ldm.diffusion.schedule.ddim_step_targets): the sigma each step lands on where it is not the next one,
+    after which the VP sample restarts at the next sigma, as diffusers' DDIM does with "trailing" / "linspace" spacing.
     """
-    return _ancestral(model, x, sigmas, cond, generator, callback, eta, 1.0, clip_x0)
+    return _ancestral(model, x, sigmas, cond, generator, callback, eta, 1.0, clip_x0, step_to)
 
 
 @torch.no_grad()
@@ -189,6 +198,7 @@ class Sampler:
     ends_at_zero: bool = False  # its diffusers scheduler ends at sigma 0 whatever set_alpha_to_one / final_sigmas_type say
     vp_output: bool = False  # its diffusers scheduler returns VP coordinates: a final sigma > 0 is divided out
     clips_x0: bool = False  # takes clip_x0, as its diffusers scheduler clips x0 where clip_sample says (DDIM, DDPM)
+    skips_uniformly: bool = False  # takes step_to: it steps t -> t - T // n as diffusers' DDIM (ddim_step_targets)
 
     def __call__(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, **options: Any) -> torch.Tensor:
         return self.fn(model, x, sigmas, **options)
@@ -203,10 +213,16 @@ class Sampler:
         """The result in the coordinates its diffusers scheduler returns: x / sqrt(1 + sigma^2) for VP output."""
         return x / math.sqrt(1 + final_sigma**2) if self.vp_output and final_sigma > 0 else x
 
-    def schedule_options(self, schedule: NoiseSchedule) -> dict[str, Any]:
+    def schedule_options(self, schedule: NoiseSchedule, num_steps: int, *, karras: bool = False) -> dict[str, Any]:
         """The options `schedule` implies for this sampler as for its diffusers scheduler: clip_x0 for DDIM / DDPM
-        where clip_sample says so (or a scheduler config leaves it out: their default)."""
-        return {"clip_x0": schedule.clip_sample_range} if self.clips_x0 and schedule.clips_x0() else {}
+        where clip_sample says so (or a scheduler config leaves it out: their default), and DDIM's step_to where
+        it does not step to the next timestep."""
+        options: dict[str, Any] = {}
+        if self.clips_x0 and schedule.clips_x0():
+            options["clip_x0"] = schedule.clip_sample_range
+        if self.skips_uniformly and not karras and (targets := ddim_step_targets(schedule, num_steps)) is not None:
+            options["step_to"] = targets
+        return options
 
     def accepts(self, option: str) -> bool:
         """Whether the function takes the keyword `option` (e.g. "eta")."""
@@ -215,7 +231,7 @@ class Sampler:
 
 SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler(sample_ddpm, flavor="ddim", ends_at_zero=True, vp_output=True, clips_x0=True),
-    "ddim": Sampler(sample_ddim, flavor="ddim", vp_output=True, clips_x0=True),
+    "ddim": Sampler(sample_ddim, flavor="ddim", vp_output=True, clips_x0=True, skips_uniformly=True),
     "euler": Sampler(sample_euler),
     "euler_ancestral": Sampler(sample_euler_ancestral, ends_at_zero=True),
     "heun": Sampler(sample_heun, ends_at_zero=True),

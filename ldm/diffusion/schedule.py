@@ -13,7 +13,8 @@ building sigma tables; `NoiseSchedule.alphas_cumprod()` itself keeps the exact 0
 Three flavors of inference timesteps exist in diffusers and are reproduced here:
   "ddim"      DDIMScheduler / DDPMScheduler: integer timesteps ("linspace" rounded); we step from each timestep to
               the next, as DDPMScheduler does. DDIMScheduler steps to t - T//n instead, which differs when the
-              timesteps are not T//n apart ("linspace", or "trailing" with n not dividing T): a known deviation;
+              timesteps are not T//n apart ("linspace", or "trailing" with n not dividing T): `ddim_step_targets`
+              gives those landing points, which the "ddim" sampler takes as step_to (SAMPLERS' entry passes them);
   "euler"     Euler / Euler ancestral / Heun: float timesteps ("linspace" NOT rounded, sigma interpolated linearly);
   "dpmsolver" DPMSolverMultistepScheduler: "linspace"/"leading" over n + 1 points with the last dropped.
 
@@ -262,6 +263,20 @@ def inference_timesteps(
     else:
         raise ValueError(f"unknown timestep_spacing {spacing!r}; valid: leading, trailing, linspace")
     return torch.from_numpy(ts.astype(np.float64).copy())
+
+
+def ddim_step_targets(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor | None:
+    """The (num_steps,) sigmas diffusers' DDIM lands on: it steps from timestep t to t - T // n (Song et al.'s uniform
+    skip) and then restarts at the next timestep, whatever that is; with "trailing" or "linspace" spacing the two
+    differ. None when every step lands on the next timestep (e.g. "leading"), where walking the schedule is the same."""
+    T = schedule.num_train_timesteps
+    spacing = schedule.timestep_spacing or default_spacing("ddim")
+    walked = sampler_sigmas(schedule, num_steps, "ddim", spacing=spacing, karras=False)
+    prev = inference_timesteps(T, num_steps, spacing, schedule.steps_offset, "ddim") - T // num_steps
+    targets = walked[1:].clone()
+    inside = prev >= 0  # below 0: the final alphā (set_alpha_to_one), i.e. the walked schedule's final sigma
+    targets[inside] = schedule.sigmas().double()[prev[inside].long()]
+    return None if torch.equal(targets, walked[1:]) else targets
 
 
 def t_to_sigma(t: torch.Tensor, train_sigmas: torch.Tensor, interpolation: Interpolation = "linear") -> torch.Tensor:

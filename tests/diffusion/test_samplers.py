@@ -48,16 +48,13 @@ STOCHASTIC = {"ddpm", "euler_ancestral"}
 def test_full_loop_equals_diffusers(name, opts, ref_cls, ref_kw, flavor, vp, spacing, prediction, n):
     """Max abs difference <= 1e-5 (diffusers keeps float32 alphā / casts Euler and DPM samples to float32)."""
     assert (SAMPLERS[name].flavor, SAMPLERS[name].vp_output) == (flavor, vp)  # the table's facts are diffusers'
-    if name == "ddim" and (spacing == "linspace" or 1000 % n):
-        # DDPMScheduler steps to the next timestep and matches; DDIMScheduler steps from t to t - T//n and then
-        # restarts at the next timestep (e.g. trailing, n = 30: 999 -> 966, then 932 -> 899): a sample relabelled
-        # to another noise level, which no sigma schedule expresses. We step between the timesteps themselves.
-        pytest.skip("diffusers' DDIM steps to t - T//n, not to the next timestep (documented deviation)")
-    cfg = {**SD, "timestep_spacing": spacing}
+    # DDIMScheduler steps from t to t - T//n and restarts at the next timestep (e.g. trailing, n = 30: 999 -> 966, then
+    # 932 -> 899); the SAMPLERS entry's step_to says where each step lands, so these cases match too
+    extra = dict(clip_sample=False) if ref_cls in (DDIMScheduler, DDPMScheduler) else {}
+    cfg = {**SD, "timestep_spacing": spacing, **extra}
     sched = NoiseSchedule.from_diffusers(cfg)
     table, gmm = sched.sigmas(), mixture_2d()
-    extra = dict(clip_sample=False) if ref_cls in (DDIMScheduler, DDPMScheduler) else {}
-    ref_sched = ref_cls(**cfg, **extra)
+    ref_sched = ref_cls(**cfg)
     noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sigmas = sampler_sigmas(sched, n, flavor)
     x_start = noise * (1 + sigmas[0] ** 2).sqrt() if vp else noise * sigmas[0]  # the same state in sigma space
@@ -66,7 +63,7 @@ def test_full_loop_equals_diffusers(name, opts, ref_cls, ref_kw, flavor, vp, spa
     ref_net, our_net = vp_eps_net(gmm, table, "linear"), vp_eps_net(gmm, table, "linear")
     ref = run_diffusers_scheduler(ref_sched, ref_net, noise if vp else x_start, n, generator=gen(), **ref_kw)
     model = DiscreteVPDenoiser(our_net, table, "epsilon", interpolation="linear")
-    out = sample(model, x_start, sigmas, name, generator=gen(), **opts)
+    out = sample(model, x_start, sigmas, name, generator=gen(), **opts, **SAMPLERS[name].schedule_options(sched, n))
     assert len(our_net.calls) == len(ref_net.calls)  # same NFE
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 

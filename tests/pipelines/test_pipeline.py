@@ -1,6 +1,7 @@
 """The Pipeline against diffusers' StableDiffusionPipeline on identical tiny random weights, and its contracts."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -378,3 +379,45 @@ def test_cuda_without_a_gpu_is_our_error_not_the_drivers(ours):
     with pytest.raises(ValueError, match="torch sees no CUDA device"):
         ours.to("cuda")
     assert ours.device.type == "cpu"  # unchanged
+
+
+@pytest.fixture(scope="module")
+def trailing_folder(folder, tmp_path_factory):
+    """The tiny weights with "trailing" spacing (the zero-SNR recipe's): diffusers' DDIM steps t -> t - T//n there."""
+    path = tmp_path_factory.mktemp("tiny_trailing") / "model"
+    shutil.copytree(folder, path)
+    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "timestep_spacing": "trailing"}))
+    return path
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_ddim_with_trailing_spacing_equals_diffusers(trailing_folder, monkeypatch, image):
+    """30 steps do not divide 1000: diffusers' DDIM lands on t - T//n (999 -> 966) and restarts at the next timestep
+    (932); ours follows it, text-to-image and img2img within 1/255, where walking the timesteps is further off."""
+    import dataclasses
+
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
+
+    from ldm.diffusion.samplers import SAMPLERS
+
+    ours = Pipeline.from_pretrained(trailing_folder, device="cpu", dtype=torch.float32)
+    theirs = StableDiffusionPipeline.from_pretrained(trailing_folder, safety_checker=None,
+                                                     requires_safety_checker=False)
+    scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
+    kw = dict(num_inference_steps=30, guidance_scale=SCALE, output_type="np")
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    if image:
+        monkeypatch.setattr(img2img_module, "retrieve_latents", lambda out, generator=None, **k: out.latent_dist.mode())
+        pipe = StableDiffusionImg2ImgPipeline(**{**theirs.components, "scheduler": scheduler})
+        kw.update(image=_init_image(), strength=0.6)
+    else:
+        pipe = StableDiffusionPipeline(**{**theirs.components, "scheduler": scheduler})
+        kw.update(height=32, width=32, latents=noise)
+    ref = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(2), **kw).images
+    kw.update(latents=noise)
+    got = ours(PROMPTS[0], sampler="ddim", progress=False, **kw).images
+    assert np.abs(got - ref).max() <= 1 / 255, f"max abs pixel difference {np.abs(got - ref).max():.2e}"
+    monkeypatch.setitem(SAMPLERS, "ddim", dataclasses.replace(SAMPLERS["ddim"], skips_uniformly=False))
+    walked = ours(PROMPTS[0], sampler="ddim", progress=False, **kw).images
+    assert np.abs(walked - ref).max() > 1 / 255  # walking the timesteps instead would fail this comparison
