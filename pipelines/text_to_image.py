@@ -141,18 +141,19 @@ class Pipeline:
         """(B, n, D) text embeddings (n: the tokenizer's model_max_length, CLIP's 77)."""
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
-    def denoiser(self, *, karras: bool, flavor: str) -> DiscreteVPDenoiser:
-        """The U-Net as D(x, sigma, encoder_hidden_states): VP input scaling, sigma -> t, parameterization. Latents stay
-        fp32 in the sampler; only the network runs in the pipeline's dtype."""
-        unet, dtype = self.unet, self.dtype
+    def denoiser(self, *, karras: bool, flavor: str, schedule: NoiseSchedule | None = None) -> DiscreteVPDenoiser:
+        """The U-Net as D(x, sigma, encoder_hidden_states): VP input scaling, sigma -> t, parameterization, on
+        `schedule` (default: the pipeline's). Latents stay fp32 in the sampler; only the network runs in the
+        pipeline's dtype."""
+        unet, dtype, schedule = self.unet, self.dtype, schedule or self.schedule
 
         def net(x_vp: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
             return unet(x_vp.to(dtype), t, **{k: v.to(dtype) for k, v in cond.items()}).float()
 
         return DiscreteVPDenoiser(
             net,
-            self.schedule.sigmas(),
-            self.schedule.prediction_type,
+            schedule.sigmas(),
+            schedule.prediction_type,
             interpolation="log" if karras else "linear",
             quantize=karras and flavor == "dpmsolver",
         )
@@ -226,9 +227,10 @@ class Pipeline:
         shape = (n, self.unet.config.in_channels, height // f, width // f)
 
         spec = SAMPLERS[sampler]  # the function and its schedule facts (which timesteps, final sigma, VP output)
-        karras = self.schedule.use_karras_sigmas if karras_sigmas is None else karras_sigmas
-        sigmas = spec.sigmas(self.schedule, num_inference_steps, karras=karras).float().to(self.device)
-        implied = spec.schedule_options(self.schedule, num_inference_steps, karras=karras)  # clip_x0, DDIM's step_to
+        schedule = spec.schedule_for(self.schedule)  # as its diffusers scheduler reads the config (Heun: no zero SNR)
+        karras = schedule.use_karras_sigmas if karras_sigmas is None else karras_sigmas
+        sigmas = spec.sigmas(schedule, num_inference_steps, karras=karras).float().to(self.device)
+        implied = spec.schedule_options(schedule, num_inference_steps, karras=karras)  # clip_x0, DDIM's step_to
         if init is not None:
             sigmas, z0 = self._img2img_start(init, n, sigmas, strength, num_inference_steps)
             if "step_to" in implied:  # the same last steps
@@ -242,8 +244,8 @@ class Pipeline:
         else:
             x = noise * math.sqrt(1 + sigmas[0].item() ** 2)  # the VP prior N(0, I) at sigma_max, in sigma space
 
-        model, cond = self._guided(prompts, negatives, guidance_scale, guidance_rescale, interval, karras,
-                                   spec.flavor)
+        base = self.denoiser(karras=karras, flavor=spec.flavor, schedule=schedule)
+        model, cond = self._guided(base, prompts, negatives, guidance_scale, guidance_rescale, interval)
         options: dict[str, Any] = {"cond": cond, "generator": generators}
         if eta is not None:
             options["eta"] = eta
@@ -265,16 +267,14 @@ class Pipeline:
 
     def _guided(
         self,
+        base: DiscreteVPDenoiser,
         prompts: list[str],
         negatives: list[str],
         scale: float,
         rescale: float,
         interval: tuple[float, float] | None,
-        karras: bool,
-        flavor: str,
     ) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
-        """The denoiser with classifier-free guidance; at scale 1 only the conditional branch is run."""
-        base = self.denoiser(karras=karras, flavor=flavor)
+        """`base` with classifier-free guidance; at scale 1 only the conditional branch is run."""
         cond = {"encoder_hidden_states": self.encode_prompts(prompts)}
         if scale == 1.0 and rescale == 0.0:
             return base, cond

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -199,6 +199,7 @@ class Sampler:
     vp_output: bool = False  # its diffusers scheduler returns VP coordinates: a final sigma > 0 is divided out
     clips_x0: bool = False  # takes clip_x0, as its diffusers scheduler clips x0 where clip_sample says (DDIM, DDPM)
     skips_uniformly: bool = False  # takes step_to: it steps t -> t - T // n as diffusers' DDIM (ddim_step_targets)
+    reads_zero_snr: bool = True  # its diffusers scheduler applies rescale_betas_zero_snr (Heun's ignores it)
 
     def __call__(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, **options: Any) -> torch.Tensor:
         return self.fn(model, x, sigmas, **options)
@@ -212,6 +213,14 @@ class Sampler:
     def to_output(self, x: torch.Tensor, final_sigma: float) -> torch.Tensor:
         """The result in the coordinates its diffusers scheduler returns: x / sqrt(1 + sigma^2) for VP output."""
         return x / math.sqrt(1 + final_sigma**2) if self.vp_output and final_sigma > 0 else x
+
+    def schedule_for(self, schedule: NoiseSchedule) -> NoiseSchedule:
+        """`schedule` as this sampler's diffusers scheduler reads it: diffusers' Heun ignores rescale_betas_zero_snr,
+        so on a zero-terminal-SNR folder it samples the un-rescaled betas, and so does ours (equal names, equal images;
+        Euler or DPM-Solver++ sample the rescaled schedule)."""
+        if schedule.rescale_betas_zero_snr and not self.reads_zero_snr:
+            return replace(schedule, rescale_betas_zero_snr=False)
+        return schedule
 
     def schedule_options(self, schedule: NoiseSchedule, num_steps: int, *, karras: bool = False) -> dict[str, Any]:
         """The options `schedule` implies for this sampler as for its diffusers scheduler: clip_x0 for DDIM / DDPM
@@ -234,7 +243,7 @@ SAMPLERS: dict[str, Sampler] = {
     "ddim": Sampler(sample_ddim, flavor="ddim", vp_output=True, clips_x0=True, skips_uniformly=True),
     "euler": Sampler(sample_euler),
     "euler_ancestral": Sampler(sample_euler_ancestral, ends_at_zero=True),
-    "heun": Sampler(sample_heun, ends_at_zero=True),
+    "heun": Sampler(sample_heun, ends_at_zero=True, reads_zero_snr=False),
     "dpmpp_2m": Sampler(sample_dpmpp_2m, flavor="dpmsolver", vp_output=True),
     "reverse_sde": Sampler(sample_reverse_sde),
     "pc": Sampler(sample_pc),

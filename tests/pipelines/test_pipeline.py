@@ -421,3 +421,34 @@ def test_ddim_with_trailing_spacing_equals_diffusers(trailing_folder, monkeypatc
     monkeypatch.setitem(SAMPLERS, "ddim", dataclasses.replace(SAMPLERS["ddim"], skips_uniformly=False))
     walked = ours(PROMPTS[0], sampler="ddim", progress=False, **kw).images
     assert np.abs(walked - ref).max() > 1 / 255  # walking the timesteps instead would fail this comparison
+
+
+@pytest.fixture(scope="module")
+def zero_snr_folder(folder, tmp_path_factory):
+    """The tiny weights with a zero-terminal-SNR schedule (Lin et al. 2024: rescaled betas, trailing spacing; the tiny
+    model predicts eps, and diffusers clamps the infinite first sigma as we do)."""
+    path = tmp_path_factory.mktemp("tiny_zero_snr") / "model"
+    shutil.copytree(folder, path)
+    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("sampler, scheduler_cls", [("heun", HeunDiscreteScheduler), ("euler", EulerDiscreteScheduler)])
+def test_zero_snr_folders_sample_as_each_diffusers_scheduler_reads_them(zero_snr_folder, monkeypatch, sampler,
+                                                                         scheduler_cls):
+    """diffusers' Heun ignores rescale_betas_zero_snr, its Euler applies it; ours do the same (within 1/255), and
+    for Heun the difference is real (the rescaled schedule would be > 1/255 off)."""
+    import dataclasses
+
+    from ldm.diffusion.samplers import SAMPLERS
+
+    ours = Pipeline.from_pretrained(zero_snr_folder, device="cpu", dtype=torch.float32)
+    theirs = StableDiffusionPipeline.from_pretrained(zero_snr_folder, safety_checker=None,
+                                                     requires_safety_checker=False)
+    _compare_with_diffusers(ours, theirs, sampler, scheduler_cls)
+    if sampler == "heun":
+        monkeypatch.setitem(SAMPLERS, "heun", dataclasses.replace(SAMPLERS["heun"], reads_zero_snr=True))
+        with pytest.raises(AssertionError, match="max abs pixel difference"):
+            _compare_with_diffusers(ours, theirs, sampler, scheduler_cls)
