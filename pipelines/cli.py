@@ -103,16 +103,19 @@ def image_grid(images: Sequence[Any], cols: int | None = None) -> Any:
     return grid
 
 
-def _load(model: str | None, allow_pickle: bool, prediction_type: str | None = None) -> Any:
-    """Components from a folder, a single file or a hub name (default: the bundled model)."""
+def _load(model: str | None, allow_pickle: bool, prediction_type: str | None = None,
+          config: str | None = None) -> Any:
+    """Components from a folder, a single file (with `config`, a pipeline folder whose configs fit it) or a hub name
+    (default: the bundled model)."""
     from ldm.loading.sources import load_components
     from pipelines.loading import DEFAULT_MODEL
     from ldm.loading.single_file import load_single_file
 
     path = Path(model).expanduser() if model is not None else DEFAULT_MODEL
     if prediction_type is not None and path.is_file():
-        return load_single_file(path, allow_pickle=allow_pickle, prediction_type=prediction_type)
-    components = load_components(path if model is None else model, allow_pickle=allow_pickle)
+        return load_single_file(path, allow_pickle=allow_pickle, prediction_type=prediction_type,
+                                config_folder=config)
+    components = load_components(path if model is None else model, allow_pickle=allow_pickle, config=config)
     if prediction_type is not None:
         from ldm.diffusion.schedule import NoiseSchedule
 
@@ -160,7 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pipelines.text_to_image import Pipeline
 
     device = _device(args.device)
-    c = _load(args.model, args.allow_pickle)
+    c = _load(args.model, args.allow_pickle, config=args.model_config)
     pipe = Pipeline(c.unet, c.vae, c.text_encoder, c.schedule, device=device, dtype=_torch_dtype(args.dtype))
     kwargs: dict[str, Any] = {}
     if init is not None:
@@ -209,7 +212,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     to_file = dst.suffix == ".safetensors"
     if not to_file and dst.suffix in (".ckpt", ".bin", ".pt", ".pth"):
         raise UsageError(f"{dst.name}: single files are written as .safetensors only (pickle is never written)")
-    c = _load(str(src), args.allow_pickle, args.prediction_type)
+    c = _load(str(src), args.allow_pickle, args.prediction_type, config=args.model_config)
     if to_file:
         save_single_file(c, dst)
     else:
@@ -248,7 +251,7 @@ def model_info(components: Any) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = model_info(_load(args.model, args.allow_pickle))
+    info = model_info(_load(args.model, args.allow_pickle, config=args.model_config))
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return EXIT_OK
@@ -315,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", default=None, help="init image: image-to-image")
     g.add_argument("--strength", type=float, default=None, help="img2img noise strength in (0, 1] (default 0.8)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt, .bin)")
+    g.add_argument("--model-config", default=None, metavar="FOLDER", help="for a single-file --model of another size: a pipeline folder whose configs fit it")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=DTYPES, help="default float16 on CUDA, float32 on CPU")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -325,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="pipeline folder or single-file checkpoint")
     c.add_argument("dst", help="*.safetensors for a single file, anything else for a folder")
     c.add_argument("--allow-pickle", action="store_true", help="allow reading pickle checkpoints (.ckpt)")
+    c.add_argument("--model-config", default=None, metavar="FOLDER", help="for a single-file SRC of another size: a "
+                   "pipeline folder whose configs fit it")
     c.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction", "sample"],
                    help="override the schedule's prediction type (e.g. SD 2.x 512 base: epsilon)")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -334,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="pipeline folder, .safetensors file or hub name")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--allow-pickle", action="store_true")
+    i.add_argument("--model-config", default=None, metavar="FOLDER", help="for a single-file --model of another size: a pipeline folder whose configs fit it")
     i.set_defaults(func=cmd_info)
 
     t = sub.add_parser("train", help="train or fine-tune (forwards to ldm.training.unet)", add_help=False,

@@ -87,9 +87,11 @@ class Pipeline:
         allow_pickle: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        config: str | Path | None = None,
     ) -> Pipeline:
-        """Load a pipeline folder (ours or diffusers'), or a single-file SD 1.x/2.x checkpoint."""
-        c = load_components(path, allow_pickle=allow_pickle)
+        """Load a pipeline folder (ours or diffusers'), or a single-file SD 1.x/2.x checkpoint; `config` (a pipeline
+        folder) gives a single file of another size its configs, as diffusers' from_single_file(config=...)."""
+        c = load_components(path, allow_pickle=allow_pickle, config=config)
         return cls(c.unet, c.vae, c.text_encoder, c.schedule, device=device, dtype=dtype,
                    scheduler_config=c.scheduler_config)
 

@@ -19,7 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from autoencoder.model import AutoencoderKL, VAEConfig
 from ldm.config import BUNDLED_CONFIGS, load_config
-from ldm.io import build_with_weights, load_state_dict, save_state_dict
+from ldm.io import WeightsError, build_with_weights, load_state_dict, save_state_dict
 from ldm.diffusion.parameterization import PREDICTIONS
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.text import TextEncoder, hub_state_dict, load_hub_state_dict
@@ -29,6 +29,7 @@ from ldm.diffusion.schedule import sd_schedule
 from ldm.networks.unet import UNet, UNetConfig
 from ldm.loading.convert import (
     CLIP_PREFIX,
+    OPENCLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     split_single_file,
@@ -54,6 +55,20 @@ def _metadata(path: Path) -> dict[str, Any] | None:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+
+
+def checkpoint_family(state: dict[str, torch.Tensor]) -> str:
+    """The model family of a CompVis / SGM single file, read off its keys: "SDXL", "SDXL refiner", "SD 2.x" (an
+    OpenCLIP text tower) or "SD 1.x", with " inpainting" when the U-Net takes 9 input channels."""
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        base = any(k.startswith("conditioner.embedders.1.") for k in state)  # CLIP-L and OpenCLIP bigG
+        return "SDXL" if base else "SDXL refiner"
+    family = "SD 2.x" if any(k.startswith(OPENCLIP_PREFIX) for k in state) else "SD 1.x"
+    first = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    return family + " inpainting" if first is not None and first.ndim == 4 and first.shape[1] == 9 else family
+
+
+SUPPORTED_FAMILIES = ("SD 1.x", "SD 2.x")
 
 
 def _unet_pairs(config: UNetConfig) -> list[tuple[str, str]]:
@@ -89,6 +104,10 @@ def load_single_file(
     else the SD 1.x / 2.x presets."""
     path = Path(path)
     state = load_state_dict(path, allow_pickle=allow_pickle)
+    family = checkpoint_family(state)
+    if family not in SUPPORTED_FAMILIES:
+        raise WeightsError(f"{path} is an {family} checkpoint, which is not supported yet (single files of "
+                           f"{' and '.join(SUPPORTED_FAMILIES)} are)")
     parts = split_single_file(state)
     meta = _folder_configs(Path(config_folder)) if config_folder is not None else _metadata(path)
     if meta is not None:
@@ -118,9 +137,18 @@ def load_single_file(
             raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {list(PREDICTIONS)}")
         schedule = dataclasses.replace(schedule, prediction_type=prediction_type)
 
-    unet = build_with_weights(UNet, unet_cfg, unet_from_compvis(parts["unet"], _unet_pairs(unet_cfg)), what=f"{path} (unet)")
-    vae_pairs = vae_prefix_map(vae_cfg.block_out_channels, vae_cfg.layers_per_block)
-    vae = build_with_weights(AutoencoderKL, vae_cfg, vae_from_compvis(parts["vae"], vae_pairs), what=f"{path} (vae)")
+    try:
+        unet = build_with_weights(UNet, unet_cfg, unet_from_compvis(parts["unet"], _unet_pairs(unet_cfg)),
+                                  what=f"{path} (unet)")
+        vae_pairs = vae_prefix_map(vae_cfg.block_out_channels, vae_cfg.layers_per_block)
+        vae = build_with_weights(AutoencoderKL, vae_cfg, vae_from_compvis(parts["vae"], vae_pairs),
+                                 what=f"{path} (vae)")
+    except WeightsError as e:
+        if meta is not None:
+            raise
+        raise WeightsError(f"{e}. {path} carries no configs and is not shaped as the {family} preset: if it is "
+                           "another size, pass config= a pipeline folder whose configs fit it "
+                           "(Pipeline.from_pretrained(path, config=folder), ldm ... --model-config FOLDER)") from e
     if parts["open_clip"]:
         text_state = openclip_to_transformers(parts["open_clip"], text_cfg)
     else:

@@ -13,14 +13,20 @@ class ModelNotFoundError(FileNotFoundError):
     """No model at the given path, and it is not a reachable hub name."""
 
 
-def load_components(path: str | Path, *, allow_pickle: bool = False) -> Components:
+def load_components(path: str | Path, *, allow_pickle: bool = False, config: str | Path | None = None) -> Components:
     """Load components from a pipeline folder, a single `.safetensors` (or, with allow_pickle, `.ckpt`) file, or a
-    Hugging Face hub name "owner/name" (downloaded through huggingface_hub when a hub is reachable)."""
+    Hugging Face hub name "owner/name" (downloaded through huggingface_hub when a hub is reachable). `config`: for a
+    single file, a pipeline folder whose configs fit it (diffusers' from_single_file(config=...)), for sizes the
+    file's metadata and the SD presets do not give."""
     p = Path(path).expanduser()
+    if config is not None and not p.is_file():
+        raise ValueError(f"config= is for single-file checkpoints, but {path} is not a file")
+    if config is not None and not (Path(config) / "model_index.json").is_file():
+        raise FileNotFoundError(f"config={config} is not a pipeline folder (no model_index.json)")
     if p.is_dir():
         return load_pipeline_folder(p, allow_pickle=allow_pickle)
     if p.is_file():
-        return load_single_file(p, allow_pickle=allow_pickle)
+        return load_single_file(p, allow_pickle=allow_pickle, config_folder=config)
     name = str(path)
     looks_local = p.suffix in (".safetensors", *PICKLE_SUFFIXES) or name.startswith((".", "/", "~")) or name.count("/") != 1
     if looks_local:

@@ -53,3 +53,49 @@ def test_without_metadata_the_sd_presets_apply_and_mismatches_are_named(saved, t
 def test_prediction_type_override(saved):
     _, path = saved
     assert load_single_file(path, prediction_type="v_prediction").schedule.prediction_type == "v_prediction"
+
+
+def test_a_single_file_without_configs_loads_with_a_config_folder(tmp_path):
+    """A file of non-SD sizes and no metadata loads with config= a fitting pipeline folder (diffusers'
+    from_single_file(config=...)), bit-exact; without it the error names the family preset and the config= way out."""
+    from safetensors.torch import load_file, save_file
+
+    from ldm.io import WeightsError
+    from ldm.loading.sources import load_components
+    from pipelines.text_to_image import Pipeline
+    from pipelines.tiny import tiny_components
+
+    c = tiny_components(seed=0)
+    save_pipeline(tmp_path / "folder", unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
+    save_single_file(c, tmp_path / "with-meta.safetensors")
+    save_file(load_file(tmp_path / "with-meta.safetensors"), tmp_path / "bare.safetensors")  # no metadata
+    back = load_components(tmp_path / "bare.safetensors", config=tmp_path / "folder")
+    for part in ("unet", "vae", "text_encoder"):
+        assert same_weights(getattr(back, part), getattr(c, part)), part
+    pipe = Pipeline.from_pretrained(tmp_path / "bare.safetensors", config=tmp_path / "folder", device="cpu")
+    assert same_weights(pipe.unet, c.unet)
+    with pytest.raises(WeightsError, match=r"not shaped as the SD 1.x preset: .*pass config="):
+        load_components(tmp_path / "bare.safetensors")
+    with pytest.raises(ValueError, match="config= is for single-file checkpoints"):
+        load_components(tmp_path / "folder", config=tmp_path / "folder")
+    with pytest.raises(FileNotFoundError, match="is not a pipeline folder"):
+        load_components(tmp_path / "bare.safetensors", config=tmp_path)
+
+
+@pytest.mark.parametrize("keys, family", [
+    (["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+      "conditioner.embedders.1.model.token_embedding.weight"], "SDXL"),
+    (["conditioner.embedders.0.model.token_embedding.weight"], "SDXL refiner"),
+    (["inpaint"], "SD 1.x inpainting"),
+])
+def test_an_unsupported_family_is_refused_by_name(tmp_path, keys, family):
+    from safetensors.torch import save_file
+
+    from ldm.io import WeightsError
+
+    state = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 9 if family.endswith("inpainting") else 4,
+                                                                             3, 3)}
+    state.update({k: torch.zeros(1) for k in keys if "." in k})
+    save_file(state, tmp_path / "m.safetensors")
+    with pytest.raises(WeightsError, match=rf"m.safetensors is an {family} checkpoint, which is not supported yet"):
+        load_single_file(tmp_path / "m.safetensors")
