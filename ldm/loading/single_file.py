@@ -24,7 +24,7 @@ from ldm.diffusion.parameterization import PREDICTIONS
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.text import TextEncoder, hub_state_dict, load_hub_state_dict
 from ldm.networks.tokenizer import EOS, build_clip_tokenizer
-from ldm.networks.text_openclip import openclip_text_config, openclip_to_transformers
+from ldm.networks.text_openclip import openclip_text_config, openclip_to_transformers, transformers_to_openclip
 from ldm.diffusion.schedule import sd_schedule
 from ldm.networks.unet import UNet, UNetConfig
 from ldm.loading.convert import (
@@ -161,8 +161,15 @@ def load_single_file(
     return components
 
 
+def text_layout(text_encoder: TextEncoder) -> str:
+    """How a single file holds this text encoder: "open_clip" (SD 2.x: `cond_stage_model.model.`, q/k/v fused) for an
+    OpenCLIP tower (GELU; OpenAI's CLIP uses quick GELU), else "clip" (SD 1.x: `cond_stage_model.transformer.`)."""
+    return "open_clip" if text_encoder.model.config.hidden_act == "gelu" else "clip"
+
+
 def save_single_file(components: Components, path: str | Path) -> None:
-    """Write a single `.safetensors` file in the CompVis layout (SD 1.x text-encoder keys), configs in its metadata."""
+    """Write a single `.safetensors` file in the CompVis layout, configs in its metadata; the text encoder in the
+    layout A1111, ComfyUI and diffusers' from_single_file expect for its family (`text_layout`)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"single files are written as .safetensors only, got {path.name}")
@@ -173,8 +180,13 @@ def save_single_file(components: Components, path: str | Path) -> None:
     vae_pairs = vae_prefix_map(c.vae.config.block_out_channels, c.vae.config.layers_per_block)
     for k, v in vae_to_compvis(c.vae.state_dict(), vae_pairs).items():
         state[VAE_PREFIX + k] = v
-    for k, v in hub_state_dict(c.text_encoder.model).items():
-        state[CLIP_PREFIX + k] = v
+    text_state = hub_state_dict(c.text_encoder.model)
+    if text_layout(c.text_encoder) == "open_clip":
+        for k, v in transformers_to_openclip(text_state, c.text_encoder.model.config).items():
+            state[OPENCLIP_PREFIX + k] = v
+    else:
+        for k, v in text_state.items():
+            state[CLIP_PREFIX + k] = v
     text_cfg = {k: v for k, v in c.text_encoder.model.config.to_dict().items()
                 if k in CLIPTextConfig().to_dict() and not k.startswith(("_", "transformers_version", "architectures"))}
     meta = {

@@ -99,3 +99,42 @@ def test_an_unsupported_family_is_refused_by_name(tmp_path, keys, family):
     save_file(state, tmp_path / "m.safetensors")
     with pytest.raises(WeightsError, match=rf"m.safetensors is an {family} checkpoint, which is not supported yet"):
         load_single_file(tmp_path / "m.safetensors")
+
+
+def test_an_openclip_text_encoder_is_written_in_the_sd2_layout_that_diffusers_reads(tmp_path):
+    """An SD 2.x-style model (OpenCLIP text tower: GELU, "!" padding) is written with `cond_stage_model.model.` keys and
+    fused q/k/v, as A1111, ComfyUI and diffusers expect; it reads back bit-exact here, and diffusers'
+    from_single_file (configs from a folder, offline) gives the same U-Net, VAE and text-encoder outputs."""
+    import dataclasses
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from ldm.loading.single_file import text_layout
+    from ldm.networks.text import TextEncoder
+    from pipelines.tiny import tiny_text_config
+
+    c = tiny_components(seed=5)
+    config = tiny_text_config()
+    config.hidden_act = "gelu"
+    c = dataclasses.replace(c, text_encoder=TextEncoder.from_config(config, seed=7, pad_token="!"))
+    assert text_layout(c.text_encoder) == "open_clip"
+    save_pipeline(tmp_path / "folder", unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
+    save_single_file(c, tmp_path / "sd2.safetensors")
+    with safe_open(str(tmp_path / "sd2.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in keys)
+    back = load_single_file(tmp_path / "sd2.safetensors")
+    for part in ("unet", "vae", "text_encoder"):
+        assert same_weights(getattr(back, part), getattr(c, part)), part
+    save_single_file(back, tmp_path / "again.safetensors")  # SD 2 file -> ours -> file: the same tensors
+    assert same_weights(load_state_dict(tmp_path / "sd2.safetensors"), load_state_dict(tmp_path / "again.safetensors"))
+    theirs = StableDiffusionPipeline.from_single_file(str(tmp_path / "sd2.safetensors"), config=str(tmp_path / "folder"),
+                                                      local_files_only=True, safety_checker=None)
+    assert same_weights(theirs.unet.state_dict(), c.unet.state_dict())
+    ids = c.text_encoder.tokenizer(["a red circle"], padding="max_length", max_length=77,
+                                   return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.text_encoder(ids).last_hidden_state,
+                                   c.text_encoder.model(ids).last_hidden_state, atol=1e-6, rtol=0)
