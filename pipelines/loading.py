@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from ldm.loading.components import Components, load_pipeline_folder
-from ldm.loading.sources import ModelNotFoundError
+from ldm.loading.sources import BUNDLED_MODEL, ModelNotFoundError
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+DEFAULT_MODEL = BUNDLED_MODEL  # pipelines/default_model: "default" as a model path names it too
 
 
 def load_default_model() -> Components:

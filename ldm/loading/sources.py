@@ -9,16 +9,24 @@ from ldm.loading.components import Components, is_pipeline_folder, load_pipeline
 from ldm.loading.single_file import load_single_file
 
 
+# The bundled default model: data of the distribution, installed beside the packages (pipelines/default_model), named
+# "default" wherever a model path is asked for (model.pretrained: default)
+BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "pipelines" / "default_model"
+
+
 class ModelNotFoundError(FileNotFoundError):
     """No model at the given path, and it is not a reachable hub name."""
 
 
 def load_components(path: str | Path, *, allow_pickle: bool = False, config: str | Path | None = None) -> Components:
     """Load components from a pipeline folder, a single `.safetensors` (or, with allow_pickle, `.ckpt`) file, or a
-    Hugging Face hub name "owner/name" (downloaded through huggingface_hub when a hub is reachable). `config`: for a
+    Hugging Face hub name "owner/name" (downloaded through huggingface_hub when a hub is reachable); "default" is the
+    bundled model, unless a path of that name exists. `config`: for a
     single file, a pipeline folder whose configs fit it (diffusers' from_single_file(config=...)), for sizes the
     file's metadata and the SD presets do not give."""
     p = Path(path).expanduser()
+    if str(path) == "default" and not p.exists():
+        p = BUNDLED_MODEL
     if config is not None and not p.is_file():
         raise ValueError(f"config= is for single-file checkpoints, but {path} is not a file")
     if config is not None and not (Path(config) / "model_index.json").is_file():

@@ -415,3 +415,22 @@ def test_a_run_refused_for_its_data_leaves_nothing_behind(shapes, tmp_path):
     assert not (out / "frozen").exists() and not (out / "checkpoints").exists()
     train(tiny_config(shapes, out, "run.max_steps=2"))  # the retry with the data starts as a fresh run
     assert (out / "checkpoints" / "step-00000002" / "meta.json").is_file()
+
+
+def test_the_quickstart_config_fine_tunes_the_bundled_model(tmp_path):
+    """train-quickstart.yaml starts from the bundled model ("default": its U-Net, VAE and text encoder), so what a
+    newcomer trains first is a working model, not noise; 2 updates run on 64 px shapes."""
+    from ldm.shapes.dataset import export_imagefolder
+    from ldm.training.unet import build_components
+    from pipelines.loading import load_default_model
+
+    export_imagefolder(tmp_path / "data", 8, "train", 0, size=64)
+    config = load_train_config(TrainConfig, "train-quickstart.yaml", [
+        f"data.path={tmp_path / 'data'}", f"run.output_dir={tmp_path / 'run'}", "run.max_steps=2", "run.batch_size=2",
+        "run.checkpoint_every=2", "run.validate_every=0", "run.progress_bar=false"])
+    parts, bundled = build_components(config), load_default_model()
+    for part in ("unet", "vae", "text_encoder"):
+        assert same_weights(getattr(parts, part), getattr(bundled, part)), part
+    assert parts.schedule == bundled.schedule
+    train(config)
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "meta.json").is_file()
