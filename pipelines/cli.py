@@ -135,6 +135,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is not None and v <= 0:
@@ -320,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt, .bin)")
     g.add_argument("--model-config", default=None, metavar="FOLDER", help="for a single-file --model of another size: a pipeline folder whose configs fit it")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core); 1 keeps "
+                   "a small model fast while other programs are busy (docs/cli.md, 'Threads')")
     g.add_argument("--dtype", default=None, choices=DTYPES, help="default float16 on CUDA, float32 on CPU")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)

@@ -214,3 +214,16 @@ def test_console_script_help():
     bad = subprocess.run([str(exe), "generate"], check=False, capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "prompt" in bad.stderr
 
+
+
+def test_generate_threads_option(tmp_path, monkeypatch):
+    """--threads sets torch's thread count for the run; 0 is refused by name before anything loads."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--threads", "0"]) == 2
+    assert calls == []
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--threads", "1", "--steps", "2",
+                 "--no-progress"]) == 0
+    assert calls == [1] and (tmp_path / "x.png").is_file()
