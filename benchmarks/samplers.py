@@ -36,9 +36,8 @@ from ldm.diffusion.toy import run_diffusers_scheduler, vp_eps_net  # noqa: E402
 warnings.filterwarnings("ignore")
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
           timestep_spacing="trailing", steps_offset=0)
-# name -> (diffusers class, extra config, step kwargs, flavor, diffusers in VP coordinates, NFE per step count)
-# our sampler -> (its diffusers scheduler, constructor extras, step kwargs, NFE for n steps); which timesteps it walks
-# and whether diffusers returns VP coordinates come from the SAMPLERS entry, as in the pipeline
+# our sampler -> (its diffusers scheduler, constructor extras, step kwargs, NFE for n steps); the timesteps, final sigma,
+# output coordinates and options (clip_x0, DDIM's step_to) come from the SAMPLERS entry's plan, as in the pipeline
 CASES = {
     "ddpm": (DDPMScheduler, dict(clip_sample=False), {}, lambda n: n),
     "ddim": (DDIMScheduler, dict(clip_sample=False), {}, lambda n: n),
@@ -64,8 +63,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 40])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    gmm, sched = mixture_2d(), NoiseSchedule.from_diffusers(SD)
-    table = sched.sigmas()
+    gmm = mixture_2d()
     truth = gmm.sample(args.n, torch.Generator().manual_seed(123))
     noise = torch.randn(args.n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     floor = sliced_wasserstein(gmm.sample(args.n, torch.Generator().manual_seed(7)), truth)
@@ -73,10 +71,12 @@ def main() -> None:
     for name, (cls, extra, kw, nfe) in CASES.items():
         spec = SAMPLERS[name]
         for n in args.steps:
-            sig, vp = spec.sigmas(sched, n), spec.vp_output
+            plan = spec.plan(NoiseSchedule.from_diffusers({**SD, **extra}), n)  # the scheduler's config, as diffusers'
+            sig, vp, table = plan.sigmas, spec.vp_output, plan.schedule.sigmas()
             x = noise * (1 + sig[0] ** 2).sqrt() if vp else noise * sig[0]
             ours = spec(DiscreteVPDenoiser(vp_eps_net(gmm, table, "linear"), table, interpolation="linear"), x, sig,
-                        generator=torch.Generator().manual_seed(1))
+                        generator=torch.Generator().manual_seed(1), **plan.options)
+            ours = spec.to_output(ours, float(sig[-1]))
             ref = run_diffusers_scheduler(cls(**SD, **extra), vp_eps_net(gmm, table, "linear"), noise if vp else x, n,
                                 generator=torch.Generator().manual_seed(1) if name in ("ddpm", "euler_ancestral") else None, **kw)
             rows.append(dict(sampler=name, steps=n, nfe=nfe(n), sw_ours=sliced_wasserstein(ours, truth),

@@ -16,4 +16,5 @@ The KL-VAE lives beside this package in `autoencoder/`; what a user calls (Pipel
 This file imports nothing, so that importing one part never loads the others.
 """
 
-__all__ = ["config", "diffusion", "io", "lazy", "loading", "networks", "random", "shapes", "training"]
+__all__ = ["config", "diffusion", "lazy", "loading", "networks", "shapes", "training"]  # io, random: import them by
+# their full names (ldm.io, ldm.random), so that `from ldm import *` does not shadow the standard library's io and random

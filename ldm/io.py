@@ -56,20 +56,9 @@ def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str
 def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write a safetensors file atomically: a temporary file in the same folder, then `os.replace` (mode as for a new
-    file, like every other file we write; mkstemp's 0600 would otherwise stay)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a safetensors file atomically (`_atomic_write`)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def write_json(data: Any, path: str | Path) -> None:
@@ -78,14 +67,20 @@ def write_json(data: Any, path: str | Path) -> None:
 
 
 def write_bytes(data: bytes, path: str | Path) -> None:
-    """Write a file atomically: a temporary file in the same folder, then `os.replace` (mode as for a new file)."""
+    """Write a file atomically (`_atomic_write`)."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """`write(tmp)` to a temporary file in the same folder, give it a new file's mode (0666 less the umask, not
+    mkstemp's 0600), then `os.replace` it onto `path`: the file appears whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -97,10 +92,13 @@ def write_text(text: str, path: str | Path) -> None:
     write_bytes(text.encode("utf-8"), path)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread writes files
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -145,7 +143,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a model folder should be as readable as any other
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a model folder should be as readable as any other
     try:
         yield tmp
     except BaseException:

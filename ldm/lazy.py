@@ -5,6 +5,7 @@ first use (PEP 562 module __getattr__), the way diffusers and transformers keep 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -15,10 +16,15 @@ def lazy_exports(package: str, exports: dict[str, tuple[str, ...]]) -> tuple[lis
     """(__all__, __getattr__, __dir__) for `package`, whose submodule `module` defines each name in exports[module]; a
     module written with a dot ("ldm.training.export") is absolute, for a name re-exported from a lower layer."""
     where: dict[str, str] = {}
+    package_path = getattr(sys.modules.get(package), "__path__", None)
+    submodules = {m.name for m in pkgutil.iter_modules(package_path)} if package_path else set()
     for module, names in exports.items():
         for name in names:
             if name in where:
                 raise ValueError(f"{package}: {name!r} is exported by both {where[name]} and {module}")
+            if name in submodules:
+                raise ValueError(f"{package}: {name!r} is both an exported name and a submodule; `from {package} "
+                                 f"import {name}` would give either, depending on what was imported before")
             where[name] = module
 
     def __getattr__(name: str) -> Any:

@@ -222,7 +222,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if to_file:
         save_single_file(c, dst)
     else:
-        save_pipeline(dst, unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
+        save_pipeline(dst, unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule,
+                      scheduler_config=c.scheduler_config)
     print(f"wrote {dst} ({'single file' if to_file else 'pipeline folder'})")
     return EXIT_OK
 

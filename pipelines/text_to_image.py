@@ -137,7 +137,7 @@ class Pipeline:
         if max(height, width) > 2 * trained or min(height, width) * 2 < trained:
             warnings.warn(f"{height} x {width} is far from the {trained} x {trained} this model was trained at: expect "
                           "images without meaning (and, larger, a run that takes (size / trained size)^2 times "
-                          "longer); height and width default to the trained size", stacklevel=3)
+                          "longer); height and width default to the trained size", stacklevel=4)  # the caller of pipe(...)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """(B, n, D) text embeddings (n: the tokenizer's model_max_length, CLIP's 77)."""
@@ -229,14 +229,11 @@ class Pipeline:
         shape = (n, self.unet.config.in_channels, height // f, width // f)
 
         spec = SAMPLERS[sampler]  # the function and its schedule facts (which timesteps, final sigma, VP output)
-        schedule = spec.schedule_for(self.schedule)  # as its diffusers scheduler reads the config (Heun: no zero SNR)
-        karras = schedule.use_karras_sigmas if karras_sigmas is None else karras_sigmas
-        sigmas = spec.sigmas(schedule, num_inference_steps, karras=karras).float().to(self.device)
-        implied = spec.schedule_options(schedule, num_inference_steps, karras=karras)  # clip_x0, DDIM's step_to
+        plan = spec.plan(self.schedule, num_inference_steps, karras=karras_sigmas)  # as its diffusers scheduler
         if init is not None:
-            sigmas, z0 = self._img2img_start(init, n, sigmas, strength, num_inference_steps)
-            if "step_to" in implied:  # the same last steps
-                implied["step_to"] = implied["step_to"][len(implied["step_to"]) - (len(sigmas) - 1):]
+            kept, z0 = self._img2img_start(init, n, strength, num_inference_steps)
+            plan = plan.last(kept)
+        sigmas = plan.sigmas.float().to(self.device)
         noise = latents.to(self.device, torch.float32) if latents is not None else randn(
             shape, generators, device=self.device, dtype=torch.float32)
         if tuple(noise.shape) != shape:
@@ -246,7 +243,7 @@ class Pipeline:
         else:
             x = noise * math.sqrt(1 + sigmas[0].item() ** 2)  # the VP prior N(0, I) at sigma_max, in sigma space
 
-        base = self.denoiser(karras=karras, flavor=spec.flavor, schedule=schedule)
+        base = self.denoiser(karras=plan.karras, flavor=spec.flavor, schedule=plan.schedule)
         model, cond = self._guided(base, prompts, negatives, guidance_scale, guidance_rescale, interval)
         options: dict[str, Any] = {"cond": cond, "generator": generators}
         if eta is not None:
@@ -259,7 +256,7 @@ class Pipeline:
                 callback(i, sigma, xi, x0)
 
         try:
-            out = spec(model, x, sigmas, callback=step, **options, **implied)
+            out = spec(model, x, sigmas, callback=step, **options, **plan.options)
         finally:
             bar.close()
         out = spec.to_output(out, sigmas[-1].item())  # DDIM with set_alpha_to_one=False ends at sigma > 0, in VP
@@ -285,10 +282,10 @@ class Pipeline:
         return cfg, {"cond": cond, "uncond": uncond}
 
     def _img2img_start(
-        self, init: torch.Tensor, n: int, sigmas: torch.Tensor, strength: float, steps: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode the image (posterior mode) and keep the last floor(steps * strength) steps, as diffusers does
-        (int(steps * strength)); strength = 1 keeps them all and starts from z0 + sigma_max * noise."""
+        self, init: torch.Tensor, n: int, strength: float, steps: int
+    ) -> tuple[int, torch.Tensor]:
+        """(steps kept, z0): encode the image (posterior mode) and keep the last floor(steps * strength) steps, as
+        diffusers does (int(steps * strength)); strength = 1 keeps them all and starts from z0 + sigma_max * noise."""
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         kept = min(int(steps * strength), steps)
@@ -298,7 +295,7 @@ class Pipeline:
             raise ValueError(f"got {init.shape[0]} images for {n} outputs")
         posterior = self.vae.encode(init.to(self.device, self.vae.dtype))
         z0 = self.vae.scale_latents(posterior.mode()).float().expand(n, -1, -1, -1)
-        return sigmas[steps - kept:], z0
+        return kept, z0
 
 
 def samplers_with_option(option: str) -> list[str]:

@@ -80,3 +80,28 @@ def test_the_readmes_math_snippet_runs_and_prints():
     with contextlib.redirect_stdout(out):
         exec(compile(math_blocks[0], "README.md", "exec"), {})  # noqa: S102 - our own README
     assert "tensor(" in out.getvalue()
+
+
+def dotted_names() -> list[tuple[str, str]]:
+    """Every backticked `ldm.…` / `pipelines.…` / `autoencoder.…` name in the docs (the research log aside)."""
+    return quoted(r"`((?:ldm|pipelines|autoencoder)(?:\.\w+)+)")
+
+
+@pytest.mark.parametrize("where,name", dotted_names())
+def test_quoted_dotted_name_exists(where, name):
+    """A module path or an object in one (ldm.loading.components.save_pipeline) that the docs name must exist."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            assert hasattr(obj, attr), f"{where} names `{name}`: {'.'.join(parts[:i])} has no {attr}"
+            obj = getattr(obj, attr)
+        return
+    raise AssertionError(f"{where} names `{name}`, which is no module")
+
+
+def test_the_dotted_name_pattern_finds_names():
+    assert ("docs/CONVENTIONS.md", "ldm.config.config_path") in dotted_names() and len(dotted_names()) > 20

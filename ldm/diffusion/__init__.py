@@ -12,7 +12,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "betas_linear", "betas_scaled_linear", "betas_cosine", "rescale_zero_terminal_snr",
         "alphas_cumprod_from_betas", "sigmas_from_alphas_cumprod", "alphas_cumprod_from_sigmas", "NoiseSchedule",
         "default_spacing", "sd_schedule", "betas_from_alphas_cumprod", "shift_snr", "inference_timesteps",
-        "t_to_sigma", "sigma_to_t", "karras_sigmas", "sampler_sigmas"
+        "ddim_step_targets", "t_to_sigma", "sigma_to_t", "karras_sigmas", "sampler_sigmas"
     ),
     "parameterization": (
         "Prediction", "PREDICTIONS", "x0_from_eps", "eps_from_x0", "v_from_x0_eps", "x0_from_v", "eps_from_v",
@@ -35,7 +35,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ),
     "samplers": (
         "ancestral_step", "sample_euler", "sample_euler_ancestral", "sample_ddim", "sample_ddpm", "sample_heun",
-        "sample_dpmpp_2m", "Sampler", "SAMPLERS", "sample"
+        "sample_dpmpp_2m", "SamplingPlan", "Sampler", "SAMPLERS", "sample"
     ),
     "sde": (
         "isotropic_normal_log_prob", "VPSDE", "VESDE", "reverse_sde_step", "sample_reverse_sde",

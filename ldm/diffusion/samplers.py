@@ -69,6 +69,7 @@ def sample_euler_ancestral(
     return _ancestral(model, x, sigmas, cond, generator, callback, eta, s_noise, None, None)
 
 
+@torch.no_grad()
 def _ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, Any] | None,
                generator: Generator, callback: Callback, eta: float, s_noise: float,
                clip_x0: float | None, step_to: torch.Tensor | None) -> torch.Tensor:
@@ -92,6 +93,7 @@ def _ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: dic
     return x
 
 
+@torch.no_grad()
 def sample_ddim(
     model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
     generator: Generator = None, callback: Callback = None, eta: float = 0.0, clip_x0: float | None = None,
@@ -190,6 +192,26 @@ def sample_dpmpp_2m(
 
 
 @dataclass(frozen=True)
+class SamplingPlan:
+    """What a sampler walks on a schedule, as its diffusers scheduler would: the schedule as that scheduler reads it
+    (build the denoiser on it), the (n + 1,) float64 sigmas, whether they are Karras sigmas (the denoiser's sigma -> t
+    interpolation) and the options they imply for the sampler function (clip_x0, DDIM's step_to)."""
+
+    schedule: NoiseSchedule
+    sigmas: torch.Tensor
+    karras: bool
+    options: dict[str, Any]
+
+    def last(self, steps: int) -> SamplingPlan:
+        """The plan of the last `steps` steps (img2img), step-indexed options cut alike."""
+        n = len(self.sigmas) - 1
+        if not 1 <= steps <= n:
+            raise ValueError(f"cannot keep {steps} of {n} steps")
+        options = {k: (v[n - steps:] if k == "step_to" else v) for k, v in self.options.items()}
+        return replace(self, sigmas=self.sigmas[n - steps:], options=options)
+
+
+@dataclass(frozen=True)
 class Sampler:
     """A sampler function with the schedule facts that make it walk the sigmas of its diffusers scheduler."""
 
@@ -213,6 +235,14 @@ class Sampler:
     def to_output(self, x: torch.Tensor, final_sigma: float) -> torch.Tensor:
         """The result in the coordinates its diffusers scheduler returns: x / sqrt(1 + sigma^2) for VP output."""
         return x / math.sqrt(1 + final_sigma**2) if self.vp_output and final_sigma > 0 else x
+
+    def plan(self, schedule: NoiseSchedule, num_steps: int, *, karras: bool | None = None) -> SamplingPlan:
+        """Everything a caller needs to sample as the diffusers scheduler of this sampler does on `schedule`:
+        `schedule_for`, `sigmas` and `schedule_options` in one (karras None: the schedule's use_karras_sigmas)."""
+        schedule = self.schedule_for(schedule)
+        karras = schedule.use_karras_sigmas if karras is None else karras
+        return SamplingPlan(schedule, self.sigmas(schedule, num_steps, karras=karras), karras,
+                            self.schedule_options(schedule, num_steps, karras=karras))
 
     def schedule_for(self, schedule: NoiseSchedule) -> NoiseSchedule:
         """`schedule` as this sampler's diffusers scheduler reads it: diffusers' Heun ignores rescale_betas_zero_snr,

@@ -94,7 +94,9 @@ def save_schedule(schedule: NoiseSchedule, folder: str | Path, original: dict[st
     the keys we do not model, e.g. PNDM's skip_prk_steps, are kept), or for EulerDiscreteScheduler when None."""
     import diffusers
 
-    config = {**(original or {}), "_class_name": scheduler_class(original), "_diffusers_version": diffusers.__version__,
+    ours = {f.name for f in dataclasses.fields(NoiseSchedule)}  # ours say it all, None (left out) included
+    kept = {k: v for k, v in (original or {}).items() if k not in ours}
+    config = {**kept, "_class_name": scheduler_class(original), "_diffusers_version": diffusers.__version__,
               **schedule.to_diffusers()}
     write_json(config, Path(folder) / "scheduler_config.json")
 

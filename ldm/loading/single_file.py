@@ -40,7 +40,7 @@ from ldm.loading.convert import (
     vae_prefix_map,
     vae_to_compvis,
 )
-from ldm.loading.components import Components
+from ldm.loading.components import Components, pipeline_schedule
 
 METADATA_KEY = "ldm_configs"
 # CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x) text towers.
@@ -115,6 +115,7 @@ def load_single_file(
         vae_cfg = VAEConfig.from_diffusers(meta["vae"])
         text_cfg = CLIPTextConfig(**meta["text_encoder"])
         schedule = NoiseSchedule.from_diffusers(meta["scheduler"])
+        original = meta["scheduler"] if config_folder is not None else None  # the folder's class and keys
         pad = meta.get("pad_token", EOS)
     else:
         v2 = bool(parts["open_clip"])
@@ -132,6 +133,7 @@ def load_single_file(
         schedule = dataclasses.replace(sd_schedule(), set_alpha_to_one=False, timestep_spacing=None,
                                        prediction_type="v_prediction" if v2 else "epsilon")
         pad = "!" if v2 else EOS
+        original = None
     if prediction_type is not None:
         if prediction_type not in PREDICTIONS:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {list(PREDICTIONS)}")
@@ -156,7 +158,8 @@ def load_single_file(
     text_model = CLIPTextModel(text_cfg)
     load_hub_state_dict(text_model, text_state)
     text = TextEncoder(build_clip_tokenizer(pad), text_model.eval())
-    components = Components(unet=unet, vae=vae, text_encoder=text, schedule=schedule)
+    schedule = pipeline_schedule(schedule, str(path))  # steps_offset 1, as for folders and diffusers' from_single_file
+    components = Components(unet=unet, vae=vae, text_encoder=text, schedule=schedule, scheduler_config=original)
     components.check()
     return components
 
@@ -193,7 +196,7 @@ def save_single_file(components: Components, path: str | Path) -> None:
         "unet": c.unet.config.to_diffusers(),
         "vae": c.vae.config.to_diffusers(),
         "text_encoder": text_cfg,
-        "scheduler": c.schedule.to_diffusers(),
+        "scheduler": pipeline_schedule(c.schedule).to_diffusers(),
         "pad_token": c.text_encoder.tokenizer.pad_token,
     }
     save_state_dict(state, path, metadata={METADATA_KEY: json.dumps(meta), "format": "pt"})

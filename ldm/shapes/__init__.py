@@ -19,7 +19,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "NEGATIVE_KINDS", "applicable_kinds", "negative_prompt", "hard_negative"
     ),
     "detect": (
-        "Detection", "connected_components", "estimate_background", "classify_color", "detect", "check",
+        "Detection", "connected_components", "estimate_background", "classify_color", "check",
         "score_image", "OPPOSITE", "relation_outcome"
     ),
     "dataset": (

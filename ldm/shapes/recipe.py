@@ -53,7 +53,7 @@ from ldm.io import write_json, write_text
 from ldm.networks.unet import UNet
 from ldm.shapes.negatives import hard_negative
 from ldm.shapes.recipe_config import (
-    _OPTIONAL,
+    OPTIONAL_STAGES,
     DEFAULT_CONFIG,
     STAGES,
     DefaultModelConfig,
@@ -240,7 +240,7 @@ _RUN = {"data": stage_data, "clip": stage_clip, "vae": stage_vae, "init": stage_
 
 def _marker(cfg: DefaultModelConfig, stage: str) -> str:
     """What `<stage>.done` holds: "skipped" for an optional stage that does not run (cfg.runs), else nothing."""
-    return "skipped" if stage in _OPTIONAL and not cfg.runs(stage) else ""
+    return "skipped" if stage in OPTIONAL_STAGES and not cfg.runs(stage) else ""
 
 
 def _planned_steps(cfg: DefaultModelConfig, stage: str) -> tuple[Path, int] | None:

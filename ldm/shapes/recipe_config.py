@@ -110,7 +110,7 @@ class DefaultModelConfig:
 
     def runs(self, stage: str) -> bool:
         """Whether an optional stage ("layout", "decoder") runs: its section is set (and the layout's enabled)."""
-        section = getattr(self, _OPTIONAL[stage])
+        section = getattr(self, OPTIONAL_STAGES[stage])
         return section is not None and getattr(section, "enabled", True)
 
 
@@ -131,7 +131,7 @@ _LAYOUT_PATHS: dict[str, str] = {
     "unet_layout.unet.model.pretrained": "unet-export",
 }
 # The optional stages and their config sections: null -> the stage is skipped (its .done marker says "skipped").
-_OPTIONAL: dict[str, str] = {"layout": "unet_layout", "decoder": "vae_decoder"}
+OPTIONAL_STAGES: dict[str, str] = {"layout": "unet_layout", "decoder": "vae_decoder"}
 # Each optional section's training run (its config path) and where its paths point.
 _OPTIONAL_RUNS: dict[str, tuple[str, dict[str, str]]] = {"unet_layout": ("unet_layout.unet", _LAYOUT_PATHS),
                                                          "vae_decoder": ("vae_decoder", _DECODER_PATHS)}

@@ -279,7 +279,8 @@ def warn_if_one_of_several(num_processes: int, env: Mapping[str, str]) -> bool:
     """Warn (and return True) when `accelerate launch --num_processes N` started this process alone: its simple
     launcher (taken with --cpu, or without --multi_gpu) sets MASTER_PORT for N processes but starts one, which then
     trains by itself at the whole batch, silently."""
-    alone = num_processes == 1 and "MASTER_PORT" in env and "WORLD_SIZE" not in env
+    launched = any(k.startswith("ACCELERATE_") for k in env)  # not a SLURM script's own MASTER_PORT
+    alone = num_processes == 1 and launched and "MASTER_PORT" in env and "WORLD_SIZE" not in env
     if alone:
         warnings.warn("accelerate launch was asked for several processes but started this one alone (its simple "
                       "launcher, which --cpu selects): training runs in ONE process. For several local processes use "

@@ -83,7 +83,9 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
         raise WeightsError(f"{frozen} is not the frozen VAE / text encoder / schedule the U-Net of {ckpt} was trained "
                            "with (its sha256 differs from meta.json's frozen_sha256): was another run started in the "
                            "same output_dir, or the folder edited?")
-    parts = load_pipeline_folder(frozen, unet_weights=False)
+    with warnings.catch_warnings():  # an older run's frozen/ says steps_offset 0: the export records 1, nothing to do
+        warnings.filterwarnings("ignore", message=".*steps_offset is")
+        parts = load_pipeline_folder(frozen, unet_weights=False)
     if vae is not None:
         check_same_latents(parts.vae, vae, f"export: {vae_name}")
     load_weights(parts.unet, load_weights_only(ckpt, "unet", use_ema=use_ema), what=f"{ckpt} unet")

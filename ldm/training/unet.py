@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from transformers import CLIPTextConfig
 
-from autoencoder.model import AutoencoderKL, DiagonalGaussian, VAEConfig  # the one allowed ldm -> autoencoder import
+from autoencoder.model import AutoencoderKL, DiagonalGaussian, VAEConfig  # a layer down (tests/test_imports.py)
 from ldm.training.loop import Part, StepContext, run_loop
 from ldm.training.checkpoint import folder_digest, resolve_resume
 from ldm.loading.components import Components, IncompatibleComponentsError, pipeline_schedule, save_pipeline
@@ -214,9 +214,12 @@ def render_grid(parts: Components, unet: torch.nn.Module, prompts: list[str], se
     initial latent as pipelines.text_to_image.Pipeline for the same seed and schedule."""
     schedule, vae, text = parts.schedule, parts.vae, parts.text_encoder
     device = next(unet.parameters()).device
-    den = CFGDenoiser(DiscreteVPDenoiser(unet, schedule.sigmas(), schedule.prediction_type), guidance_scale)
     euler = SAMPLERS["euler"]
-    sigmas = euler.sigmas(schedule, steps)
+    plan = euler.plan(schedule, steps)  # as the Pipeline takes it
+    sigmas = plan.sigmas
+    interpolation = "log" if plan.karras else "linear"
+    den = CFGDenoiser(DiscreteVPDenoiser(unet, plan.schedule.sigmas(), plan.schedule.prediction_type,
+                                         interpolation=interpolation), guidance_scale)
     prior_scale = float((1 + sigmas[0] ** 2).sqrt())
     latent = size // vae.downsample_factor
     empty = text.empty_embedding(1)
@@ -227,7 +230,7 @@ def render_grid(parts: Components, unet: torch.nn.Module, prompts: list[str], se
             x = randn((1, unet.config.in_channels, latent, latent), torch.Generator().manual_seed(seed), device=device)
             # The VP prior, as the Pipeline starts: x_T = eps * sqrt(1 + sigma_max^2) (diffusers' init_noise_sigma),
             # not eps * sigma_max (the VE prior); the two differ by a factor sqrt(1 + 1/sigma_max^2).
-            z = euler(den, x * prior_scale, sigmas,
+            z = euler(den, x * prior_scale, sigmas, **plan.options,
                       cond={"cond": {"encoder_hidden_states": c}, "uncond": {"encoder_hidden_states": empty}})
             rows.append(vae.decode(vae.unscale_latents(z.to(next(vae.parameters()).dtype))).float().cpu())
     images = ((torch.cat(rows).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (P*S, 3, H, W)

@@ -133,6 +133,7 @@ def test_an_openclip_text_encoder_is_written_in_the_sd2_layout_that_diffusers_re
     theirs = StableDiffusionPipeline.from_single_file(str(tmp_path / "sd2.safetensors"), config=str(tmp_path / "folder"),
                                                       local_files_only=True, safety_checker=None)
     assert same_weights(theirs.unet.state_dict(), c.unet.state_dict())
+    assert same_weights(theirs.vae.state_dict(), c.vae.state_dict())
     ids = c.text_encoder.tokenizer(["a red circle"], padding="max_length", max_length=77,
                                    return_tensors="pt").input_ids
     with torch.no_grad():

@@ -133,8 +133,9 @@ def trailing_folder(folder, tmp_path_factory):
 
 @pytest.mark.parametrize("image", [False, True])
 def test_ddim_with_trailing_spacing_equals_diffusers(trailing_folder, monkeypatch, image):
-    """30 steps do not divide 1000: diffusers' DDIM lands on t - T//n (999 -> 966) and restarts at the next timestep
-    (932); ours follows it, text-to-image and img2img within 1/255, where walking the timesteps is further off."""
+    """30 steps do not divide 1000: the timesteps are 999, 966, 932, ..., and diffusers' DDIM steps t -> t - T//n,
+    so from 966 it lands on 933 and restarts at 932; ours follows it, text-to-image and img2img within 1/255, where
+    walking the timesteps is further off."""
     import dataclasses
 
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module

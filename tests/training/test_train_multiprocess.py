@@ -56,8 +56,10 @@ def test_one_process_of_several_asked_for_is_told_so():
     from ldm.training.config import warn_if_one_of_several
 
     with pytest.warns(UserWarning, match="started this one alone"):
-        assert warn_if_one_of_several(1, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+        assert warn_if_one_of_several(1, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+                                          "ACCELERATE_USE_CPU": "True"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not warn_if_one_of_several(1, {})
+        assert not warn_if_one_of_several(1, {"MASTER_PORT": "29500"})  # e.g. a SLURM script, not accelerate
         assert not warn_if_one_of_several(2, {"MASTER_PORT": "29500", "WORLD_SIZE": "2"})
