@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from ldm.diffusion import parameterization as P
+from ldm.diffusion.schedule import betas_from_alphas_cumprod  # noqa: F401 - also part of this module's math
 from ldm.random import Generator, randn_like
 
 Variance = Literal["fixed_small", "fixed_large"]
@@ -37,13 +38,6 @@ def gather(a: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor
         raise ValueError(f"timestep indices must lie in [0, {len(a) - 1}], got {t.tolist()}")
     out = a.to(like.dtype)[t]
     return out.reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
-
-
-def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """beta_t = 1 - alphā_t / alphā_{t-1} with alphā_0 = 1 (Ho et al. 2020, sec. 2)."""
-    _check_alphas_cumprod(alphas_cumprod)
-    prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-    return 1 - alphas_cumprod / prev
 
 
 def snr(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -76,6 +70,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, no
 
 def posterior_variances(alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """beta~_t = (1 - alphā_{t-1}) / (1 - alphā_t) beta_t (eq. 7) and its log with beta~_1 := beta~_2 (Ho's code)."""
+    _check_alphas_cumprod(alphas_cumprod)
     betas = betas_from_alphas_cumprod(alphas_cumprod)
     prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
     var = betas * (1 - prev) / (1 - alphas_cumprod)

@@ -193,3 +193,43 @@ def test_zero_snr_folders_sample_as_each_diffusers_scheduler_reads_them(zero_snr
         monkeypatch.setitem(SAMPLERS, "heun", dataclasses.replace(SAMPLERS["heun"], reads_zero_snr=True))
         with pytest.raises(AssertionError, match="max abs pixel difference"):
             _compare_with_diffusers(ours, theirs, sampler, scheduler_cls)
+
+
+def test_convert_and_save_keep_what_the_original_config_said(sd15_folder, tmp_path):
+    """`ldm convert` folder -> folder keeps the scheduler class and unmodelled keys; where our schedule leaves a key
+    unsaid (None: the class default), the original's value is not let through either."""
+    from ldm.diffusion.schedule import NoiseSchedule
+    from ldm.loading.components import save_schedule
+    from pipelines.cli import main
+
+    assert main(["convert", str(sd15_folder), str(tmp_path / "copy")]) == 0
+    config = json.loads((tmp_path / "copy" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "PNDMScheduler" and config["skip_prk_steps"] is True
+    unsaid = NoiseSchedule(timestep_spacing=None, clip_sample=None)
+    save_schedule(unsaid, tmp_path / "s", {"_class_name": "DDIMScheduler", "timestep_spacing": "trailing",
+                                            "clip_sample": True, "foo": 1})
+    written = json.loads((tmp_path / "s" / "scheduler_config.json").read_text())
+    assert "timestep_spacing" not in written and "clip_sample" not in written and written["foo"] == 1
+    assert NoiseSchedule.from_diffusers(written) == unsaid
+
+
+def test_a_single_file_samples_with_steps_offset_one(tmp_path):
+    """As a folder does, and as diffusers' from_single_file does: a file whose configs say steps_offset 0 warns and
+    samples with 1; the metadata we write records 1."""
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from ldm.loading.single_file import METADATA_KEY, load_single_file, save_single_file
+
+    c = tiny_components(seed=0)
+    c = dataclasses.replace(c, schedule=dataclasses.replace(c.schedule, steps_offset=0))
+    save_single_file(c, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()[METADATA_KEY])["scheduler"]["steps_offset"] == 1
+    save_pipeline(tmp_path / "folder", unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
+    config = json.loads((tmp_path / "folder" / "scheduler" / "scheduler_config.json").read_text())
+    (tmp_path / "folder" / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "steps_offset": 0}))
+    with pytest.warns(UserWarning, match="steps_offset is 0; sampling with 1"):
+        back = load_single_file(tmp_path / "m.safetensors", config_folder=tmp_path / "folder")
+    assert back.schedule.steps_offset == 1 and back.scheduler_config["steps_offset"] == 0
