@@ -29,15 +29,19 @@ from tests.pipelines._parity import (
 )
 
 
-@pytest.fixture(scope="module")
-def offset0_folder(tmp_path_factory):
-    """A folder whose scheduler config says steps_offset 0, as from-scratch training configs used to export."""
-    c = tiny_components(seed=0)
-    path = tmp_path_factory.mktemp("tiny_offset0") / "model"
-    save_pipeline(path, unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
+def variant(folder, tmp_path_factory, name, **changes):
+    """A copy of the tiny folder with `changes` written into its scheduler_config.json."""
+    path = tmp_path_factory.mktemp(name) / "model"
+    shutil.copytree(folder, path)
     config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "steps_offset": 0}))
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, **changes}))
     return path
+
+
+@pytest.fixture(scope="module")
+def offset0_folder(folder, tmp_path_factory):
+    """A folder whose scheduler config says steps_offset 0, as from-scratch training configs used to export."""
+    return variant(folder, tmp_path_factory, "tiny_offset0", steps_offset=0)
 
 
 
@@ -124,11 +128,7 @@ def test_dynamic_thresholding_is_refused_by_name():
 @pytest.fixture(scope="module")
 def trailing_folder(folder, tmp_path_factory):
     """The tiny weights with "trailing" spacing (the zero-SNR recipe's): diffusers' DDIM steps t -> t - T//n there."""
-    path = tmp_path_factory.mktemp("tiny_trailing") / "model"
-    shutil.copytree(folder, path)
-    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "timestep_spacing": "trailing"}))
-    return path
+    return variant(folder, tmp_path_factory, "tiny_trailing", timestep_spacing="trailing")
 
 
 @pytest.mark.parametrize("image", [False, True])
@@ -168,12 +168,7 @@ def test_ddim_with_trailing_spacing_equals_diffusers(trailing_folder, monkeypatc
 def zero_snr_folder(folder, tmp_path_factory):
     """The tiny weights with a zero-terminal-SNR schedule (Lin et al. 2024: rescaled betas, trailing spacing; the tiny
     model predicts eps, and diffusers clamps the infinite first sigma as we do)."""
-    path = tmp_path_factory.mktemp("tiny_zero_snr") / "model"
-    shutil.copytree(folder, path)
-    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
-    return path
+    return variant(folder, tmp_path_factory, "tiny_zero_snr", rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
 @pytest.mark.parametrize("sampler, scheduler_cls", [("heun", HeunDiscreteScheduler), ("euler", EulerDiscreteScheduler)])
