@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -241,7 +240,7 @@ class Pipeline:
         if init is not None:
             x = z0 + noise * sigmas[0]  # q(z_t | z_0) in sigma space
         else:
-            x = noise * math.sqrt(1 + sigmas[0].item() ** 2)  # the VP prior N(0, I) at sigma_max, in sigma space
+            x = noise * plan.prior_scale  # the prior its diffusers scheduler starts from (init_noise_sigma)
 
         base = self.denoiser(karras=plan.karras, flavor=spec.flavor, schedule=plan.schedule)
         model, cond = self._guided(base, prompts, negatives, guidance_scale, guidance_rescale, interval)

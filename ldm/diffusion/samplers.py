@@ -32,7 +32,7 @@ import torch
 
 from ldm.random import Generator, randn_like
 from ldm.diffusion.sampling import Callback, Denoiser, check_sigmas, denoise, to_d
-from ldm.diffusion.schedule import Flavor, NoiseSchedule, ddim_step_targets, sampler_sigmas
+from ldm.diffusion.schedule import Flavor, NoiseSchedule, ddim_step_targets, default_spacing, sampler_sigmas
 from ldm.diffusion.sde import sample_langevin, sample_pc, sample_reverse_sde
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -195,12 +195,20 @@ def sample_dpmpp_2m(
 class SamplingPlan:
     """What a sampler walks on a schedule, as its diffusers scheduler would: the schedule as that scheduler reads it
     (build the denoiser on it), the (n + 1,) float64 sigmas, whether they are Karras sigmas (the denoiser's sigma -> t
-    interpolation) and the options they imply for the sampler function (clip_x0, DDIM's step_to)."""
+    interpolation), the options they imply for the sampler function (clip_x0, DDIM's step_to), and the prior the walk
+    starts from: `prior_scale` times standard noise (its diffusers scheduler's init_noise_sigma, in sigma space)."""
 
     schedule: NoiseSchedule
     sigmas: torch.Tensor
     karras: bool
     options: dict[str, Any]
+    ve_prior: bool = False  # start at sigma_max * noise (diffusers' Euler family with linspace / trailing spacing)
+
+    @property
+    def prior_scale(self) -> float:
+        """sigma_max (VE prior) or sqrt(1 + sigma_max^2) (the VP prior N(0, I) in sigma space)."""
+        top = float(self.sigmas[0])
+        return top if self.ve_prior else math.sqrt(1 + top**2)
 
     def last(self, steps: int) -> SamplingPlan:
         """The plan of the last `steps` steps (img2img), step-indexed options cut alike."""
@@ -241,8 +249,12 @@ class Sampler:
         `schedule_for`, `sigmas` and `schedule_options` in one (karras None: the schedule's use_karras_sigmas)."""
         schedule = self.schedule_for(schedule)
         karras = schedule.use_karras_sigmas if karras is None else karras
+        # diffusers' Euler, Euler ancestral and Heun start from sigma_max * noise under linspace / trailing spacing
+        # (their init_noise_sigma), from sqrt(1 + sigma_max^2) * noise otherwise, as DDIM, DDPM and DPM-Solver always do
+        spacing = schedule.timestep_spacing or default_spacing(self.flavor)
+        ve_prior = self.flavor == "euler" and spacing in ("linspace", "trailing")
         return SamplingPlan(schedule, self.sigmas(schedule, num_steps, karras=karras), karras,
-                            self.schedule_options(schedule, num_steps, karras=karras))
+                            self.schedule_options(schedule, num_steps, karras=karras), ve_prior)
 
     def schedule_for(self, schedule: NoiseSchedule) -> NoiseSchedule:
         """`schedule` as this sampler's diffusers scheduler reads it: diffusers' Heun ignores rescale_betas_zero_snr,

@@ -220,7 +220,7 @@ def render_grid(parts: Components, unet: torch.nn.Module, prompts: list[str], se
     interpolation = "log" if plan.karras else "linear"
     den = CFGDenoiser(DiscreteVPDenoiser(unet, plan.schedule.sigmas(), plan.schedule.prediction_type,
                                          interpolation=interpolation), guidance_scale)
-    prior_scale = float((1 + sigmas[0] ** 2).sqrt())
+    prior_scale = plan.prior_scale  # the Pipeline's start (diffusers' init_noise_sigma)
     latent = size // vae.downsample_factor
     empty = text.empty_embedding(1)
     rows = []
@@ -228,8 +228,8 @@ def render_grid(parts: Components, unet: torch.nn.Module, prompts: list[str], se
         c = text.encode([prompt])
         for seed in seeds:
             x = randn((1, unet.config.in_channels, latent, latent), torch.Generator().manual_seed(seed), device=device)
-            # The VP prior, as the Pipeline starts: x_T = eps * sqrt(1 + sigma_max^2) (diffusers' init_noise_sigma),
-            # not eps * sigma_max (the VE prior); the two differ by a factor sqrt(1 + 1/sigma_max^2).
+            # As the Pipeline starts: x_T = eps * sqrt(1 + sigma_max^2), the VP prior (diffusers' init_noise_sigma for
+            # "leading" spacing), or eps * sigma_max where diffusers' Euler does (linspace / trailing)
             z = euler(den, x * prior_scale, sigmas, **plan.options,
                       cond={"cond": {"encoder_hidden_states": c}, "uncond": {"encoder_hidden_states": empty}})
             rows.append(vae.decode(vae.unscale_latents(z.to(next(vae.parameters()).dtype))).float().cpu())

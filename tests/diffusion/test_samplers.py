@@ -238,3 +238,22 @@ def test_generator_list_and_callback():
     one = sample(gmm, x[1:2], sig, "euler_ancestral", generator=[torch.Generator().manual_seed(1)])
     torch.testing.assert_close(full[1:2], one, atol=1e-12, rtol=0)
     assert seen == list(range(6))
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing", None])
+def test_each_plan_starts_from_its_diffusers_schedulers_prior(spacing):
+    """init_noise_sigma: sigma_max for the Euler family under linspace / trailing (None: Euler's default, linspace),
+    sqrt(1 + sigma_max^2) otherwise and for DDIM, DDPM and DPM-Solver always."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+
+    cfg = {**SD, "timestep_spacing": spacing} if spacing else {k: v for k, v in SD.items() if k != "timestep_spacing"}
+    sched = NoiseSchedule.from_diffusers(cfg)
+    for name, cls in (("euler", EulerDiscreteScheduler), ("heun", HeunDiscreteScheduler), ("ddim", DDIMScheduler),
+                      ("dpmpp_2m", DPMSolverMultistepScheduler)):
+        ref = cls(**cfg)
+        ref.set_timesteps(10)
+        plan = SAMPLERS[name].plan(sched, 10)
+        assert plan.prior_scale == pytest.approx(float(ref.init_noise_sigma) if name in ("euler", "heun") else
+                                                 math.sqrt(1 + float(plan.sigmas[0]) ** 2), rel=1e-5), (name, spacing)
+        if name in ("euler", "heun"):
+            assert plan.ve_prior == (spacing in ("linspace", "trailing", None))

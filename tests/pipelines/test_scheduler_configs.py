@@ -10,6 +10,7 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     StableDiffusionImg2ImgPipeline,
@@ -228,3 +229,16 @@ def test_a_single_file_samples_with_steps_offset_one(tmp_path):
     with pytest.warns(UserWarning, match="steps_offset is 0; sampling with 1"):
         back = load_single_file(tmp_path / "m.safetensors", config_folder=tmp_path / "folder")
     assert back.schedule.steps_offset == 1 and back.scheduler_config["steps_offset"] == 0
+
+
+@pytest.mark.parametrize("sampler, scheduler_cls", [("heun", HeunDiscreteScheduler), ("euler", EulerDiscreteScheduler),
+                                                    ("euler_ancestral", EulerAncestralDiscreteScheduler)])
+def test_euler_family_with_trailing_spacing_starts_where_diffusers_does(folder, tmp_path_factory, sampler,
+                                                                          scheduler_cls):
+    """diffusers' Euler family starts from sigma_max * noise under linspace / trailing spacing (its init_noise_sigma),
+    not from the VP prior; ours follows it (Sampler.plan's ve_prior): heun with v prediction was 1.2/255 off before."""
+    path = variant(folder, tmp_path_factory, "tiny_trailing_v", timestep_spacing="trailing",
+                   prediction_type="v_prediction")
+    ours = Pipeline.from_pretrained(path, device="cpu", dtype=torch.float32)
+    theirs = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    _compare_with_diffusers(ours, theirs, sampler, scheduler_cls)
