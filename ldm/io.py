@@ -134,13 +134,16 @@ def exchange_paths(a: str | Path, b: str | Path) -> bool:
 
 
 @contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, *, may_replace: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` whole, on error it is removed.
 
     Readers never see a half-written folder: the old folder stays until the new one is complete, and on Linux the
-    two are swapped in one step (`exchange_paths`), so `path` is never missing either.
+    two are swapped in one step (`exchange_paths`), so `path` is never missing either. A `path` that holds files is
+    replaced only when `may_replace(path)` says it is what the caller writes (e.g. a pipeline folder; a caller's
+    overwrite=True), never a user's folder by accident: FileExistsError names it and a few of its entries.
     """
-    path = Path(path)
+    path = Path(path).resolve()  # "." and relative paths: the temporary folder goes beside the folder, not inside
+    check_replaceable(path, may_replace)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a model folder should be as readable as any other
@@ -159,6 +162,17 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_replaceable(path: Path, may_replace: Callable[[Path], bool] | None) -> None:
+    """Refuse to replace `path` when it is a file, or a folder holding files that `may_replace` does not accept."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a folder: refusing to replace it")
+    if path.is_dir() and any(path.iterdir()) and not (may_replace is not None and may_replace(path)):
+        entries = sorted(p.name for p in path.iterdir())
+        raise FileExistsError(f"{path} already holds files this did not write ({', '.join(entries[:4])}"
+                              f"{', ...' if len(entries) > 4 else ''}): refusing to replace it; choose another "
+                              "folder, or pass overwrite=True (--overwrite) to replace it whole")
 
 
 def check_state_dict(

@@ -223,7 +223,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         save_single_file(c, dst)
     else:
         save_pipeline(dst, unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule,
-                      scheduler_config=c.scheduler_config)
+                      scheduler_config=c.scheduler_config, overwrite=args.overwrite)
     print(f"wrote {dst} ({'single file' if to_file else 'pipeline folder'})")
     return EXIT_OK
 
@@ -290,7 +290,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ldm.training.export import export
 
     vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else None
-    out = export(args.checkpoint, args.out_dir, use_ema=not args.no_ema, vae=vae, vae_name=f"--vae {args.vae}")
+    out = export(args.checkpoint, args.out_dir, use_ema=not args.no_ema, vae=vae, vae_name=f"--vae {args.vae}",
+                 overwrite=args.overwrite)
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -360,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="training checkpoint -> pipeline folder")
     e.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     e.add_argument("out_dir")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT even if it holds other files")
     e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     e.add_argument("--vae", default=None, help="a diffusers vae/ folder to ship instead of the training VAE; it must "
                    "encode exactly as that one (e.g. a decoder-only fine-tune, ldm.training.vae train_encoder=false)")
@@ -369,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (missing files, bad weights/configs/sizes), not a bug."""
-    return UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError
+    return (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,11 +98,12 @@ class Pipeline:
     def components(self) -> Components:
         return Components(self.unet, self.vae, self.text_encoder, self.schedule, self.scheduler_config)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> None:
         """Write a safetensors pipeline folder that this class and diffusers' StableDiffusionPipeline both load; the
-        scheduler keeps the class and the keys of the folder it was loaded from."""
+        scheduler keeps the class and the keys of the folder it was loaded from. It replaces a pipeline folder, a
+        folder of anything else only with overwrite=True."""
         save_pipeline(path, unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, schedule=self.schedule,
-                      scheduler_config=self.scheduler_config)
+                      scheduler_config=self.scheduler_config, overwrite=overwrite)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         """Move to a device and dtype. In fp16 the VAE stays in fp32 when its config asks (`force_upcast`): the SD

@@ -71,15 +71,24 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     with atomic_directory(target) as d:
         write_json({"v": 1}, d / "a.json")
     assert read_json(target / "a.json") == {"v": 1}
+    ours = lambda p: (p / "a.json").is_file()  # noqa: E731 - the caller's test that the folder is of its kind
     with pytest.raises(RuntimeError):
-        with atomic_directory(target) as d:
+        with atomic_directory(target, may_replace=ours) as d:
             write_json({"v": 2}, d / "a.json")
             raise RuntimeError("crash while writing")
     assert read_json(target / "a.json") == {"v": 1}  # the old folder is intact
     assert sorted(os.listdir(tmp_path)) == ["model"]  # and nothing half-written is left
-    with atomic_directory(target) as d:
+    with atomic_directory(target, may_replace=ours) as d:
         write_json({"v": 3}, d / "b.json")
     assert sorted(os.listdir(target)) == ["b.json"]
+    with pytest.raises(FileExistsError, match=r"model already holds files this did not write \(b.json\)"):
+        with atomic_directory(target, may_replace=ours) as d:  # b.json alone is not of the caller's kind
+            write_json({"v": 4}, d / "a.json")
+    assert sorted(os.listdir(target)) == ["b.json"] and sorted(os.listdir(tmp_path)) == ["model"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        with atomic_directory(tmp_path / "file", may_replace=lambda p: True):
+            pass
 
 
 def test_replacing_a_folder_never_leaves_it_missing(tmp_path, monkeypatch):
@@ -108,7 +117,7 @@ def test_replacing_a_folder_never_leaves_it_missing(tmp_path, monkeypatch):
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    with atomic_directory(target) as d:
+    with atomic_directory(target, may_replace=lambda p: True) as d:
         write_json({"v": 2}, d / "a.json")
     monkeypatch.undo()
     assert read_json(target / "a.json") == {"v": 2} and sorted(os.listdir(tmp_path)) == ["a", "b", "model"]

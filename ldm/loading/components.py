@@ -128,11 +128,13 @@ def save_pipeline(
     schedule: NoiseSchedule,
     scheduler_config: dict[str, Any] | None = None,
     unet_weights: bool = True,
+    overwrite: bool = False,
 ) -> None:
     """Write a diffusers-format pipeline folder (safetensors weights). The folder appears whole or not at all.
     unet_weights=False writes only the U-Net's config (a training run's frozen parts; export adds the weights)."""
     check_components(unet, vae, text_encoder)
-    with atomic_directory(folder) as tmp:
+    # a pipeline folder (ours or diffusers') is replaced; a folder of anything else only with overwrite=True
+    with atomic_directory(folder, may_replace=lambda p: overwrite or is_pipeline_folder(p)) as tmp:
         if unet_weights:
             unet.save_pretrained(tmp / "unet")
         else:

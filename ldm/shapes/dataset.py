@@ -48,7 +48,7 @@ def export_imagefolder(out_dir: str | Path, n: int, split: str, seed: int, size:
     if layouts is not None:
         check_layouts(layouts)  # before anything is written
     check_relation_stated(relation_stated)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, may_replace=lambda p: overwrite) as tmp:
         lines = []
         for i in range(n):
             image, text, scene = dataset_item(seed, split, i, size, layouts, relation_stated)

@@ -170,7 +170,7 @@ def save_checkpoint(
     """Write checkpoint `step` atomically (see module docstring); models must be unwrapped. Returns its folder."""
     root = Path(root)
     final = root / checkpoint_name(step)
-    with atomic_directory(final) as tmp:
+    with atomic_directory(final, may_replace=lambda p: (p / "meta.json").is_file()) as tmp:  # only a checkpoint
         for name, model in models.items():
             save_state_dict(model.state_dict(), tmp / f"{name}.safetensors", metadata={"format": "pt"})
             ema = emas.get(name)

@@ -63,12 +63,17 @@ def check_same_latents(trained: AutoencoderKL, other: AutoencoderKL, what: str) 
 
 
 def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True,
-           vae: AutoencoderKL | None = None, vae_name: str = "the replacement VAE") -> Path:
+           vae: AutoencoderKL | None = None, vae_name: str = "the replacement VAE", overwrite: bool = False) -> Path:
     """Write the pipeline of `checkpoint_dir` (a checkpoint, or a run folder: its latest) to `out_dir`, with the EMA
     U-Net weights (use_ema=True) or the raw ones. `vae` replaces the training VAE (e.g. its decoder fine-tuned,
     ldm.training.vae's train_encoder=false); it must encode exactly as the training VAE (check_same_latents, whose
-    errors call it `vae_name`). Returns out_dir."""
+    errors call it `vae_name`). `out_dir` may replace a pipeline folder, anything else only with overwrite=True, and
+    never the run itself or a folder holding it. Returns out_dir."""
     ckpt = find_checkpoint(checkpoint_dir)
+    run, out = ckpt.resolve().parent.parent, Path(out_dir).resolve()
+    if out == run or out in run.parents or run in out.parents or out == ckpt.resolve():
+        raise FileExistsError(f"export to {out_dir} would write over or into the training run {run}: choose a folder "
+                              "outside it")
     meta = read_meta(ckpt)
     frozen = (ckpt / meta["frozen"]).resolve()
     if not frozen.is_dir():
@@ -93,5 +98,6 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
         load_weights(parts.text_encoder, load_weights_only(ckpt, "text_encoder", use_ema=use_ema),
                      what=f"{ckpt} text_encoder")
     save_pipeline(out_dir, unet=parts.unet, vae=vae if vae is not None else parts.vae,
-                  text_encoder=parts.text_encoder, schedule=parts.schedule, scheduler_config=parts.scheduler_config)
+                  text_encoder=parts.text_encoder, schedule=parts.schedule, scheduler_config=parts.scheduler_config,
+                  overwrite=overwrite)
     return Path(out_dir)
