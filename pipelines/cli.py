@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
+
+from pipelines.image_files import image_format, image_grid, output_paths, save_image_atomic
 
 EXIT_OK, EXIT_USAGE = 0, 2
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -60,47 +61,6 @@ def _device(name: str | None) -> Any:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available on this machine")
     return device
-
-
-def output_paths(out: str | Path, n: int) -> list[Path]:
-    """out.png for one image; out.png, out-1.png, ..., out-(n-1).png for n images."""
-    out = Path(out)
-    return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, n)]
-
-
-def save_image_atomic(image: Any, path: str | Path) -> None:
-    """Write a PIL image to a temporary file beside `path`, then `os.replace`: readers never see a partial file."""
-    import io
-
-    from ldm.io import write_bytes
-
-    path = Path(path)
-    buffer = io.BytesIO()
-    image.save(buffer, format=_image_format(path))
-    write_bytes(buffer.getvalue(), path)
-
-
-def _image_format(path: Path) -> str:
-    from PIL import Image
-
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise UsageError(f"cannot write images with suffix {path.suffix!r} ({path.name}): use .png (or .jpg, .webp)")
-    return fmt
-
-
-def image_grid(images: Sequence[Any], cols: int | None = None) -> Any:
-    """Tile equally sized PIL images row by row into one image (cols defaults to ceil(sqrt(n)))."""
-    from PIL import Image
-
-    n = len(images)
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 def _load(model: str | None, allow_pickle: bool, prediction_type: str | None = None,
@@ -151,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     out = Path(args.output)
-    _image_format(out)
+    image_format(out)  # an unwritable suffix is refused before the model loads
     if not out.parent.is_dir():
         raise UsageError(f"output folder {out.parent} does not exist")
     init = None
