@@ -144,7 +144,7 @@ def _pct(x: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     from ldm.training.clip import load_clip
     from ldm.io import write_text
-    from pipelines.loading import DEFAULT_MODEL
+    from ldm.loading.sources import DEFAULT_MODEL
     from pipelines.text_to_image import Pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

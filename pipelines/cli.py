@@ -67,8 +67,7 @@ def _load(model: str | None, allow_pickle: bool, prediction_type: str | None = N
           config: str | None = None) -> Any:
     """Components from a folder, a single file (with `config`, a pipeline folder whose configs fit it) or a hub name
     (default: the bundled model)."""
-    from ldm.loading.sources import load_components
-    from pipelines.loading import DEFAULT_MODEL
+    from ldm.loading.sources import DEFAULT_MODEL, load_components
     from ldm.loading.single_file import load_single_file
 
     path = Path(model).expanduser() if model is not None else DEFAULT_MODEL

@@ -22,7 +22,6 @@ from ldm.networks.unet import UNet
 from ldm.loading.components import Components, check_components, save_pipeline
 from pipelines.images import from_image, to_output
 from ldm.loading.sources import load_components
-from pipelines.loading import load_default_model
 
 OutputType = Literal["pil", "np", "pt", "latent"]
 
@@ -63,7 +62,7 @@ class Pipeline:
         """`scheduler_config`: the scheduler_config.json the schedule came from, kept for save_pretrained."""
         given = [c is not None for c in (unet, vae, text_encoder, schedule)]
         if not any(given):
-            c = load_default_model()
+            c = load_components("default")  # the bundled model (ldm.loading.sources.DEFAULT_MODEL)
             unet, vae, text_encoder, schedule = c.unet, c.vae, c.text_encoder, c.schedule
             scheduler_config = c.scheduler_config
         elif not all(given):

@@ -18,6 +18,6 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "vae_from_compvis", "vae_to_compvis", "clip_from_compvis"
     ),
     "sources": (
-        "BUNDLED_MODEL", "ModelNotFoundError", "load_components"
+        "DEFAULT_MODEL", "ModelNotFoundError", "load_components"
     ),
 })

@@ -11,7 +11,7 @@ from ldm.loading.single_file import load_single_file
 
 # The bundled default model: data of the distribution, installed beside the packages (pipelines/default_model), named
 # "default" wherever a model path is asked for (model.pretrained: default)
-BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "pipelines" / "default_model"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "pipelines" / "default_model"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -26,7 +26,10 @@ def load_components(path: str | Path, *, allow_pickle: bool = False, config: str
     file's metadata and the SD presets do not give."""
     p = Path(path).expanduser()
     if str(path) == "default" and not p.exists():
-        p = BUNDLED_MODEL
+        p = DEFAULT_MODEL
+    if p == DEFAULT_MODEL and not (p / "model_index.json").is_file():
+        raise ModelNotFoundError(f"the bundled default model is missing from {DEFAULT_MODEL}; reinstall the package, "
+                                 "or pass a model folder or checkpoint to Pipeline.from_pretrained")
     if config is not None and not p.is_file():
         raise ValueError(f"config= is for single-file checkpoints, but {path} is not a file")
     if config is not None and not (Path(config) / "model_index.json").is_file():

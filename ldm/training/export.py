@@ -71,7 +71,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
     never the run itself or a folder holding it. Returns out_dir."""
     ckpt = find_checkpoint(checkpoint_dir)
     run, out = ckpt.resolve().parent.parent, Path(out_dir).resolve()
-    if out == run or out in run.parents or run in out.parents or out == ckpt.resolve():
+    if out == run or out in run.parents or run in out.parents:  # the run, a folder holding it, or one inside it
         raise FileExistsError(f"export to {out_dir} would write over or into the training run {run}: choose a folder "
                               "outside it")
     meta = read_meta(ckpt)

@@ -66,3 +66,14 @@ def test_missing_and_corrupt_files_are_clear_errors(saved, tmp_path):
         load_pipeline_folder(broken)
     cfg = json.loads((path / "unet" / "config.json").read_text())
     assert cfg["cross_attention_dim"] == 32
+
+
+def test_a_missing_bundled_model_says_how_to_get_it_back(tmp_path, monkeypatch):
+    """Pipeline(), `ldm generate` without --model and "default" all load through load_components, which names the
+    missing bundled model and the way out."""
+    import ldm.loading.sources as sources
+
+    monkeypatch.setattr(sources, "DEFAULT_MODEL", tmp_path / "default_model")
+    for path in ("default", tmp_path / "default_model"):
+        with pytest.raises(sources.ModelNotFoundError, match="bundled default model is missing .* reinstall"):
+            sources.load_components(path)

@@ -11,7 +11,7 @@ import torch
 
 from ldm.shapes.detect import score_image
 from ldm.training.clip import clip_text_encoder, load_clip
-from pipelines.loading import DEFAULT_MODEL
+from ldm.loading.sources import DEFAULT_MODEL
 
 PROMPTS = ["a red circle", "a blue square to the left of a yellow star", ""]
 # The settings these tests were measured at: DPM++ 2M, 20 steps, guidance 3 (docs/quality.md: single-object

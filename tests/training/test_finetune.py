@@ -119,13 +119,13 @@ def test_the_quickstart_config_fine_tunes_the_bundled_model(tmp_path):
     newcomer trains first is a working model, not noise; 2 updates run on 64 px shapes."""
     from ldm.shapes.dataset import export_imagefolder
     from ldm.training.unet import build_components
-    from pipelines.loading import load_default_model
+    from ldm.loading.sources import load_components
 
     export_imagefolder(tmp_path / "data", 8, "train", 0, size=64)
     config = load_train_config(TrainConfig, "train-quickstart.yaml", [
         f"data.path={tmp_path / 'data'}", f"run.output_dir={tmp_path / 'run'}", "run.max_steps=2", "run.batch_size=2",
         "run.checkpoint_every=2", "run.validate_every=0", "run.progress_bar=false"])
-    parts, bundled = build_components(config), load_default_model()
+    parts, bundled = build_components(config), load_components("default")
     for part in ("unet", "vae", "text_encoder"):
         assert same_weights(getattr(parts, part), getattr(bundled, part)), part
     assert parts.schedule == bundled.schedule
