@@ -25,7 +25,6 @@ from diffusers import (  # noqa: E402
     HeunDiscreteScheduler,
 )
 
-from ldm.diffusion.denoiser import DiscreteVPDenoiser  # noqa: E402
 from ldm.diffusion.samplers import SAMPLERS  # noqa: E402
 from ldm.diffusion.schedule import NoiseSchedule  # noqa: E402
 from ldm.diffusion.toy import mixture_2d  # noqa: E402
@@ -74,8 +73,8 @@ def main() -> None:
             plan = spec.plan(NoiseSchedule.from_diffusers({**SD, **extra}), n)  # the scheduler's config, as diffusers'
             sig, vp, table = plan.sigmas, spec.vp_output, plan.schedule.sigmas()
             x = noise * (1 + sig[0] ** 2).sqrt() if vp else noise * sig[0]
-            ours = spec(DiscreteVPDenoiser(vp_eps_net(gmm, table, "linear"), table, interpolation="linear"), x, sig,
-                        generator=torch.Generator().manual_seed(1), **plan.options)
+            ours = spec(plan.denoiser(vp_eps_net(gmm, table, "linear")), x, sig, generator=torch.Generator().manual_seed(1),
+                        **plan.options)
             ours = spec.to_output(ours, float(sig[-1]))
             ref = run_diffusers_scheduler(cls(**SD, **extra), vp_eps_net(gmm, table, "linear"), noise if vp else x, n,
                                 generator=torch.Generator().manual_seed(1) if name in ("ddpm", "euler_ancestral") else None, **kw)

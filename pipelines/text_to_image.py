@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from autoencoder.model import AutoencoderKL
 from ldm.diffusion.denoiser import CFGDenoiser, DiscreteVPDenoiser, check_interval
 from ldm.random import randn
-from ldm.diffusion.samplers import SAMPLERS
+from ldm.diffusion.samplers import SAMPLERS, SamplingPlan
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.text import TextEncoder
 from ldm.networks.unet import UNet
@@ -142,22 +142,16 @@ class Pipeline:
         """(B, n, D) text embeddings (n: the tokenizer's model_max_length, CLIP's 77)."""
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
-    def denoiser(self, *, karras: bool, flavor: str, schedule: NoiseSchedule | None = None) -> DiscreteVPDenoiser:
-        """The U-Net as D(x, sigma, encoder_hidden_states): VP input scaling, sigma -> t, parameterization, on
-        `schedule` (default: the pipeline's). Latents stay fp32 in the sampler; only the network runs in the
+    def denoiser(self, plan: SamplingPlan) -> DiscreteVPDenoiser:
+        """The U-Net as D(x, sigma, encoder_hidden_states) for `plan` (VP input scaling, sigma -> t,
+        parameterization: SamplingPlan.denoiser). Latents stay fp32 in the sampler; only the network runs in the
         pipeline's dtype."""
-        unet, dtype, schedule = self.unet, self.dtype, schedule or self.schedule
+        unet, dtype = self.unet, self.dtype
 
         def net(x_vp: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
             return unet(x_vp.to(dtype), t, **{k: v.to(dtype) for k, v in cond.items()}).float()
 
-        return DiscreteVPDenoiser(
-            net,
-            schedule.sigmas(),
-            schedule.prediction_type,
-            interpolation="log" if karras else "linear",
-            quantize=karras and flavor == "dpmsolver",
-        )
+        return plan.denoiser(net)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (sigma = 0) -> images in [0, 1], (N, 3, H, W) float32."""
@@ -242,7 +236,7 @@ class Pipeline:
         else:
             x = noise * plan.prior_scale  # the prior its diffusers scheduler starts from (init_noise_sigma)
 
-        base = self.denoiser(karras=plan.karras, flavor=spec.flavor, schedule=plan.schedule)
+        base = self.denoiser(plan)
         model, cond = self._guided(base, prompts, negatives, guidance_scale, guidance_rescale, interval)
         options: dict[str, Any] = {"cond": cond, "generator": generators}
         if eta is not None:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 
 from ldm.random import Generator, randn_like
+from ldm.diffusion.denoiser import DiscreteVPDenoiser
 from ldm.diffusion.sampling import Callback, Denoiser, check_sigmas, denoise, to_d
 from ldm.diffusion.schedule import Flavor, NoiseSchedule, ddim_step_targets, default_spacing, sampler_sigmas
 from ldm.diffusion.sde import sample_langevin, sample_pc, sample_reverse_sde
@@ -202,6 +203,7 @@ class SamplingPlan:
     sigmas: torch.Tensor
     karras: bool
     options: dict[str, Any]
+    flavor: Flavor = "euler"
     ve_prior: bool = False  # start at sigma_max * noise (diffusers' Euler family with linspace / trailing spacing)
 
     @property
@@ -209,6 +211,13 @@ class SamplingPlan:
         """sigma_max (VE prior) or sqrt(1 + sigma_max^2) (the VP prior N(0, I) in sigma space)."""
         top = float(self.sigmas[0])
         return top if self.ve_prior else math.sqrt(1 + top**2)
+
+    def denoiser(self, net: Callable[..., torch.Tensor]) -> DiscreteVPDenoiser:
+        """The VP network `net(x_vp, t, **cond)` as D(x, sigma) on this plan's schedule, with the sigma -> t lookup its
+        diffusers scheduler uses: log-linear for Karras sigmas, rounded to integer t for DPM-Solver's."""
+        return DiscreteVPDenoiser(net, self.schedule.sigmas(), self.schedule.prediction_type,
+                                  interpolation="log" if self.karras else "linear",
+                                  quantize=self.karras and self.flavor == "dpmsolver")
 
     def last(self, steps: int) -> SamplingPlan:
         """The plan of the last `steps` steps (img2img), step-indexed options cut alike."""
@@ -254,7 +263,7 @@ class Sampler:
         spacing = schedule.timestep_spacing or default_spacing(self.flavor)
         ve_prior = self.flavor == "euler" and spacing in ("linspace", "trailing")
         return SamplingPlan(schedule, self.sigmas(schedule, num_steps, karras=karras), karras,
-                            self.schedule_options(schedule, num_steps, karras=karras), ve_prior)
+                            self.schedule_options(schedule, num_steps, karras=karras), self.flavor, ve_prior)
 
     def schedule_for(self, schedule: NoiseSchedule) -> NoiseSchedule:
         """`schedule` as this sampler's diffusers scheduler reads it: diffusers' Heun ignores rescale_betas_zero_snr,

@@ -35,7 +35,7 @@ from ldm.loading.components import Components, IncompatibleComponentsError, pipe
 from ldm.loading.sources import load_components
 from ldm.config import ConfigError, load_config, to_dict
 from ldm.training.data import build_dataloader
-from ldm.diffusion.denoiser import CFGDenoiser, DiscreteVPDenoiser
+from ldm.diffusion.denoiser import CFGDenoiser
 from ldm.diffusion.losses import diffusion_loss, timestep_bias_weights
 from ldm.diffusion.process import q_sample
 from ldm.diffusion.samplers import SAMPLERS
@@ -217,9 +217,7 @@ def render_grid(parts: Components, unet: torch.nn.Module, prompts: list[str], se
     euler = SAMPLERS["euler"]
     plan = euler.plan(schedule, steps)  # as the Pipeline takes it
     sigmas = plan.sigmas
-    interpolation = "log" if plan.karras else "linear"
-    den = CFGDenoiser(DiscreteVPDenoiser(unet, plan.schedule.sigmas(), plan.schedule.prediction_type,
-                                         interpolation=interpolation), guidance_scale)
+    den = CFGDenoiser(plan.denoiser(unet), guidance_scale)  # the denoiser the Pipeline builds
     prior_scale = plan.prior_scale  # the Pipeline's start (diffusers' init_noise_sigma)
     latent = size // vae.downsample_factor
     empty = text.empty_embedding(1)

@@ -69,7 +69,9 @@ def test_scale_one_is_the_conditional_branch_alone(ours):
         ours.unet.forward = unet_forward
     from ldm.diffusion.denoiser import CFGDenoiser
 
-    base = ours.denoiser(karras=False, flavor="euler")
+    from ldm.diffusion.samplers import SAMPLERS
+
+    base = ours.denoiser(SAMPLERS["euler"].plan(ours.schedule, 2, karras=False))
     x, s = torch.randn(1, 4, 4, 4), torch.tensor([3.0])
     c = {"encoder_hidden_states": ours.encode_prompts(PROMPTS[:1])}
     u = {"encoder_hidden_states": ours.encode_prompts([""])}
