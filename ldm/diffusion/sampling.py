@@ -32,14 +32,42 @@ def check_sigmas(sigmas: torch.Tensor) -> list[float]:
 
 
 def denoise(model: Denoiser, x: torch.Tensor, sigma: float | torch.Tensor, cond: dict[str, Any] | None, i: int) -> torch.Tensor:
-    """x0_hat = model(x, sigma * ones(B), **cond), with an error naming step i if it is not finite."""
+    """x0_hat = model(x, sigma * ones(B), **cond), with an error naming step i if it is not finite. The finiteness
+    check runs here on the CPU only: on an accelerator it would wait for the device at every step (a host
+    synchronisation that also stops CUDA graphs), so there the caller checks once at the end (`FiniteWatch`)."""
     sigma = float(sigma)
     denoised = model(x, x.new_full((x.shape[0],), sigma), **(cond or {}))
     if denoised.shape != x.shape:
         raise ValueError(f"step {i}: the model returned shape {tuple(denoised.shape)} for input {tuple(x.shape)}")
-    if not torch.isfinite(denoised).all():
-        raise FloatingPointError(f"step {i} (sigma={sigma:.6g}): the model output contains NaN or inf")
+    if denoised.device.type == "cpu" and not torch.isfinite(denoised).all():
+        raise _not_finite(i, sigma)
     return denoised
+
+
+def _not_finite(i: int, sigma: float) -> FloatingPointError:
+    return FloatingPointError(f"step {i} (sigma={sigma:.6g}): the model output contains NaN or inf")
+
+
+class FiniteWatch:
+    """A sampler callback collecting, without a host synchronisation, whether each step's x0_hat is finite (a flag
+    tensor on the device); `check()` then waits once and raises the error `denoise` raises on the CPU, naming the
+    first bad step."""
+
+    def __init__(self) -> None:
+        self.flags: list[torch.Tensor] = []
+        self.sigmas: list[float] = []
+
+    def __call__(self, i: int, sigma: float, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        self.flags.append(torch.isfinite(denoised).all())
+        self.sigmas.append(float(sigma))
+
+    def check(self) -> None:
+        if not self.flags:
+            return
+        bad = (~torch.stack(self.flags)).nonzero()  # the one host synchronisation
+        if len(bad):
+            i = int(bad[0])
+            raise _not_finite(i, self.sigmas[i])
 
 
 def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
