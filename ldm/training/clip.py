@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldm.training.run_folder import hold_run_folder
 from ldm.training.checkpoint import latest_checkpoint, load_weights_only
 from ldm.training.loop import Part, StepContext, run_loop
 from ldm.config import to_dict
@@ -160,6 +161,11 @@ def train_clip(config: ClipTrainConfig, negative_caption: NegativeCaption | None
     """Run (or resume, run.resume="latest") contrastive training; returns {"step", "checkpoint"}.
 
     negative_caption(caption, rng) writes a caption false of the image (config.hard_negatives per image)."""
+    with hold_run_folder(config.run.output_dir):  # one run at a time; a killed run's temporaries go
+        return _train_clip(config, negative_caption)
+
+
+def _train_clip(config: ClipTrainConfig, negative_caption: NegativeCaption | None = None) -> dict[str, Any]:
     run = config.run
     accelerator = build_accelerator(run, config.optim)
     model = build_clip(config.model, config.init_seed).to(accelerator.device).train()

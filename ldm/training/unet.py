@@ -29,6 +29,7 @@ from PIL import Image
 from transformers import CLIPTextConfig
 
 from autoencoder.model import AutoencoderKL, DiagonalGaussian, VAEConfig  # a layer down (tests/test_imports.py)
+from ldm.training.run_folder import hold_run_folder
 from ldm.training.loop import Part, StepContext, run_loop
 from ldm.training.checkpoint import folder_digest, resolve_resume
 from ldm.loading.components import Components, IncompatibleComponentsError, pipeline_schedule, save_pipeline
@@ -296,6 +297,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     `<output_dir>/frozen` is written when there is no checkpoint to resume from, and its sha256 (ldm.training.checkpoint.
     folder_digest) goes into every checkpoint's meta.json, where resume and ldm.training.export check it."""
+    with hold_run_folder(config.run.output_dir):  # one run at a time; a killed run's temporaries go
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> dict[str, Any]:
     run = config.run
     out = Path(run.output_dir)
     if run.resume is None:

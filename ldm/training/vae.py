@@ -25,6 +25,7 @@ from torch import nn
 from autoencoder.distribution import DiagonalGaussian
 from autoencoder.losses import VAELoss, VAELossConfig
 from autoencoder.model import AutoencoderKL, VAEConfig
+from ldm.training.run_folder import hold_run_folder
 from ldm.training.checkpoint import latest_checkpoint, load_weights_only
 from ldm.training.loop import MetricsLogger, Part, StepContext, run_loop
 from ldm.config import ConfigError, load_config, to_dict
@@ -165,6 +166,11 @@ def evaluate_psnr(vae: AutoencoderKL, loader: Any, device: torch.device) -> floa
 
 def train_vae(config: VAETrainConfig) -> dict[str, Any]:
     """Run (or resume) VAE training; returns {"step", "checkpoint"}."""
+    with hold_run_folder(config.run.output_dir):  # one run at a time; a killed run's temporaries go
+        return _train_vae(config)
+
+
+def _train_vae(config: VAETrainConfig) -> dict[str, Any]:
     run = config.run
     accelerator = build_accelerator(run, config.optim)
     device = accelerator.device
