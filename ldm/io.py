@@ -6,8 +6,10 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -145,7 +147,9 @@ def atomic_directory(path: str | Path, *, may_replace: Callable[[Path], bool] | 
     path = Path(path).resolve()  # "." and relative paths: the temporary folder goes beside the folder, not inside
     check_replaceable(path, may_replace)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    # the writer's pid in the name: a folder left by a killed writer is recognisable, and removed by the next one
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a model folder should be as readable as any other
     try:
         yield tmp
@@ -162,6 +166,34 @@ def atomic_directory(path: str | Path, *, may_replace: Callable[[Path], bool] | 
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary folders `atomic_directory(path)` writers left beside `path` when killed (named
+    `.<name>.<pid>.<8 chars>.tmp`, the pid no longer running); warn naming them. Another writer's live one stays."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[a-z0-9_]{{8}}\.tmp$")
+    stale = []
+    if path.parent.is_dir():
+        for entry in path.parent.iterdir():
+            m = pattern.match(entry.name)
+            if m and entry.is_dir() and not entry.is_symlink() and not pid_alive(int(m.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
+                stale.append(entry)
+    if stale:
+        warnings.warn(f"removed {len(stale)} temporary folder(s) a killed writer left beside {path}: "
+                      + ", ".join(p.name for p in stale), stacklevel=3)
+    return stale
 
 
 def check_replaceable(path: Path, may_replace: Callable[[Path], bool] | None) -> None:

@@ -170,3 +170,28 @@ def test_weights_and_configs_are_written_with_one_mode(tmp_path):
     os.umask(mask)
     modes = {stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("w.safetensors", "c.json")}
     assert modes == {0o666 & ~mask}
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_writer(tmp_path):
+    """atomic_directory names its temporary folder with the writer's pid; the next write of the same folder removes
+    one whose writer is gone (a killed export of gigabytes), and leaves a live writer's alone."""
+    import os
+    import subprocess
+    import sys
+
+    from ldm.io import atomic_directory
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".model.{dead.pid}.abcd_123.tmp"
+    live = tmp_path / f".model.{os.getppid()}.zz99yy88.tmp"
+    other = tmp_path / f".other.{dead.pid}.abcd_123.tmp"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "unet.safetensors").write_bytes(b"half")
+    with pytest.warns(UserWarning, match=rf"removed 1 temporary folder\(s\) a killed writer left .*{stale.name}"):
+        with atomic_directory(tmp_path / "model") as tmp:
+            assert tmp.name.startswith(f".model.{os.getpid()}.")
+            (tmp / "x").write_text("new")
+    assert not stale.exists() and live.exists() and other.exists()
+    assert (tmp_path / "model" / "x").read_text() == "new"

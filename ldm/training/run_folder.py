@@ -21,6 +21,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from ldm.io import pid_alive
+
 LOCK_NAME = ".ldm-run.lock"
 # what ldm.io's atomic writers name their temporaries: mkstemp / mkdtemp with prefix ".<name>." and suffix ".tmp"
 TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
@@ -33,16 +35,6 @@ class RunLockedError(FileExistsError):
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _owner(lock: Path) -> dict:
@@ -74,7 +66,7 @@ def acquire(output_dir: str | Path) -> Path:
             mine = host == me["host"] and isinstance(pid, int)
             if mine and pid == me["pid"]:
                 raise RunLockedError(f"{out} is already being trained into by this process ({lock})") from None
-            if owner and (not mine or _alive(pid)):
+            if owner and (not mine or pid_alive(pid)):
                 raise RunLockedError(
                     f"another run is training into {out} ({_describe(owner)}; lock file {lock}): wait for it, or choose "
                     f"another run.output_dir; if that run is no longer running, delete {lock}") from None
