@@ -2,12 +2,53 @@
 
 from __future__ import annotations
 
+import operator
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
+SEED_SPACE = 2**64  # seeds are integers in [0, 2**64), a torch generator's seed range
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """`seed` as an int in [0, 2**64); a bool, a float, a string or a value outside the range is a ValueError naming
+    it (a string is not read digit by digit as a list of seeds)."""
+    if isinstance(seed, bool) or isinstance(seed, (str, bytes)):
+        raise ValueError(f"{name} must be an integer in [0, 2**64), got {seed!r}")
+    try:
+        value = operator.index(seed)  # ints and numpy integers, not floats
+    except TypeError:
+        raise ValueError(f"{name} must be an integer in [0, 2**64), got {seed!r} ({type(seed).__name__})") from None
+    if not 0 <= value < SEED_SPACE:
+        raise ValueError(f"{name} must be an integer in [0, 2**64), got {value}")
+    return value
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    """A CPU generator drawing seed's own noise for every seed in [0, 2**64).
+
+    Below 2**32 it is `torch.Generator().manual_seed(seed)`, the generator diffusers and every SD tool seed, so a seed
+    gives their image. torch's CPU generator (mt19937) keeps only 32 bits of a larger seed (0 and 2**32 would draw
+    the same noise), so above 2**32 its state is mt19937's `init_by_array` of the seed's two 32-bit halves (the
+    reference generator's seeding for long keys, as Python's random and numpy do): a distinct stream per 64-bit seed.
+    """
+    seed = check_seed(seed)
+    g = torch.Generator("cpu").manual_seed(seed)
+    if seed < 2**32:
+        return g
+    key = np.random.RandomState(np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint32)).get_state()[1]
+    state = bytearray(g.get_state().numpy().tobytes())
+    # torch's CPU generator state: u64 initial seed, i32 left, i32 seeded, u64 next, then the 624 mt19937 words as u64
+    initial, left, seeded, nxt = struct.unpack_from("<QiiQ", state, 0)
+    if (initial, left, seeded, nxt) != (seed, 1, 1, 0) or len(state) < 24 + 624 * 8:
+        raise RuntimeError("this torch's CPU generator state layout is not the one cpu_generator knows")
+    struct.pack_into("<624Q", state, 24, *(int(w) for w in key))
+    g.set_state(torch.frombuffer(state, dtype=torch.uint8).clone())
+    return g
 
 
 def randn(
