@@ -210,7 +210,8 @@ def check_replaceable(path: Path, may_replace: Callable[[Path], bool] | None) ->
 def check_state_dict(
     expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], *, what: str
 ) -> None:
-    """Raise WeightsError naming every missing, unexpected or mis-shaped key (with both shapes)."""
+    """Raise WeightsError naming every missing, unexpected or mis-shaped key (with both shapes), and every tensor
+    whose kind is not the model's (integer or boolean weights where it holds floating ones, or the reverse)."""
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     shapes = [
@@ -218,7 +219,15 @@ def check_state_dict(
         for k in expected
         if k in given and tuple(expected[k].shape) != tuple(given[k].shape)
     ]
+    dtypes = [
+        f"{k}: {str(given[k].dtype).removeprefix('torch.')} where the model holds "
+        f"{str(expected[k].dtype).removeprefix('torch.')}"
+        for k in expected
+        if k in given and expected[k].is_floating_point() != given[k].is_floating_point()
+    ]
     problems = []
+    if dtypes:
+        problems.append(f"weights of the wrong kind (integer or boolean for floating, or the reverse) {_few(dtypes)}")
     if missing:
         problems.append(f"missing key(s) {_few(missing)}")
     if unexpected:

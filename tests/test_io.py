@@ -195,3 +195,16 @@ def test_a_killed_writers_temporary_folder_is_removed_by_the_next_writer(tmp_pat
             (tmp / "x").write_text("new")
     assert not stale.exists() and live.exists() and other.exists()
     assert (tmp_path / "model" / "x").read_text() == "new"
+
+
+def test_integer_or_boolean_weights_are_refused_naming_the_key():
+    from ldm.io import WeightsError, check_state_dict
+
+    expected = {"a.weight": torch.zeros(2, 2), "a.bias": torch.zeros(2), "steps": torch.zeros(1, dtype=torch.long)}
+    given = {"a.weight": torch.zeros(2, 2, dtype=torch.int32), "a.bias": torch.zeros(2, dtype=torch.bool),
+             "steps": torch.zeros(1)}
+    with pytest.raises(WeightsError, match=r"wrong kind .*a\.weight: int32 where the model holds float32.*"
+                                           r"a\.bias: bool .*steps: float32 where the model holds int64"):
+        check_state_dict(expected, given, what="model")
+    check_state_dict(expected, {**given, "a.weight": torch.zeros(2, 2, dtype=torch.float16),
+                                "a.bias": torch.zeros(2), "steps": torch.zeros(1, dtype=torch.int32)}, what="model")
