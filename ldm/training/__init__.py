@@ -1,7 +1,8 @@
-"""Every training application and what they share: the config dataclasses (config), captioned datasets (data), the
-resumable loop (loop), atomic checkpoints (checkpoint), EMA (ema), local multi-process launch (launch) and processes
-beside (beside); the U-Net application (unet: `ldm train`, `accelerate launch -m ldm.training.unet`), the KL-VAE
-(vae), the contrastive CLIP (clip), REPA alignment (repa), and export of a run as a pipeline folder (export)."""
+"""Every training application and what they share: the config dataclasses (config), captioned datasets (data) and
+their checks (data_checks), the resumable loop (loop), atomic checkpoints (checkpoint), EMA (ema), local multi-process
+launch (launch) and processes beside (beside); the U-Net application (unet: `ldm train`, `accelerate launch -m
+ldm.training.unet`), the KL-VAE (vae), the contrastive CLIP (clip), REPA alignment (repa), and export of a run as a
+pipeline folder (export)."""
 
 from ldm.lazy import lazy_exports
 
@@ -16,6 +17,9 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "to_tensor", "sample_generator", "preprocess", "collate", "samples_consumed", "ResumableSampler",
         "CaptionedImages", "StreamingCaptionedImages", "build_dataloader"
     ),
+    "data_checks": (
+        "DataError", "ColumnError", "check_columns", "caption_text", "file_problem", "load_local", "DataChecks"
+    ),
     "ema": (
         "EMAConfig", "ema_decay", "ema_update_", "EMA"
     ),
@@ -25,7 +29,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "read_meta", "load_checkpoint", "load_weights_only"
     ),
     "loop": (
-        "Part", "StepContext", "MetricsLogger", "batch_length", "zero_loss", "check_fresh_output", "run_loop"
+        "Part", "StepContext", "MetricsLogger", "LogWindow", "batch_length", "zero_loss", "check_fresh_output",
+        "run_loop"
     ),
     "launch": (
         "free_port", "split_batch", "launch_command", "launch_train"

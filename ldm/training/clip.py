@@ -181,7 +181,7 @@ def _train_clip(config: ClipTrainConfig, negative_caption: NegativeCaption | Non
                               negative_caption=negative_caption, max_length=context_length(config.model))
     result = run_loop(accelerator, run, config.optim, parts=[Part("clip", model_p, optimizer_p, scheduler)],
                       loader=loader_p, position=position, step_fn=step_fn,
-                      meta={"config": to_dict(config)})
+                      meta={"config": to_dict(config)}, data=config.data)
     accelerator.end_training()
     return result
 

@@ -4,8 +4,9 @@ Sources (`DataConfig.source`): "imagefolder" (a folder of images with captions i
 `load_dataset("imagefolder")`), "csv" (a CSV of image paths, relative to the CSV's folder or absolute, and captions),
 "hub" (`load_dataset(name)`); `streaming=True` reads any of them as a `datasets.IterableDataset`.
 
-Unreadable images become `None` samples; `collate` drops them and reports `num_skipped` per batch, so a batch always
-draws exactly `batch_size` records and the data position is plain arithmetic.
+Unreadable images become `Unreadable` samples; `collate` drops them, reporting `num_skipped` and their names per batch,
+so a batch always draws exactly `batch_size` records and the data position is plain arithmetic. Malformed metadata,
+unreadable images and missing captions are checked by ldm.training.data_checks.
 
 Resuming, with or without accelerate (use `DataLoaderConfiguration(dispatch_batches=False)`: batches hold strings)::
 
@@ -41,9 +42,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
+from ldm.training import data_checks as checks
+
 logger = logging.getLogger(__name__)
 
-Sample = dict[str, Any] | None
+Sample = dict[str, Any] | checks.Unreadable | None
 
 
 class HubUnavailableError(ConnectionError):
@@ -69,6 +72,8 @@ class DataConfig:
     max_samples: int | None = None  # keep the first max_samples records of the source
     seed: int = 0
     cache_dir: str | None = None  # datasets cache; None = datasets' default
+    max_unreadable_fraction: float = 0.05  # more unreadable images than this stops training (ldm.training.data_checks)
+    missing_caption: Literal["warn", "error"] = "warn"  # null/blank caption: count, warn once, train as ""; or stop
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -79,21 +84,11 @@ class DataConfig:
             raise ValueError(f"max_samples must be >= 1 or None, got {self.max_samples}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if not 0.0 <= self.max_unreadable_fraction <= 1.0:
+            raise ValueError(f"max_unreadable_fraction must lie in [0, 1], got {self.max_unreadable_fraction}")
 
 
 # ---------------------------------------------------------------------------------------------------------- sources
-
-
-def _check_columns(columns: list[str] | None, config: DataConfig) -> None:
-    """Raise a KeyError naming the available columns when the image or caption column is missing."""
-    if columns is None:  # unknown until the first record (some streaming hub datasets)
-        return
-    for kind, name in (("image_column", config.image_column), ("caption_column", config.caption_column)):
-        if name not in columns:
-            raise KeyError(
-                f"{kind} {name!r} is not in the dataset from {config.path!r}; available columns: {sorted(columns)}. "
-                f"Set DataConfig.{kind} to one of them."
-            )
 
 
 def load_records(config: DataConfig) -> tuple[datasets.Dataset | datasets.IterableDataset, Path | None]:
@@ -109,13 +104,14 @@ def load_records(config: DataConfig) -> tuple[datasets.Dataset | datasets.Iterab
                 f"\"from ldm.shapes.dataset import export_imagefolder; export_imagefolder('{folder}', 256, 'train', 0, "
                 "size=32)\")"
             )
-        records = datasets.load_dataset("imagefolder", data_dir=str(folder), split=config.split, **kwargs)
+        records = checks.load_local(f"image folder {folder}", checks.source_files(config), "imagefolder",
+                                    data_dir=str(folder), split=config.split, **kwargs)
     elif config.source == "csv":
         csv = Path(config.path)
         if not csv.is_file():
             raise FileNotFoundError(f"CSV file not found: {csv} (expected columns for image paths and captions)")
         base = csv.parent.resolve()
-        records = datasets.load_dataset("csv", data_files=str(csv), split="train", **kwargs)
+        records = checks.load_local(f"CSV file {csv}", [csv], "csv", data_files=str(csv), split="train", **kwargs)
     elif config.source == "hub":
         try:
             records = datasets.load_dataset(config.path, config.hub_config, split=config.split, **kwargs)
@@ -127,7 +123,7 @@ def load_records(config: DataConfig) -> tuple[datasets.Dataset | datasets.Iterab
             ) from e
     else:
         raise ValueError(f"unknown data source {config.source!r}; valid: ['imagefolder', 'csv', 'hub']")
-    _check_columns(list(records.features) if records.features is not None else None, config)
+    checks.check_columns(list(records.features) if records.features is not None else None, config)
     if records.features is not None and isinstance(records.features[config.image_column], datasets.Image):
         records = records.cast_column(config.image_column, datasets.Image(decode=False))  # we decode (and skip)
     if config.max_samples is not None:
@@ -207,17 +203,20 @@ def preprocess(image: Image.Image, config: DataConfig, generator: torch.Generato
 
 
 class _Decoder:
-    """Record -> {'pixel_values', 'caption', 'index'}, or None (counted, logged) when the image cannot be read."""
+    """Record -> {'pixel_values', 'caption', 'index', 'uncaptioned' (its name when the caption is missing: trained
+    as "")}, or Unreadable (counted, logged) when the image cannot be read."""
 
     def __init__(self, config: DataConfig, base: Path | None) -> None:
         self.config, self.base, self.num_skipped = config, base, 0
 
     def __call__(self, record: dict[str, Any], epoch: int, index: int, *, with_image: bool = True) -> Sample:
         """with_image=False: caption and index only, the image is not opened (its latent is cached: CaptionedImages)."""
-        _check_columns(list(record), self.config)
-        caption = record[self.config.caption_column]
+        checks.check_columns(list(record), self.config)
+        caption = checks.caption_text(record[self.config.caption_column])
+        name = checks.record_name(record[self.config.image_column], self.base, index)
+        sample = {"caption": caption or "", "index": index, "uncaptioned": None if caption is not None else name}
         if not with_image:
-            return {"caption": "" if caption is None else str(caption), "index": index}
+            return sample
         try:
             with open_image(record[self.config.image_column], self.base) as image:
                 image.load()
@@ -225,23 +224,26 @@ class _Decoder:
                 pixels = preprocess(image, self.config, gen)
         except Exception as e:  # noqa: BLE001 -- any unreadable image is skipped, never fatal
             self.num_skipped += 1
-            logger.warning("skipping unreadable image (record %d): %s: %s", index, type(e).__name__, e)
-            return None
-        return {"pixel_values": pixels, "caption": "" if caption is None else str(caption), "index": index}
+            logger.warning("skipping unreadable image (%s): %s: %s", name, type(e).__name__, e)
+            return checks.Unreadable(name)
+        return {"pixel_values": pixels, **sample}
 
 
 def collate(samples: list[Sample]) -> dict[str, Any]:
-    """Stack the readable samples: pixel_values (B, 3, H, W), captions list[str], indices (B,), num_skipped ().
-    pixel_values is left out when the samples carry no image (CaptionedImages.images = False).
+    """Stack the readable samples: pixel_values (B, 3, H, W), captions list[str], indices (B,), num_skipped (),
+    unreadable and missing_captions (names of the records). pixel_values is left out when the samples carry no image
+    (CaptionedImages.images = False).
 
     indices: the record index (map-style), or the position in the epoch's stream (streaming; the record index when
     shuffle=False). num_skipped: unreadable records this batch drew (sum it, e.g. with accelerator.reduce, to log).
     """
-    kept = [s for s in samples if s is not None]
-    num_skipped = torch.tensor(len(samples) - len(kept))
+    kept = [s for s in samples if isinstance(s, dict)]
+    skips = {"num_skipped": torch.tensor(len(samples) - len(kept)),
+             "unreadable": [s.name for s in samples if isinstance(s, checks.Unreadable)],
+             "missing_captions": [s["uncaptioned"] for s in kept if s.get("uncaptioned") is not None]}
     if not kept:
         return {"pixel_values": torch.empty(0, 3, 0, 0), "captions": [], "indices": torch.empty(0, dtype=torch.long),
-                "num_skipped": num_skipped}
+                **skips}
     with_pixels = ["pixel_values" in s for s in kept]
     if any(with_pixels) and not all(with_pixels):
         raise ValueError("collate: some samples carry pixel_values and some do not")
@@ -250,7 +252,7 @@ def collate(samples: list[Sample]) -> dict[str, Any]:
         **batch,
         "captions": [s["caption"] for s in kept],
         "indices": torch.tensor([s["index"] for s in kept], dtype=torch.long),
-        "num_skipped": num_skipped,
+        **skips,
     }
 
 

@@ -4,6 +4,12 @@ accumulate, clip, step, schedule, EMA, log, checkpoint (the checkpoint format is
 A micro-batch with no readable sample (ldm.training.data.collate returns pixel_values of shape (0, 3, 0, 0)) is handled here,
 once for every application: it contributes a zero loss that touches every trained parameter (so gradient
 accumulation and DDP's all-reduce see the same graph) and is counted under `skipped`; `step_fn` never sees it.
+Unreadable images and missing captions are counted and judged by ldm.training.data_checks.DataChecks (`data`: the
+run's DataConfig), which stops the run with a DataError past data.max_unreadable_fraction or data.missing_caption.
+
+A losses.csv row holds the mean of each value over the micro-batches (of every process) since the previous row, and
+the sums of the counts `skipped` and `missing_captions`. A checkpoint between two rows saves the partial sums in its
+meta.json (`log_window`), so a resumed run writes the same rows as an uninterrupted one (images_per_s aside).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from tqdm.auto import tqdm
 from ldm.training.checkpoint import (checkpoint_name, list_checkpoints, load_checkpoint, read_meta, resolve_resume, rng_state,
                             save_checkpoint, slot_generators, step_seed)
 from ldm.training.data import samples_consumed
+from ldm.training.data_checks import DataChecks, DataError
 from ldm.training.ema import EMA
 from ldm.io import write_text
 
@@ -102,6 +109,48 @@ class MetricsLogger:
             self.tb.close()
 
 
+COUNTS = ("skipped", "missing_captions")  # summed into a losses.csv row; every other value is a mean
+
+
+class LogWindow:
+    """Sums of the logged values since the last losses.csv row, over this process's micro-batches (`rows` of them)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.rows = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.rows += 1
+
+    def _total(self) -> tuple[dict[str, float], int]:
+        """The sums and rows of every process (a collective: every process calls it)."""
+        sums: dict[str, float] = {}
+        rows = 0
+        for part_sums, part_rows in gather_object([(self.sums, self.rows)]):
+            for k, v in part_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            rows += part_rows
+        return sums, rows
+
+    def metrics(self) -> dict[str, float]:
+        """The row's values (means, and sums for COUNTS) over every process; the window starts again (collective)."""
+        sums, rows = self._total()
+        self.sums, self.rows = {}, 0
+        return {k: v if k in COUNTS else v / max(rows, 1) for k, v in sorted(sums.items())}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The partial window of every process, for a checkpoint's meta.json (collective)."""
+        sums, rows = self._total()
+        return {"sums": sums, "rows": rows}
+
+    def load_state_dict(self, state: dict[str, Any], process_index: int) -> None:
+        """Start from a saved partial window; it is counted once, by process 0."""
+        if process_index == 0:
+            self.sums, self.rows = {k: float(v) for k, v in state["sums"].items()}, int(state["rows"])
+
+
 def batch_length(batch: dict[str, Any]) -> int:
     """The number of readable samples in a collated micro-batch (captions, else pixel_values' first dimension)."""
     if "captions" in batch:
@@ -135,6 +184,7 @@ def run_loop(
     meta: dict[str, Any],
     on_step: Callable[[int], None] | None = None,
     on_resume: Callable[[dict[str, Any]], None] | None = None,
+    data: Any = None,
 ) -> dict[str, Any]:
     """Train `parts` until run.max_steps optimizer updates: accumulate, clip, step, schedule, EMA, log, checkpoint.
 
@@ -142,13 +192,14 @@ def run_loop(
     ctx.generators (and the global torch RNG, which is re-seeded from (seed, step, micro, process) before every
     micro-batch), so a resumed run repeats the uninterrupted one exactly. `run` is a RunConfig, `optim` an OptimConfig
     (ldm.training.config). `on_resume(meta)` sees the meta.json of the checkpoint resumed from, before anything is
-    loaded from it (to check it).
+    loaded from it (to check it). `data` is the DataConfig (its checks' limits; None: DataConfig's defaults).
     """
     out = Path(run.output_dir)
     root = out / "checkpoints"
     main = accelerator.is_main_process
     raw = {p.name: accelerator.unwrap_model(p.model) for p in parts}
     step = 0
+    window, checks = LogWindow(), DataChecks.from_config(data, getattr(position, "num_samples", None))
     resume = resolve_resume(root, run.resume)
     if run.resume is None:
         check_fresh_output(root)
@@ -161,15 +212,18 @@ def run_loop(
                                 process_index=accelerator.process_index)
         step = int(state["step"])
         position.load_state_dict(state["data"])
+        if "log_window" in state:  # checkpoints before issue 31 have none: the first row then starts at the resume
+            window.load_state_dict(state["log_window"], accelerator.process_index)
+            checks.load_state_dict(state["data_checks"])
     logger = MetricsLogger(out / "losses.csv", resume_step=step, enabled=main)
     bar = tqdm(total=run.max_steps, initial=step, disable=not (main and run.progress_bar), desc="train")
     procs = accelerator.num_processes
-    epoch, consumed, micro = position.epoch, 0, 0
-    window: list[dict[str, float]] = []
+    epoch, consumed, micro, empty_epochs = position.epoch, 0, 0, 0
     clock, images, last_ckpt = time.perf_counter(), 0, resume
     while step < run.max_steps:
         loader.set_epoch(epoch)
         for batch in loader:
+            empty_epochs = 0
             torch.manual_seed(step_seed(run.seed, step, micro, accelerator.process_index))
             ctx = StepContext(step, micro, run.seed, accelerator.process_index, run.batch_size)
             n = batch_length(batch)
@@ -184,9 +238,12 @@ def run_loop(
                     p.optimizer.zero_grad(set_to_none=True)
             consumed, micro = consumed + 1, micro + 1
             images += n
-            window.append({"loss": float(loss.detach()), "skipped": float(batch.get("num_skipped", 0)), **logs})
+            checks.add(batch, n)
+            window.add({"loss": float(loss.detach()), "skipped": float(batch.get("num_skipped", 0)),
+                        "missing_captions": float(len(batch.get("missing_captions", ()))), **logs})
             if not accelerator.sync_gradients:
                 continue
+            checks.update(accelerator)  # before anything of this update is logged or saved
             step, micro = step + 1, 0
             for p in parts:
                 if not getattr(p.optimizer, "step_was_skipped", False):  # fp16 overflow: no update, no schedule step
@@ -195,26 +252,23 @@ def run_loop(
                     p.ema.update(raw[p.name])
             bar.update(1)
             if step % run.log_every == 0 or step == run.max_steps:
-                keys = sorted({k for row in window for k in row})
-                local = torch.tensor([[sum(r.get(k, 0.0) for r in window) / len(window) for k in keys]],
-                                     device=accelerator.device, dtype=torch.float64)
-                means = accelerator.gather(local).mean(0).tolist()
-                metrics = dict(zip(keys, means, strict=True))
-                metrics["skipped"] *= len(window) * procs  # a count, not a mean
+                metrics = window.metrics()
                 elapsed = time.perf_counter() - clock
                 metrics["images_per_s"] = images * procs / max(elapsed, 1e-9)
                 metrics["lr"] = parts[0].scheduler.get_last_lr()[0]
                 logger.log(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-                window, clock, images = [], time.perf_counter(), 0
+                clock, images = time.perf_counter(), 0
             if step % run.checkpoint_every == 0 or step == run.max_steps:
                 rngs = gather_object([rng_state()])
+                log_window = window.state_dict()
                 if main:
-                    data = position.state_dict(samples_consumed(consumed, run.batch_size, procs))
+                    where = position.state_dict(samples_consumed(consumed, run.batch_size, procs))
                     save_checkpoint(root, step, models=raw, emas={p.name: p.ema for p in parts},
                                     optimizers={p.name: p.optimizer for p in parts},
                                     schedulers={p.name: p.scheduler for p in parts}, rng_states=rngs,
-                                    meta={**meta, "data": data}, keep_last=run.keep_last)
+                                    meta={**meta, "data": where, "log_window": log_window,
+                                          "data_checks": checks.state_dict()}, keep_last=run.keep_last)
                 accelerator.wait_for_everyone()
                 last_ckpt = root / checkpoint_name(step)
             if on_step is not None:
@@ -222,7 +276,10 @@ def run_loop(
             if step >= run.max_steps:
                 break
         else:
-            epoch, consumed = epoch + 1, 0
+            epoch, consumed, empty_epochs = epoch + 1, 0, empty_epochs + 1
+            if empty_epochs == 2:  # one may be the empty rest of a streamed epoch resumed at its very end
+                where = getattr(data, "path", "the data")
+                raise DataError(f"no records to train on in {where}: an epoch yielded no batch")
     bar.close()
     logger.close()
     return {"step": step, "checkpoint": last_ckpt}

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,12 @@ from transformers import CLIPTextConfig
 from autoencoder.model import AutoencoderKL, DiagonalGaussian, VAEConfig  # a layer down (tests/test_imports.py)
 from ldm.training.run_folder import hold_run_folder
 from ldm.training.loop import Part, StepContext, run_loop
-from ldm.training.checkpoint import folder_digest, resolve_resume
+from ldm.training.checkpoint import folder_digest, list_checkpoints, resolve_resume
 from ldm.loading.components import Components, IncompatibleComponentsError, pipeline_schedule, save_pipeline
 from ldm.loading.sources import load_components
 from ldm.config import ConfigError, load_config, to_dict
 from ldm.training.data import build_dataloader
+from ldm.training.data_checks import DataError
 from ldm.diffusion.denoiser import CFGDenoiser
 from ldm.diffusion.losses import diffusion_loss, timestep_bias_weights
 from ldm.diffusion.process import q_sample
@@ -359,9 +361,14 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         accelerator.wait_for_everyone()
 
     meta = {"config": to_dict(config), "frozen": f"../../{FROZEN}", "frozen_sha256": digest}
-    result = run_loop(accelerator, run, config.optim, parts=trained,
-                      loader=loader_p, position=position, step_fn=step_fn, meta=meta, on_step=validate,
-                      on_resume=lambda state: check_frozen(state, digest, out / FROZEN))
+    try:
+        result = run_loop(accelerator, run, config.optim, parts=trained, loader=loader_p, position=position,
+                          step_fn=step_fn, meta=meta, on_step=validate, data=config.data,
+                          on_resume=lambda state: check_frozen(state, digest, out / FROZEN))
+    except DataError:  # refused for its data before any checkpoint: frozen/ must not block a retry as "another run"
+        if accelerator.is_main_process and not list_checkpoints(out / "checkpoints"):
+            shutil.rmtree(out / FROZEN, ignore_errors=True)
+        raise
     accelerator.end_training()
     return result
 

@@ -208,7 +208,8 @@ def _train_vae(config: VAETrainConfig) -> dict[str, Any]:
 
     result = run_loop(accelerator, run, config.optim, parts=parts, loader=loader_p, position=position,
                       step_fn=VAEStep(config, model_p, vae, loss, disc, device), meta={"config": to_dict(config)},
-                      on_step=validate, on_resume=lambda meta: check_same_trainable(meta, config.train_encoder))
+                      on_step=validate, data=config.data,
+                      on_resume=lambda meta: check_same_trainable(meta, config.train_encoder))
     accelerator.end_training()
     return result
 
