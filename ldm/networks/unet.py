@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.config import from_dict
 from ldm.io import PretrainedMixin
+from ldm.networks.feature_cache import FeatureCache
 from ldm.networks.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps, Transformer2DModel, Upsample2D
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -167,14 +168,19 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList([_resnet(cfg, c_in if j == 0 else c_out, c_out, temb) for j in range(n)])
         self.downsamplers = None if final else nn.ModuleList([Downsample2D(c_out, c_out, cfg.downsample_padding)])
 
-    def forward(self, x, temb, context, ckpt: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x, temb, context, ckpt: bool = False, limit: int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`limit`: stop after that many states (a cached call's shallow path, ldm.networks.feature_cache)."""
         states = []
         for j, resnet in enumerate(self.resnets):
+            if len(states) == limit:
+                return x, states
             x = _call(resnet, ckpt, x, temb)  # (B, C_out, H, W)
             if self.attentions is not None:
                 x = _call(self.attentions[j], ckpt, x, context)
             states.append(x)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and len(states) != limit:
             x = self.downsamplers[0](x)  # (B, C_out, H / 2, W / 2)
             states.append(x)
         return x, states
@@ -217,12 +223,17 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList(resnets)
         self.upsamplers = None if final else nn.ModuleList([Upsample2D(c_out, c_out)])
 
-    def forward(self, x, skips: list[torch.Tensor], temb, context, ckpt: bool = False, size=None) -> torch.Tensor:
-        for j, resnet in enumerate(self.resnets):
+    def forward(self, x, skips: list[torch.Tensor], temb, context, ckpt: bool = False, size=None, first: int = 0,
+                stop: int | None = None) -> torch.Tensor:
+        """Resnets `first` .. `stop` - 1 (x: the input of resnet `first`), then the upsampler unless `stop` is given;
+        each pops its skip off `skips`. Split at a resnet, a full call keeps the deep feature between the halves."""
+        for j in range(first, len(self.resnets) if stop is None else stop):
             x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
-            x = _call(resnet, ckpt, x, temb)  # (B, C_out, H, W)
+            x = _call(self.resnets[j], ckpt, x, temb)  # (B, C_out, H, W)
             if self.attentions is not None:
                 x = _call(self.attentions[j], ckpt, x, context)
+        if stop is not None:
+            return x
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, size)  # (B, C_out, 2H, 2W) or (B, C_out, *size)
         return x
@@ -269,11 +280,28 @@ class UNet(PretrainedMixin, nn.Module):
             raise ValueError(f"timestep must be a scalar or of shape ({batch},), got shape {tuple(t.shape)}")
         return t
 
+    @property
+    def cache_branches(self) -> int:
+        """Skip branches (= up resnets) DeepCache can cache at: FeatureCache depths 0 .. cache_branches - 1."""
+        return sum(len(block.resnets) for block in self.up_blocks)
+
+    def cache_site(self, depth: int) -> tuple[int, int]:
+        """(up block i, resnet j) whose input is the deep feature of branch `depth` (0: the last resnet of all)."""
+        nearer = 0  # up resnets between block i and the output
+        for i in reversed(range(len(self.up_blocks))):
+            n = len(self.up_blocks[i].resnets)
+            if depth < nearer + n:
+                return i, n - 1 - (depth - nearer)
+            nearer += n
+        raise ValueError(f"cache_depth {depth} is not below this U-Net's {self.cache_branches} skip branches")
+
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
+        cache: FeatureCache | None = None,
     ) -> torch.Tensor:
         """sample (B, in_channels, H, W), timestep scalar or (B,), encoder_hidden_states (B, L, cross_attention_dim)
-        -> (B, out_channels, H, W)."""
+        -> (B, out_channels, H, W). `cache`: DeepCache over a sampling run (ldm.networks.feature_cache): the call is
+        full and keeps the deep feature, or runs only the shallow path on the kept one; None: always in full."""
         cfg = self.config
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"sample must be (B, {cfg.in_channels}, H, W), got shape {tuple(sample.shape)}")
@@ -294,15 +322,32 @@ class UNet(PretrainedMixin, nn.Module):
         factor = 2 ** (len(self.up_blocks) - 1)
         exact_sizes = any(s % factor for s in sample.shape[-2:])
 
+        site, deep = (-1, 0), None  # DeepCache: the deep feature is the input of up block site[0]'s resnet site[1]
+        if cache is not None:
+            site = self.cache_site(cache.check(self.cache_branches).depth)
+            deep = cache.lookup(sample, encoder_hidden_states)  # None: a full call
+        limit = None if deep is None else cache.depth + 1  # a cached call makes skips 0 .. depth only
+
         x = self.conv_in(sample)  # (B, C0, H, W)
         skips = [x]
         for block in self.down_blocks:
-            x, states = block(x, temb, encoder_hidden_states, ckpt)
+            if limit is not None and len(skips) == limit:
+                break
+            x, states = block(x, temb, encoder_hidden_states, ckpt, None if limit is None else limit - len(skips))
             skips.extend(states)
-        x = self.mid_block(x, temb, encoder_hidden_states, ckpt)  # (B, C_last, H / f, W / f)
+        if deep is None:
+            x = self.mid_block(x, temb, encoder_hidden_states, ckpt)  # (B, C_last, H / f, W / f)
         for i, block in enumerate(self.up_blocks):
-            n = len(block.resnets)
+            n, first = len(block.resnets), site[1] if i == site[0] else 0
+            if deep is not None:
+                if i < site[0]:
+                    continue  # below the deep feature
+                if i == site[0]:
+                    x, n = deep, n - first  # (B, C, H', W'): resnet `first`'s input, kept by the last full call
             block_skips, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[2:] if exact_sizes and i < len(self.up_blocks) - 1 else None
-            x = block(x, block_skips, temb, encoder_hidden_states, ckpt, size)
+            if deep is None and i == site[0]:  # a full call with a cache: keep the input of resnet `first`
+                x = block(x, block_skips, temb, encoder_hidden_states, ckpt, size, stop=first)
+                cache.store(x, sample, encoder_hidden_states)
+            x = block(x, block_skips, temb, encoder_hidden_states, ckpt, size, first=first)
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))  # (B, out_channels, H, W)
