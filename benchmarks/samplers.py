@@ -23,6 +23,8 @@ from diffusers import (  # noqa: E402
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 
 from ldm.diffusion.samplers import SAMPLERS  # noqa: E402
@@ -44,7 +46,16 @@ CASES = {
     "euler_ancestral": (EulerAncestralDiscreteScheduler, {}, {}, lambda n: n),
     "heun": (HeunDiscreteScheduler, {}, {}, lambda n: 2 * n - 1),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}, {}, lambda n: n),
+    "unipc": (UniPCMultistepScheduler, {}, {}, lambda n: n),
+    "lms": (LMSDiscreteScheduler, {}, {}, lambda n: n),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), {}, lambda n: n),
+    # ours takes k-diffusion's third-order coefficient, diffusers' makes the method first order (see
+    # ldm/diffusion/samplers_dpmpp.py): the one row where the two columns are different samplers
+    "dpmpp_3m_sde": (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", solver_order=3), {},
+                     lambda n: n),
 }
+STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+FLOAT32 = {"dpmpp_2m_sde", "dpmpp_3m_sde"}  # diffusers' DPM-Solver draws float32 noise: ours runs in float32 to match
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed: int = 0) -> float:
@@ -73,11 +84,14 @@ def main() -> None:
             plan = spec.plan(NoiseSchedule.from_diffusers({**SD, **extra}), n)  # the scheduler's config, as diffusers'
             sig, vp, table = plan.sigmas, spec.vp_output, plan.schedule.sigmas()
             x = noise * (1 + sig[0] ** 2).sqrt() if vp else noise * sig[0]
+            start = noise.float() if name in FLOAT32 else noise
+            x = x.float() if name in FLOAT32 else x
             ours = spec(plan.denoiser(vp_eps_net(gmm, table, "linear")), x, sig, generator=torch.Generator().manual_seed(1),
                         **plan.options)
             ours = spec.to_output(ours, float(sig[-1]))
-            ref = run_diffusers_scheduler(cls(**SD, **extra), vp_eps_net(gmm, table, "linear"), noise if vp else x, n,
-                                generator=torch.Generator().manual_seed(1) if name in ("ddpm", "euler_ancestral") else None, **kw)
+            ref = run_diffusers_scheduler(cls(**SD, **extra), vp_eps_net(gmm, table, "linear"), start if vp else x, n,
+                                generator=torch.Generator().manual_seed(1) if name in STOCHASTIC else None, **kw)
+            ours = ours.to(torch.float64)
             rows.append(dict(sampler=name, steps=n, nfe=nfe(n), sw_ours=sliced_wasserstein(ours, truth),
                              sw_diffusers=sliced_wasserstein(ref.to(torch.float64), truth)))
             r = rows[-1]

@@ -1,14 +1,15 @@
 """Diffusion math in sigma space: noise schedules and the sigmas a sampler walks (schedule), the eps / x0 / v / score
 parameterizations, the discrete forward process, posterior and variational bound (process) and training losses
 (losses), network -> denoiser D(x, sigma) wrappers and guidance (denoiser), samplers over one signature (samplers,
-sampling), score SDEs and their reverse family (sde), likelihoods (likelihood), and Gaussian-mixture data with an
-analytic denoiser (toy)."""
+sampling, samplers_multistep, samplers_dpmpp), sigma schedules and fitting one to a model (sigma_schedules,
+schedule_search), score SDEs and their reverse family (sde), likelihoods (likelihood), and Gaussian-mixture data with
+an analytic denoiser (toy)."""
 
 from ldm.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "schedule": (
-        "BetaSchedule", "Spacing", "Flavor", "FinalSigma", "Interpolation", "ZERO_SNR_ALPHA_BAR", "KARRAS_RHO",
+        "BetaSchedule", "Spacing", "Flavor", "FinalSigma", "Interpolation", "Quantize", "ZERO_SNR_ALPHA_BAR", "KARRAS_RHO",
         "betas_linear", "betas_scaled_linear", "betas_cosine", "rescale_zero_terminal_snr",
         "alphas_cumprod_from_betas", "sigmas_from_alphas_cumprod", "alphas_cumprod_from_sigmas", "NoiseSchedule",
         "default_spacing", "sd_schedule", "betas_from_alphas_cumprod", "shift_snr", "inference_timesteps",
@@ -27,15 +28,28 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "min_snr_weight", "diffusion_loss", "timestep_bias_weights"
     ),
     "sampling": (
-        "Denoiser", "Callback", "check_sigmas", "denoise", "to_d"
+        "Denoiser", "Callback", "check_sigmas", "denoise", "to_d", "ancestral_step"
     ),
     "denoiser": (
         "vp_input_scale", "eps_from_denoised", "DiscreteVPDenoiser", "ContinuousVPDenoiser", "VEDenoiser",
         "rescale_guidance", "check_interval", "CFGDenoiser", "ClassifierGuidedDenoiser"
     ),
     "samplers": (
-        "ancestral_step", "sample_euler", "sample_euler_ancestral", "sample_ddim", "sample_ddpm", "sample_heun",
+        "sample_euler", "sample_euler_ancestral", "sample_ddim", "sample_ddpm", "sample_heun",
         "sample_dpmpp_2m", "SamplingPlan", "Sampler", "SAMPLERS", "sample"
+    ),
+    "samplers_multistep": (
+        "unipc_coefficients", "sample_unipc", "lms_coefficients", "sample_lms"
+    ),
+    "samplers_dpmpp": (
+        "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpmpp_2s_ancestral"
+    ),
+    "sigma_schedules": (
+        "SigmaSchedule", "SIGMA_SCHEDULES", "AYS_SIGMAS", "check_sigma_schedule", "resolve_sigma_schedule",
+        "exponential_sigmas", "loglinear_interp", "ays_sigmas", "table_schedule", "schedule_sigmas", "sigma_lookup"
+    ),
+    "schedule_search": (
+        "with_zero", "optimize_sigmas"
     ),
     "sde": (
         "isotropic_normal_log_prob", "VPSDE", "VESDE", "reverse_sde_step", "sample_reverse_sde",

@@ -20,7 +20,7 @@ from torch import nn
 
 from ldm.diffusion.parameterization import PREDICTIONS, Prediction, to_x0
 from ldm.diffusion.sampling import Denoiser
-from ldm.diffusion.schedule import Interpolation, sigma_to_t
+from ldm.diffusion.schedule import Interpolation, Quantize, sigma_to_t
 
 
 
@@ -54,8 +54,9 @@ class DiscreteVPDenoiser(nn.Module):
 
     t(sigma) inverts the training sigma table (`ldm.diffusion.schedule.sigma_to_t`): "log" interpolation (k-diffusion, and
     diffusers for Karras sigmas) by default, "linear" to reproduce diffusers' Euler-family timesteps exactly at
-    fractional t; both give integer t exactly at table sigmas. quantize=True rounds t (diffusers' DPM-Solver with
-    Karras sigmas passes rounded timesteps to the network).
+    fractional t; both give integer t exactly at table sigmas. quantize=True (or "round") rounds t (diffusers'
+    DPM-Solver and UniPC with Karras sigmas pass rounded timesteps to the network), "floor" truncates it (theirs with
+    exponential sigmas).
     """
 
     def __init__(
@@ -64,7 +65,7 @@ class DiscreteVPDenoiser(nn.Module):
         train_sigmas: torch.Tensor,
         prediction_type: Prediction = "epsilon",
         interpolation: Interpolation = "log",
-        quantize: bool = False,
+        quantize: Quantize = False,
     ) -> None:
         super().__init__()
         _check_prediction(prediction_type)

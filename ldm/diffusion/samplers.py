@@ -5,19 +5,19 @@ Every sampler has the signature of docs/CONVENTIONS.md:
     sample_<name>(model, x, sigmas, *, cond=None, generator=None, callback=None, **options) -> Tensor
 
 - model(x, sigma, **cond) -> x0_hat with sigma of shape (B,); x is (B, ...), the initial noise times sigmas[0].
-- sigmas: 1-D, strictly decreasing, >= 0 (from `ldm.diffusion.schedule.sampler_sigmas`); the result is x at sigmas[-1].
+- sigmas: 1-D, strictly decreasing, >= 0 (ldm.diffusion.sigma_schedules); the result is x at sigmas[-1].
 - generator: a torch.Generator or one per batch item (`ldm.random`); callback(i, sigma, x, x0_hat) after step i.
 
 `SAMPLERS` maps a name to a `Sampler`: the function and the schedule facts of its diffusers counterpart (which
 scheduler's timesteps it walks, whether it ends at sigma 0, whether it returns VP coordinates), so a caller builds the
 sigma schedule from the entry alone (`SAMPLERS[name].sigmas(schedule, steps)`). Add an entry to register a new
-sampler (the score-SDE samplers of ldm/diffusion/sde.py are registered here too). `sample(model, x, sigmas,
-sampler="euler", **options)` dispatches on it.
+sampler (those of ldm/diffusion/sde.py, samplers_multistep.py and samplers_dpmpp.py are registered here too).
+`sample(model, x, sigmas, sampler="euler", **options)` dispatches on it.
 
 The probability-flow ODE in sigma space is dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, eq. 4 with
 s = 1, sigma(t) = t). Model-evaluation counts (NFE) for n = len(sigmas) - 1 steps ending at 0: n for all samplers but
-heun (2n - 1). Noise draws (one standard normal of x's shape per step, after the model call, whenever eta > 0)
-follow diffusers' order, so the same seeded generator gives the same numbers.
+heun and dpmpp_2s_ancestral (2n - 1). Noise draws (one standard normal of x's shape per step, after the model call,
+whenever eta > 0) follow diffusers' order, so the same seeded generator gives the same numbers.
 """
 
 from __future__ import annotations
@@ -32,18 +32,12 @@ import torch
 
 from ldm.random import Generator, randn_like
 from ldm.diffusion.denoiser import DiscreteVPDenoiser
-from ldm.diffusion.sampling import Callback, Denoiser, check_sigmas, denoise, to_d
-from ldm.diffusion.schedule import Flavor, NoiseSchedule, ddim_step_targets, default_spacing, sampler_sigmas
+from ldm.diffusion.sampling import Callback, Denoiser, ancestral_step, check_sigmas, denoise, to_d
+from ldm.diffusion.samplers_dpmpp import sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_3m_sde
+from ldm.diffusion.samplers_multistep import sample_lms, sample_unipc
+from ldm.diffusion.schedule import Flavor, NoiseSchedule, ddim_step_targets, default_spacing
 from ldm.diffusion.sde import sample_langevin, sample_pc, sample_reverse_sde
-
-def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
-    """(sigma_down, sigma_up) with sigma_up = eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2) and
-    sigma_down^2 + sigma_up^2 = sigma_next^2: the DDIM step of Song et al. 2021 (eq. 12-16) in sigma space."""
-    if sigma_next == 0:
-        return 0.0, 0.0
-    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
-    return math.sqrt(sigma_next**2 - up**2), up
-
+from ldm.diffusion.sigma_schedules import resolve_sigma_schedule, schedule_sigmas, sigma_lookup, table_schedule
 
 @torch.no_grad()
 def sample_euler(
@@ -195,16 +189,21 @@ def sample_dpmpp_2m(
 @dataclass(frozen=True)
 class SamplingPlan:
     """What a sampler walks on a schedule, as its diffusers scheduler would: the schedule as that scheduler reads it
-    (build the denoiser on it), the (n + 1,) float64 sigmas, whether they are Karras sigmas (the denoiser's sigma -> t
-    interpolation), the options they imply for the sampler function (clip_x0, DDIM's step_to), and the prior the walk
-    starts from: `prior_scale` times standard noise (its diffusers scheduler's init_noise_sigma, in sigma space)."""
+    (build the denoiser on it), the (n + 1,) float64 sigmas, the sigma schedule they follow (ldm.diffusion.
+    sigma_schedules: it sets the denoiser's sigma -> t lookup), the options they imply for the sampler function
+    (clip_x0, DDIM's step_to), and the prior the walk starts from: `prior_scale` times standard noise (its diffusers
+    scheduler's init_noise_sigma, in sigma space)."""
 
     schedule: NoiseSchedule
     sigmas: torch.Tensor
-    karras: bool
+    sigma_schedule: str
     options: dict[str, Any]
     flavor: Flavor = "euler"
     ve_prior: bool = False  # start at sigma_max * noise (diffusers' Euler family with linspace / trailing spacing)
+
+    @property
+    def karras(self) -> bool:
+        return self.sigma_schedule == "karras"
 
     @property
     def prior_scale(self) -> float:
@@ -214,10 +213,11 @@ class SamplingPlan:
 
     def denoiser(self, net: Callable[..., torch.Tensor]) -> DiscreteVPDenoiser:
         """The VP network `net(x_vp, t, **cond)` as D(x, sigma) on this plan's schedule, with the sigma -> t lookup its
-        diffusers scheduler uses: log-linear for Karras sigmas, rounded to integer t for DPM-Solver's."""
+        diffusers scheduler uses (`sigma_lookup`: e.g. log-linear for Karras sigmas, rounded to integer t for
+        DPM-Solver's)."""
+        interpolation, quantize = sigma_lookup(self.sigma_schedule, self.flavor)
         return DiscreteVPDenoiser(net, self.schedule.sigmas(), self.schedule.prediction_type,
-                                  interpolation="log" if self.karras else "linear",
-                                  quantize=self.karras and self.flavor == "dpmsolver")
+                                  interpolation=interpolation, quantize=quantize)
 
     def last(self, steps: int) -> SamplingPlan:
         """The plan of the last `steps` steps (img2img), step-indexed options cut alike."""
@@ -243,44 +243,52 @@ class Sampler:
     def __call__(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, **options: Any) -> torch.Tensor:
         return self.fn(model, x, sigmas, **options)
 
-    def sigmas(self, schedule: NoiseSchedule, num_steps: int, *, karras: bool | None = None) -> torch.Tensor:
-        """The (num_steps + 1,) float64 sigmas this sampler walks on `schedule` (ldm.diffusion.schedule.sampler_sigmas);
-        the final sigma is 0 where the diffusers scheduler forces it, else the schedule's own for this flavor."""
+    def sigmas(self, schedule: NoiseSchedule, num_steps: int, *, karras: bool | None = None,
+               sigma_schedule: str | None = None) -> torch.Tensor:
+        """The (num_steps + 1,) float64 sigmas this sampler walks on `schedule` (ldm.diffusion.sigma_schedules.
+        schedule_sigmas; `resolve_sigma_schedule` reads the two switches); the final sigma is 0 where the diffusers
+        scheduler forces it, else the schedule's own for this flavor."""
+        name = resolve_sigma_schedule(schedule, sigma_schedule, karras)
         final = "zero" if self.ends_at_zero else None
-        return sampler_sigmas(schedule, num_steps, self.flavor, karras=karras, final_sigma=final)
+        return schedule_sigmas(schedule, num_steps, self.flavor, name, final_sigma=final)
 
     def to_output(self, x: torch.Tensor, final_sigma: float) -> torch.Tensor:
         """The result in the coordinates its diffusers scheduler returns: x / sqrt(1 + sigma^2) for VP output."""
         return x / math.sqrt(1 + final_sigma**2) if self.vp_output and final_sigma > 0 else x
 
-    def plan(self, schedule: NoiseSchedule, num_steps: int, *, karras: bool | None = None) -> SamplingPlan:
+    def plan(self, schedule: NoiseSchedule, num_steps: int, *, karras: bool | None = None,
+             sigma_schedule: str | None = None) -> SamplingPlan:
         """Everything a caller needs to sample as the diffusers scheduler of this sampler does on `schedule`:
-        `schedule_for`, `sigmas` and `schedule_options` in one (karras None: the schedule's use_karras_sigmas)."""
-        schedule = self.schedule_for(schedule)
-        karras = schedule.use_karras_sigmas if karras is None else karras
+        `schedule_for`, `sigmas` and `schedule_options` in one (sigma_schedule and karras None: the schedule's
+        use_karras_sigmas / use_exponential_sigmas; karras=True is sigma_schedule="karras")."""
+        name = resolve_sigma_schedule(schedule, sigma_schedule, karras)
+        schedule = self.schedule_for(schedule, name)
         # diffusers' Euler, Euler ancestral and Heun start from sigma_max * noise under linspace / trailing spacing
         # (their init_noise_sigma), from sqrt(1 + sigma_max^2) * noise otherwise, as DDIM, DDPM and DPM-Solver always do
         spacing = schedule.timestep_spacing or default_spacing(self.flavor)
         ve_prior = self.flavor == "euler" and spacing in ("linspace", "trailing")
-        return SamplingPlan(schedule, self.sigmas(schedule, num_steps, karras=karras), karras,
-                            self.schedule_options(schedule, num_steps, karras=karras), self.flavor, ve_prior)
+        return SamplingPlan(schedule, self.sigmas(schedule, num_steps, sigma_schedule=name), name,
+                            self.schedule_options(schedule, num_steps, sigma_schedule=name), self.flavor, ve_prior)
 
-    def schedule_for(self, schedule: NoiseSchedule) -> NoiseSchedule:
+    def schedule_for(self, schedule: NoiseSchedule, sigma_schedule: str = "default") -> NoiseSchedule:
         """`schedule` as this sampler's diffusers scheduler reads it: diffusers' Heun ignores rescale_betas_zero_snr,
         so on a zero-terminal-SNR folder it samples the un-rescaled betas, and so does ours (equal names, equal images;
-        Euler or DPM-Solver++ sample the rescaled schedule)."""
+        Euler or DPM-Solver++ sample the rescaled schedule); "sgm_uniform" is its trailing spacing (`table_schedule`)."""
         if schedule.rescale_betas_zero_snr and not self.reads_zero_snr:
-            return replace(schedule, rescale_betas_zero_snr=False)
-        return schedule
+            schedule = replace(schedule, rescale_betas_zero_snr=False)
+        return table_schedule(schedule, sigma_schedule)
 
-    def schedule_options(self, schedule: NoiseSchedule, num_steps: int, *, karras: bool = False) -> dict[str, Any]:
+    def schedule_options(self, schedule: NoiseSchedule, num_steps: int, *, karras: bool = False,
+                         sigma_schedule: str | None = None) -> dict[str, Any]:
         """The options `schedule` implies for this sampler as for its diffusers scheduler: clip_x0 for DDIM / DDPM
         where clip_sample says so (or a scheduler config leaves it out: their default), and DDIM's step_to where
-        it does not step to the next timestep."""
+        it does not step to the next timestep (on the training table's timesteps only)."""
+        name = "karras" if karras else (sigma_schedule or "default")
         options: dict[str, Any] = {}
         if self.clips_x0 and schedule.clips_x0():
             options["clip_x0"] = schedule.clip_sample_range
-        if self.skips_uniformly and not karras and (targets := ddim_step_targets(schedule, num_steps)) is not None:
+        if (self.skips_uniformly and name in ("default", "sgm_uniform")
+                and (targets := ddim_step_targets(table_schedule(schedule, name), num_steps)) is not None):
             options["step_to"] = targets
         return options
 
@@ -296,6 +304,11 @@ SAMPLERS: dict[str, Sampler] = {
     "euler_ancestral": Sampler(sample_euler_ancestral, ends_at_zero=True),
     "heun": Sampler(sample_heun, ends_at_zero=True, reads_zero_snr=False),
     "dpmpp_2m": Sampler(sample_dpmpp_2m, flavor="dpmsolver", vp_output=True),
+    "dpmpp_2m_sde": Sampler(sample_dpmpp_2m_sde, flavor="dpmsolver", vp_output=True),
+    "dpmpp_3m_sde": Sampler(sample_dpmpp_3m_sde, flavor="dpmsolver", vp_output=True),
+    "dpmpp_2s_ancestral": Sampler(sample_dpmpp_2s_ancestral, ends_at_zero=True),  # k-diffusion's; no diffusers twin
+    "unipc": Sampler(sample_unipc, flavor="dpmsolver", vp_output=True),
+    "lms": Sampler(sample_lms, ends_at_zero=True, reads_zero_snr=False),
     "reverse_sde": Sampler(sample_reverse_sde),
     "pc": Sampler(sample_pc),
     "langevin": Sampler(sample_langevin),

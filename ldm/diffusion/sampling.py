@@ -1,11 +1,13 @@
-"""What every sampler shares: the denoiser type, sigma-schedule validation, one checked denoiser call, the ODE slope.
+"""What every sampler shares: the denoiser type, sigma-schedule validation, one checked denoiser call, the ODE slope,
+the ancestral step.
 
-Kept apart from ldm/diffusion/samplers.py and ldm/diffusion/sde.py so that both use one copy (samplers.py imports sde.py's samplers
-into its name table).
+Kept apart from ldm/diffusion/samplers.py so that it, sde.py, samplers_multistep.py and samplers_dpmpp.py use one copy
+(samplers.py imports their samplers into its name table).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -73,3 +75,12 @@ class FiniteWatch:
 def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
     """dx/dsigma = (x - D(x, sigma)) / sigma, the probability-flow ODE (Karras et al. 2022, eq. 4)."""
     return (x - denoised) / sigma
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) with sigma_up = eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2) and
+    sigma_down^2 + sigma_up^2 = sigma_next^2: the DDIM step of Song et al. 2021 (eq. 12-16) in sigma space."""
+    if sigma_next == 0:
+        return 0.0, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - up**2), up

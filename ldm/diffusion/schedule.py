@@ -40,6 +40,7 @@ Spacing = Literal["leading", "trailing", "linspace"]
 Flavor = Literal["ddim", "euler", "dpmsolver"]
 FinalSigma = Literal["zero", "sigma_min"]
 Interpolation = Literal["log", "linear"]
+Quantize = bool | Literal["round", "floor"]  # True: "round"
 
 ZERO_SNR_ALPHA_BAR = 2.0**-24  # diffusers' clamp of alphā_{T-1} under zero terminal SNR
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
@@ -47,6 +48,9 @@ KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 
 # ---------------------------------------------------------------------------------------------------------------------
 # betas and alphā
+
+
+MAX_TRAIN_TIMESTEPS = 100_000  # a sane bound (SD and every published schedule: 1000): the tables stay small
 
 
 def betas_linear(num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -115,6 +119,7 @@ class NoiseSchedule:
     set_alpha_to_one: bool = True  # DDIM flavor: final alphā 1 (sigma 0), else alphā_0 (sigma_min)
     final_sigmas_type: FinalSigma = "zero"  # Euler / DPM-Solver flavors: the final sigma
     use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False  # read by ldm.diffusion.sigma_schedules.resolve_sigma_schedule
     # DDIM / DDPM clip x0 to [-clip_sample_range, clip_sample_range]; None (a folder without the key): diffusers'
     # class default, True. Our schedules say False: latents are not bounded by 1.
     clip_sample: bool | None = False
@@ -122,8 +127,9 @@ class NoiseSchedule:
     thresholding: bool = False  # dynamic thresholding (Imagen): not implemented; a folder asking for it is refused
 
     def __post_init__(self) -> None:
-        if self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if not isinstance(self.num_train_timesteps, int) or not 2 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
+            raise ValueError(f"num_train_timesteps must be an integer in [2, {MAX_TRAIN_TIMESTEPS}] (SD uses 1000), got "
+                             f"{self.num_train_timesteps!r}")
         if self.thresholding:
             raise ValueError("scheduler config asks for dynamic thresholding (thresholding: true), which is not "
                              "implemented here; set it to false to sample without it")
@@ -296,17 +302,20 @@ def sigma_to_t(
     sigma: torch.Tensor,
     train_sigmas: torch.Tensor,
     interpolation: Interpolation = "log",
-    quantize: bool = False,
+    quantize: Quantize = False,
 ) -> torch.Tensor:
     """Fractional timestep of a noise level by inverse interpolation of the training table (the inverse of
     `t_to_sigma`); a sigma equal to table entry k gives exactly t = k. "log" is diffusers' `_sigma_to_t` and
-    k-diffusion's; "linear" inverts diffusers' Euler interpolation. quantize rounds to the nearest integer t.
+    k-diffusion's; "linear" inverts diffusers' Euler interpolation. quantize "round" (or True) rounds to the nearest
+    integer t, "floor" truncates (diffusers' int64 timesteps of exponential sigmas).
     The lower bracket is the LAST table entry <= sigma, as in diffusers: the zero-SNR table is not monotone at its
     end (sigma_998 > the clamped sigma_999 = 4096), and sigma = 4096 must still give t = 999."""
     table = train_sigmas.to(torch.float64)
     s = torch.as_tensor(sigma, dtype=torch.float64, device=table.device)
-    if interpolation == "log":
-        table, s = table.log(), s.clamp(min=1e-10).log()
+    if interpolation == "log":  # "floor" reads the log table in float32 as diffusers does, which puts sigma_max's t
+        # just below T - 1 (truncated: T - 2, as diffusers' int64 timesteps of exponential sigmas)
+        table = table.float().log().double() if quantize == "floor" else table.log()
+        s = s.clamp(min=1e-10).log()
     elif interpolation != "linear":
         raise ValueError(f"unknown interpolation {interpolation!r}; valid: log, linear")
     below = table.reshape(1, -1) <= s.reshape(-1, 1)  # (N, T): the last True is the lower bracket
@@ -315,6 +324,8 @@ def sigma_to_t(
     lo, hi = table[low], table[low + 1]
     w = ((s - lo) / (hi - lo)).clamp(0, 1)
     t = low + w
+    if quantize == "floor":
+        return t.floor()
     return t.round() if quantize else t
 
 
