@@ -8,6 +8,7 @@ state dict loads with `load_state_dict(strict=True)`. Images are (B, C, H, W) wi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,14 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         """Spatial factor f between images and latents: 2^(number of blocks - 1)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    def layer_counts(self) -> Iterator[tuple[str, int, str]]:
+        """(config key, count, the state-dict keys holding one per layer, N the index): which config key asks for
+        more layers than a weight file holds (ldm.io.check_layer_counts); the block count first, as it bounds the
+        rest."""
+        yield "block_out_channels", len(self.block_out_channels), "encoder.down_blocks.N."
+        for i in range(len(self.block_out_channels)):
+            yield "layers_per_block", self.layers_per_block, f"encoder.down_blocks.{i}.resnets.N."
 
     @classmethod
     def from_diffusers(cls, config: dict[str, Any]) -> VAEConfig:

@@ -100,7 +100,7 @@ def build_pair(name: str, sampler: str, device: torch.device, dtype: torch.dtype
     vae.load_state_dict(d_vae.state_dict(), strict=True, assign=True)
     ours = Pipeline(unet, vae, TextEncoder(tokenizer, text_model), schedule, device=device, dtype=dtype)
     scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(schedule.to_diffusers())
-    theirs = StableDiffusionPipeline(vae=d_vae, text_encoder=text_model, tokenizer=tokenizer, unet=d_unet,
+    theirs = StableDiffusionPipeline(vae=d_vae, text_encoder=text_model, tokenizer=tokenizer.to_transformers(), unet=d_unet,
                                      scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                      requires_safety_checker=False)  # fmt: skip
     theirs.set_progress_bar_config(disable=True)

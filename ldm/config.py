@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ldm.io import write_text
+from ldm.io import ConfigError, write_text
 
 T = TypeVar("T")
 # The configs that ship inside the package (U-Net / VAE presets, training examples, the recipe): a bare file name such as
@@ -40,10 +40,6 @@ _Loader.add_implicit_resolver(
 def yaml_load(text: str) -> Any:
     """Parse YAML safely, reading `1e-4` as a float."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, missing or has a value of the wrong type."""
 
 
 def _check_value(value: Any, annotation: Any, where: str) -> Any:
@@ -168,7 +164,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping (a file, or a bundled config by name: config_path), with an error naming the file when it is
     missing or not a mapping."""
     path = config_path(path)
-    data = yaml_load(path.read_text()) or {}
+    try:
+        data = yaml_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data

@@ -9,21 +9,30 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+# The largest config file (config.json, scheduler_config.json, tokenizer_config.json) read: SD's are under 10 kB, a
+# scheduler's trained_betas at the largest num_train_timesteps ~2 MB; a larger one is refused before it is parsed
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
 class WeightsError(ValueError):
     """A weight file or state dict does not fit the model: missing, unexpected or mis-shaped keys, bad files."""
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing, out of range or has a value of the wrong type (`ldm.config` raises it; the
+    loaders add the file's name)."""
 
 
 def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -103,18 +112,31 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
-    """Read a JSON object, naming the file when it is missing or malformed."""
+def read_json(path: str | Path, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """Read a JSON object (UTF-8), naming the file when it is missing, malformed, or larger than `max_bytes`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"missing file: {path}")
+    if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
+        raise WeightsError(f"{path} is {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.0f} MiB such a file "
+                           "can need: refusing to parse it")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too-deep nesting or long ints
         raise WeightsError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
-        raise WeightsError(f"{path} must hold a JSON object")
+        raise WeightsError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
+
+
+def read_config(path: str | Path, parse: Callable[[dict[str, Any]], Any]) -> Any:
+    """`parse` (a config class's from_diffusers / from_dict) of the JSON object in `path`: an error in the file or in
+    a value (the parser names the key) names the file."""
+    data = read_json(path, max_bytes=MAX_CONFIG_BYTES)
+    try:
+        return parse(data)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: {e}") from e
 
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
@@ -283,7 +305,8 @@ def load_model_folder(
     """Read `config.json` and the first weight file found among `weight_names` in `folder`."""
     folder = Path(folder)
     weights = find_weights(folder, weight_names, allow_pickle=allow_pickle)
-    return read_json(folder / "config.json"), load_state_dict(weights, allow_pickle=allow_pickle)
+    config = read_json(folder / "config.json", max_bytes=MAX_CONFIG_BYTES)
+    return config, load_state_dict(weights, allow_pickle=allow_pickle)
 
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -306,22 +329,156 @@ class PretrainedMixin:
     def from_pretrained(
         cls, folder: str | Path, *, allow_pickle: bool = False, dtype: torch.dtype | None = None
     ) -> Any:
-        """Build from `folder/config.json` and load its weights strictly, with errors naming bad keys and shapes."""
-        config_dict, state_dict = load_model_folder(folder, cls.weight_names, allow_pickle=allow_pickle)
-        model = build_with_weights(cls, cls.config_class.from_diffusers(config_dict), state_dict, what=str(folder))
+        """Build from `folder/config.json` and load its weights strictly, with errors naming bad keys and shapes.
+        The config is checked against the weight file's header before any tensor is read (`build_checked`)."""
+        folder = Path(folder)
+        weights = find_weights(folder, cls.weight_names, allow_pickle=allow_pickle)
+        config = read_config(folder / "config.json", cls.config_class.from_diffusers)
+        if weights.suffix == ".safetensors":
+            model = build_checked(cls, config, read_header(weights), what=str(folder))
+            state_dict = load_state_dict(weights)
+        else:  # a pickle has no header: it is read whole (its size bounds what it takes), then checked
+            state_dict = load_state_dict(weights, allow_pickle=allow_pickle)
+            model = build_checked(cls, config, state_dict, what=str(folder))
+        model = give_weights(model, lambda: cls(config), state_dict, what=str(folder))
         return model.to(dtype) if dtype is not None else model
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Building a module no larger than its weights. A model folder's config says how large a module to build, its weight
+# file what the module holds: every size the config asks for is checked against the file's header (keys, shapes,
+# dtypes; no tensor read) on the meta device before anything is allocated, so a crafted config cannot make us allocate
+# (or spend time on) more than the weights present justify.
+
+_HEADER_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}  # fmt: skip
+
+
+def read_header(path: str | Path) -> dict[str, torch.Tensor]:
+    """What a safetensors file holds, read from its header alone: a meta tensor (no memory) of each key's shape and
+    dtype, for `check_state_dict` and `build_checked` to compare with a module before any tensor data is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 - the handle is not iterable
+            header = {key: (tuple(s.get_shape()), s.get_dtype()) for key, s in slices.items()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+    unknown = sorted({dtype for _, dtype in header.values() if dtype not in _HEADER_DTYPES})
+    if unknown:
+        raise WeightsError(f"{path} holds tensors of dtype(s) {unknown}, which torch cannot load")
+    return {key: torch.empty(shape, dtype=_HEADER_DTYPES[dtype], device="meta")
+            for key, (shape, dtype) in header.items()}
+
+
+def check_layer_counts(counts: Iterable[tuple[str, int, str]], keys: Iterable[str], *, what: str) -> None:
+    """Name the config key that asks for more layers than the weight file holds. `counts` gives (config key, the
+    count it asks for, the state-dict keys that hold one per layer with N, the template's only capital N, for the
+    index: "encoder.layers.N."); the file holds as many as distinct N among `keys`. Taken in order and lazily: a count
+    that passes bounds the next."""
+    keys = list(keys)
+    for config_key, asked, template in counts:
+        pattern = re.compile(r"(?:^|\.)" + re.escape(template).replace("N", r"(\d+)"))
+        held = len({m.group(1) for k in keys if (m := pattern.search(k))})
+        if asked > held:
+            raise WeightsError(f"{what}: the config's {config_key} asks for {asked} where the weights hold {held} "
+                               f"(keys {template.replace('N', '<i>')}*)")
+
+
+class TensorBudgetError(WeightsError):
+    """A module's construction registered more tensors than `tensor_budget` allows."""
+
+
+@contextmanager
+def tensor_budget(limit: int, *, what: str, held: str = "") -> Iterator[None]:
+    """Stop a module's construction (in this thread) with WeightsError once it registers more than `limit` parameters
+    and buffers (`held`: what the weights hold, for the message): building on the meta device then takes no more
+    time and memory than the weights present justify."""
+    from torch.nn.modules.module import (
+        register_module_buffer_registration_hook,
+        register_module_parameter_registration_hook,
+    )
+
+    thread, count = threading.get_ident(), 0
+
+    def count_one(module: torch.nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+        nonlocal count
+        if tensor is not None and threading.get_ident() == thread:
+            count += 1
+            if count > limit:
+                raise TensorBudgetError(f"{what}: the config asks for a module of more than {limit} tensors{held} "
+                                        "(a layer count or block list too large); stopped building it")
+
+    handles = [register_module_parameter_registration_hook(count_one),
+               register_module_buffer_registration_hook(count_one)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def build_on_meta(build: Callable[[], torch.nn.Module], spec: Mapping[str, torch.Tensor], *, what: str,
+                  counts: Iterable[tuple[str, int, str]] = ()) -> torch.nn.Module:
+    """`build()` on the meta device (no memory, no random initialisation), stopped once it holds twice the tensors of
+    the weights `spec` (`read_header`'s, or the tensors) and a few thousand more (`tensor_budget`: a config asking for
+    thousands of layers fails in the time the weights' own layers take to build); the error then names the config
+    key that asks for more layers than the weights hold, when one of its layer `counts` does (`check_layer_counts`)."""
+    held = f", where the weights hold {len(spec)}"
+    try:
+        with torch.device("meta"), tensor_budget(2 * len(spec) + 2048, what=what, held=held):
+            return build()
+    except TensorBudgetError as e:
+        over = e
+    check_layer_counts(counts, spec, what=what)
+    raise over
+
+
+def build_checked(cls: Callable[[Any], torch.nn.Module], config: Any, spec: Mapping[str, torch.Tensor], *,
+                  what: str) -> Any:
+    """`cls(config)` on the meta device, checked against the weights `spec` (a file's header, `read_header`, or its
+    tensors) before any tensor is read: the module's size (`build_on_meta`; `config.layer_counts()`, when it has them,
+    name the config key that asks for too many layers), then every key, shape and dtype kind (`check_state_dict`)."""
+    counts = config.layer_counts() if hasattr(config, "layer_counts") else ()
+    model = build_on_meta(lambda: cls(config), spec, what=what, counts=counts)
+    check_state_dict(model.state_dict(), spec, what=what)
+    return model
+
+
+# Non-persistent buffers (not in the file) a module built for real may hold beyond its weights: up to the weights'
+# own size, or this much for small models
+_UNCHECKED_BUFFER_BYTES = 64 * 2**20
+
+
+def give_weights(model: torch.nn.Module, build: Callable[[], torch.nn.Module], state_dict: Mapping[str, torch.Tensor],
+                 *, what: str) -> Any:
+    """`model` (built on the meta device and checked, `build_checked`) holding exactly `state_dict`'s tensors. A
+    module with non-persistent buffers (left on meta) is built again for real by `build()`, when those buffers are
+    no larger than the weights (a config cannot ask for gigabytes of tables the file does not hold)."""
+    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    left = {name: t for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta}
+    if left:
+        weights = sum(t.numel() * t.element_size() for t in state_dict.values())
+        extra = sum(t.numel() * t.element_size() for t in left.values())
+        if extra > max(weights, _UNCHECKED_BUFFER_BYTES):
+            largest = max(left, key=lambda n: left[n].numel())
+            raise WeightsError(f"{what}: the config asks for {extra / 2**20:.0f} MiB of buffers beyond the "
+                               f"{weights / 2**20:.0f} MiB of weights ({largest}: {tuple(left[largest].shape)})")
+        model = build()
+        model.load_state_dict(dict(state_dict), strict=True)
+    return model.eval()
 
 
 def build_with_weights(
     cls: Callable[[Any], torch.nn.Module], config: Any, state_dict: Mapping[str, torch.Tensor], *, what: str
 ) -> Any:
     """`cls(config)` holding exactly `state_dict`: built on the meta device (no random init, no wasted memory),
-    checked key by key (errors name the key and both shapes), then given the file's tensors."""
-    with torch.device("meta"):
-        model = cls(config)
-    check_state_dict(model.state_dict(), state_dict, what=what)
-    model.load_state_dict(dict(state_dict), strict=True, assign=True)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # non-persistent buffers: build for real
-        model = cls(config)
-        model.load_state_dict(dict(state_dict), strict=True)
-    return model.eval()
+    checked key by key (errors name the key and both shapes; `build_checked`), then given the file's tensors."""
+    model = build_checked(cls, config, state_dict, what=what)
+    return give_weights(model, lambda: cls(config), state_dict, what=what)

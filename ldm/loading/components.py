@@ -14,7 +14,7 @@ import torch
 
 
 from autoencoder.model import AutoencoderKL
-from ldm.io import atomic_directory, read_json, write_json
+from ldm.io import MAX_CONFIG_BYTES, ConfigError, atomic_directory, read_config, read_json, tensor_budget, write_json
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.text import TextEncoder
 from ldm.networks.unet import UNet, UNetConfig
@@ -102,8 +102,8 @@ def save_schedule(schedule: NoiseSchedule, folder: str | Path, original: dict[st
 
 
 def load_schedule(folder: str | Path) -> NoiseSchedule:
-    """Read a diffusers `scheduler_config.json` (any scheduler class) as our NoiseSchedule."""
-    return NoiseSchedule.from_diffusers(read_json(Path(folder) / "scheduler_config.json"))
+    """Read a diffusers `scheduler_config.json` (any scheduler class) as our NoiseSchedule; errors name the file."""
+    return read_config(Path(folder) / "scheduler_config.json", NoiseSchedule.from_diffusers)
 
 
 def pipeline_schedule(schedule: NoiseSchedule, where: str | None = None) -> NoiseSchedule:
@@ -169,14 +169,29 @@ def load_pipeline_folder(
     if unet_weights:
         unet = UNet.from_pretrained(folder / "unet", allow_pickle=allow_pickle, dtype=dtype)
     else:
-        unet = UNet(UNetConfig.from_diffusers(read_json(folder / "unet" / "config.json")))
+        unet = _unet_without_weights(folder / "unet" / "config.json")
         unet = unet.to(dtype) if dtype is not None else unet
     components = Components(
         unet=unet.eval(),
         vae=AutoencoderKL.from_pretrained(folder / "vae", allow_pickle=allow_pickle, dtype=dtype).eval(),
         text_encoder=TextEncoder.from_pretrained(folder, dtype=dtype).eval(),
         schedule=pipeline_schedule(load_schedule(folder / "scheduler"), str(folder / "scheduler")),
-        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
+        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json", max_bytes=MAX_CONFIG_BYTES),
     )
     components.check()
     return components
+
+
+# A U-Net built from its config alone (a training run's frozen folder) has no weights to bound it: SD 1.x's has 686
+# tensors and 860 M parameters; a config asking for more than these bounds is refused before anything is allocated
+MAX_UNET_TENSORS, MAX_UNET_PARAMETERS = 5_000, 4 * 10**9
+
+
+def _unet_without_weights(path: Path) -> UNet:
+    """UNet(config) with random weights, after the size the config asks for is checked on the meta device."""
+    config = read_config(path, UNetConfig.from_diffusers)
+    with torch.device("meta"), tensor_budget(MAX_UNET_TENSORS, what=str(path)):
+        size = sum(p.numel() for p in UNet(config).parameters())
+    if size > MAX_UNET_PARAMETERS:
+        raise ConfigError(f"{path}: the config asks for a U-Net of {size:,} parameters, past {MAX_UNET_PARAMETERS:,}")
+    return UNet(config)

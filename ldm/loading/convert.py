@@ -109,15 +109,19 @@ def vae_prefix_map(block_out_channels: Sequence[int], layers_per_block: int) -> 
 def rename(
     state_dict: Mapping[str, torch.Tensor], pairs: PrefixMap, direction: Literal["to_ours", "to_theirs"]
 ) -> dict[str, torch.Tensor]:
-    """Rename keys by their longest matching module prefix; keys matching no prefix keep their name."""
+    """Rename keys by their longest matching module prefix; keys matching no prefix keep their name. Each key looks
+    up its own dotted prefixes, longest first: the time is the keys', whatever the size of the map a config asks."""
     src, dst = (1, 0) if direction == "to_ours" else (0, 1)
-    table = sorted(((p[src], p[dst]) for p in pairs), key=lambda p: -len(p[0]))
+    table: dict[str, str] = {}
+    for p in pairs:
+        table.setdefault(p[src], p[dst])
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         new = key
-        for a, b in table:
-            if key == a or key.startswith(a + "."):
-                new = b + key[len(a):]
+        dots = [i for i, c in enumerate(key) if c == "."]
+        for end in (len(key), *reversed(dots)):
+            if key[:end] in table:
+                new = table[key[:end]] + key[end:]
                 break
         if new in out:
             raise WeightsError(f"two keys map to {new!r} (one of them is {key!r})")

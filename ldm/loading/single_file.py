@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from autoencoder.model import AutoencoderKL, VAEConfig
 from ldm.config import BUNDLED_CONFIGS, load_config
-from ldm.io import WeightsError, build_with_weights, load_state_dict, save_state_dict
+from ldm.io import MAX_CONFIG_BYTES, ConfigError, WeightsError, build_with_weights, load_state_dict, save_state_dict
 from ldm.diffusion.parameterization import PREDICTIONS
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.networks.text import TextEncoder, hub_state_dict, load_hub_state_dict
-from ldm.networks.tokenizer import EOS, build_clip_tokenizer
-from ldm.networks.text_openclip import openclip_text_config, openclip_to_transformers, transformers_to_openclip
+from ldm.networks.clip_text import CLIPTextConfig, CLIPTextModel
+from ldm.networks.text import TextEncoder, assign_hub_state_dict, check_tokenizer_fits, hub_state_dict, meta_text_model
+from ldm.networks.tokenizer import EOS, MAX_LENGTH, build_clip_tokenizer
+from ldm.networks.text_openclip import openclip_text_fields, openclip_to_transformers, transformers_to_openclip
 from ldm.diffusion.schedule import sd_schedule
 from ldm.networks.unet import UNet, UNetConfig
 from ldm.loading.convert import (
@@ -43,6 +43,7 @@ from ldm.loading.convert import (
 from ldm.loading.components import Components, pipeline_schedule
 
 METADATA_KEY = "ldm_configs"
+_METADATA_PARTS = ("unet", "vae", "text_encoder", "scheduler")
 # CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x) text towers.
 SD1_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                 hidden_act="quick_gelu", projection_dim=768)  # fmt: skip
@@ -54,7 +55,15 @@ def _metadata(path: Path) -> dict[str, Any] | None:
         return None
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+    if METADATA_KEY not in meta:
+        return None
+    try:
+        configs = json.loads(meta[METADATA_KEY])
+    except (ValueError, RecursionError) as e:
+        raise WeightsError(f"{path}: its {METADATA_KEY} metadata is not valid JSON: {e}") from e
+    if not isinstance(configs, dict) or not all(isinstance(configs.get(k), dict) for k in _METADATA_PARTS):
+        raise WeightsError(f"{path}: its {METADATA_KEY} metadata must map each of {list(_METADATA_PARTS)} to a config")
+    return configs
 
 
 def checkpoint_family(state: dict[str, torch.Tensor]) -> str:
@@ -81,14 +90,26 @@ def _folder_configs(folder: Path) -> dict[str, Any]:
     from ldm.io import read_json
     from ldm.networks.tokenizer import load_tokenizer
 
-    text = read_json(folder / "text_encoder" / "config.json")
     return {
-        "unet": read_json(folder / "unet" / "config.json"),
-        "vae": read_json(folder / "vae" / "config.json"),
-        "text_encoder": {k: v for k, v in text.items() if k in CLIPTextConfig().to_dict()},
-        "scheduler": read_json(folder / "scheduler" / "scheduler_config.json"),
+        "unet": read_json(folder / "unet" / "config.json", max_bytes=MAX_CONFIG_BYTES),
+        "vae": read_json(folder / "vae" / "config.json", max_bytes=MAX_CONFIG_BYTES),
+        "text_encoder": read_json(folder / "text_encoder" / "config.json", max_bytes=MAX_CONFIG_BYTES),
+        "scheduler": read_json(folder / "scheduler" / "scheduler_config.json", max_bytes=MAX_CONFIG_BYTES),
         "pad_token": load_tokenizer(folder / "tokenizer").pad_token,
     }
+
+
+def _configs(meta: dict[str, Any], where: str) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig, NoiseSchedule]:
+    """The component configs of `meta` (`_folder_configs` or the file's metadata); errors name `where` and the part."""
+    parsers = (("unet", UNetConfig.from_diffusers), ("vae", VAEConfig.from_diffusers),
+               ("text_encoder", CLIPTextConfig.from_dict), ("scheduler", NoiseSchedule.from_diffusers))
+    configs = []
+    for part, parse in parsers:
+        try:
+            configs.append(parse(meta[part]))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{where}, {part} config: {e}") from e
+    return tuple(configs)  # type: ignore[return-value]
 
 
 def load_single_file(
@@ -111,10 +132,8 @@ def load_single_file(
     parts = split_single_file(state)
     meta = _folder_configs(Path(config_folder)) if config_folder is not None else _metadata(path)
     if meta is not None:
-        unet_cfg = UNetConfig.from_diffusers(meta["unet"])
-        vae_cfg = VAEConfig.from_diffusers(meta["vae"])
-        text_cfg = CLIPTextConfig(**meta["text_encoder"])
-        schedule = NoiseSchedule.from_diffusers(meta["scheduler"])
+        where = str(config_folder) if config_folder is not None else f"{path} ({METADATA_KEY} metadata)"
+        unet_cfg, vae_cfg, text_cfg, schedule = _configs(meta, where)
         original = meta["scheduler"] if config_folder is not None else None  # the folder's class and keys
         pad = meta.get("pad_token", EOS)
     else:
@@ -122,7 +141,8 @@ def load_single_file(
         unet_cfg = load_config(UNetConfig, BUNDLED_CONFIGS / ("unet-sd2.yaml" if v2 else "unet-sd15.yaml"))
         vae_cfg = load_config(VAEConfig, BUNDLED_CONFIGS / "vae-sd.yaml")
         if v2:
-            text_cfg = openclip_text_config(parts["open_clip"], num_heads=SD2_TEXT_HEADS, drop_last_layers=1)
+            text_cfg = CLIPTextConfig(**openclip_text_fields(parts["open_clip"], num_heads=SD2_TEXT_HEADS,
+                                                             drop_last_layers=1))
             if prediction_type is None:
                 warnings.warn("SD 2.x checkpoint: assuming v_prediction (the 768-v models); pass prediction_type="
                               "'epsilon' for the 512 base model", stacklevel=2)
@@ -155,9 +175,12 @@ def load_single_file(
         text_state = openclip_to_transformers(parts["open_clip"], text_cfg)
     else:
         text_state = {k: v for k, v in parts["clip"].items() if not k.endswith("position_ids")}
-    text_model = CLIPTextModel(text_cfg)
-    load_hub_state_dict(text_model, text_state)
-    text = TextEncoder(build_clip_tokenizer(pad), text_model.eval())
+    text_model = meta_text_model(text_cfg, text_state, what=f"{path} (text encoder)",  # checked, then given tensors
+                                 model_class=CLIPTextModel)  # SD 1.x/2.x: no projection
+    assign_hub_state_dict(text_model, text_state, what=f"{path} (text encoder)")
+    tokenizer = build_clip_tokenizer(pad, model_max_length=min(MAX_LENGTH, text_cfg.max_position_embeddings))
+    check_tokenizer_fits(tokenizer, text_cfg, what=f"{path} (text encoder)")
+    text = TextEncoder(tokenizer, text_model.eval())
     schedule = pipeline_schedule(schedule, str(path))  # steps_offset 1, as for folders and diffusers' from_single_file
     components = Components(unet=unet, vae=vae, text_encoder=text, schedule=schedule, scheduler_config=original)
     components.check()
@@ -173,6 +196,8 @@ def text_layout(text_encoder: TextEncoder) -> str:
 def save_single_file(components: Components, path: str | Path) -> None:
     """Write a single `.safetensors` file in the CompVis layout, configs in its metadata; the text encoder in the
     layout A1111, ComfyUI and diffusers' from_single_file expect for its family (`text_layout`)."""
+    from transformers import CLIPTextConfig as Keys  # the keys its metadata has always had
+
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"single files are written as .safetensors only, got {path.name}")
@@ -191,7 +216,7 @@ def save_single_file(components: Components, path: str | Path) -> None:
         for k, v in text_state.items():
             state[CLIP_PREFIX + k] = v
     text_cfg = {k: v for k, v in c.text_encoder.model.config.to_dict().items()
-                if k in CLIPTextConfig().to_dict() and not k.startswith(("_", "transformers_version", "architectures"))}
+                if k in Keys().to_dict() and not k.startswith(("_", "transformers_version", "architectures"))}
     meta = {
         "unet": c.unet.config.to_diffusers(),
         "vae": c.vae.config.to_diffusers(),

@@ -64,7 +64,17 @@ class FeatureCache:
     def _key_of(sample: torch.Tensor, context: torch.Tensor) -> tuple:
         return tuple(sample.shape), tuple(context.shape), sample.dtype, sample.device
 
-    @torch.compiler.disable  # the count stays out of a compiled U-Net: no recompilation per call index
+    @classmethod
+    def exclude_from_compile(cls) -> None:
+        """Keep `lookup` and `store` out of torch.compile's graphs (the call count would otherwise recompile the U-Net
+        at every call index, and a kept CUDA-graph output be overwritten). Applied by `Pipeline.compile()`; call it
+        before compiling a U-Net yourself. Not done at import: torch.compiler.disable imports torch's compiler
+        stack (about a second) on every generate."""
+        if not getattr(cls, "_excluded", False):
+            cls.lookup = torch.compiler.disable(cls.lookup)  # type: ignore[method-assign]
+            cls.store = torch.compiler.disable(cls.store)  # type: ignore[method-assign]
+            cls._excluded = True
+
     def lookup(self, sample: torch.Tensor, context: torch.Tensor) -> torch.Tensor | None:
         """Count one network call on `sample` / `context`: the kept deep feature if this call may reuse it (a cached
         call), None if it must run in full (its index is a multiple of `interval`, or nothing fits its inputs)."""
@@ -75,7 +85,6 @@ class FeatureCache:
             return None
         return self._feature
 
-    @torch.compiler.disable
     def store(self, feature: torch.Tensor, sample: torch.Tensor, context: torch.Tensor) -> None:
         """Keep a copy of the deep feature a full call on `sample` / `context` computed, made outside any compiled
         graph: under torch.compile(mode="reduce-overhead") the feature is a CUDA-graph output, which the graph's next

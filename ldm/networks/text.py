@@ -1,32 +1,42 @@
 """Text conditioning: the CLIP / OpenCLIP text encoders that turn prompts into c (tokenizer: ldm.networks.tokenizer).
 
-Stable Diffusion 1.x conditions on the last hidden state of transformers' CLIPTextModel (ViT-L/14, pad token
-"<|endoftext|>"); 2.x on the penultimate layer of an OpenCLIP ViT-H/14 text tower, final LayerNorm applied (pad "!").
+Stable Diffusion 1.x conditions on the last hidden state of a CLIPTextModel (ViT-L/14, pad token "<|endoftext|>");
+2.x on the penultimate layer of an OpenCLIP ViT-H/14 text tower, final LayerNorm applied (pad "!").
 diffusers' `clip_skip=k` means final_layer_norm(hidden_states[-(k + 1)]): "last" is k=0, "penultimate" is k=1.
+A folder's text_encoder/ loads into our CLIPTextModel (ldm.networks.clip_text: transformers' keys and outputs, without
+importing transformers); transformers' own CLIPTextModel(WithProjection) is accepted too (seeded from_config, hub
+names).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-)
 
-from ldm.io import load_state_dict, save_state_dict, write_text
-from ldm.networks.tokenizer import EOS, build_clip_tokenizer, load_tokenizer, save_tokenizer
+from ldm.io import ConfigError, WeightsError, build_on_meta, load_state_dict, read_header, save_state_dict, write_text
+from ldm.networks import clip_text
+from ldm.networks.tokenizer import EOS, CLIPTokenizer, build_clip_tokenizer, load_tokenizer, save_tokenizer
 from ldm.random import seeded
 
 Layer = Literal["last", "penultimate"] | int
+# ours (ldm.networks.clip_text) or transformers' CLIPTextModel / CLIPTextModelWithProjection
+TextModel = nn.Module
+
+
+def is_clip_text_model(model: Any) -> bool:
+    """A CLIPTextModel(WithProjection), ours or transformers' (without importing transformers to ask)."""
+    if isinstance(model, (clip_text.CLIPTextModel, clip_text.CLIPTextModelWithProjection)):
+        return True
+    theirs = sys.modules.get("transformers.models.clip.modeling_clip")  # not loaded: no instance of it can exist
+    return theirs is not None and isinstance(model, (theirs.CLIPTextModel, theirs.CLIPTextModelWithProjection))
 
 
 # ------------------------------------------------------------------------------------------------ shared logic
@@ -125,7 +135,7 @@ def _core(model: nn.Module) -> nn.Module:
     return model.text_model if hasattr(model, "text_model") else model
 
 
-def hub_state_dict(model: CLIPTextModel | CLIPTextModelWithProjection) -> dict[str, torch.Tensor]:
+def hub_state_dict(model: TextModel) -> dict[str, torch.Tensor]:
     """State dict with the keys diffusers folders use on disk ("text_model.encoder.layers.0...")."""
     out = {}
     for key, value in model.state_dict().items():
@@ -135,8 +145,15 @@ def hub_state_dict(model: CLIPTextModel | CLIPTextModelWithProjection) -> dict[s
     return out
 
 
-def load_hub_state_dict(model: CLIPTextModel | CLIPTextModelWithProjection, state: dict[str, torch.Tensor]) -> None:
+def load_hub_state_dict(model: TextModel, state: dict[str, torch.Tensor]) -> None:
     """Load hub-layout keys into `model` strictly, with an error naming missing/unexpected/mis-shaped keys."""
+    model.load_state_dict(own_keys(model, state), strict=False)
+
+
+def own_keys(model: TextModel, state: Mapping[str, torch.Tensor], *, what: str = "text encoder"
+             ) -> dict[str, torch.Tensor]:
+    """Hub-layout keys renamed to `model`'s (which may sit on the meta device, as may `state`: a file's header),
+    every key and shape checked; errors (WeightsError) name `what` and the key."""
     own = model.state_dict()
     mapped = {}
     for key, value in state.items():
@@ -145,34 +162,84 @@ def load_hub_state_dict(model: CLIPTextModel | CLIPTextModelWithProjection, stat
         candidates = [key, key.removeprefix("text_model."), "text_model." + key]
         target = next((c for c in candidates if c in own), None)
         if target is None:
-            raise KeyError(f"unexpected key {key!r} for {type(model).__name__}")
+            raise WeightsError(f"{what}: unexpected key {key!r} for {type(model).__name__}")
         if tuple(own[target].shape) != tuple(value.shape):
-            raise ValueError(f"{key}: expected shape {tuple(own[target].shape)}, got {tuple(value.shape)}")
+            raise WeightsError(f"{what}: {key}: expected shape {tuple(own[target].shape)}, got {tuple(value.shape)}")
         mapped[target] = value
     missing = sorted(k for k in own if k not in mapped and not k.endswith("position_ids"))
     if missing:
-        raise KeyError(f"missing key(s) for {type(model).__name__}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    model.load_state_dict(mapped, strict=False)
+        raise WeightsError(f"{what}: missing key(s) for {type(model).__name__}: {missing[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}")
+    return mapped
+
+
+def checked_hub_keys(model: TextModel, state: Mapping[str, torch.Tensor], *, what: str = "text encoder"
+                     ) -> dict[str, torch.Tensor]:
+    """`own_keys`, every tensor also of a floating dtype (integer or boolean weights refused, naming the key)."""
+    mapped = own_keys(model, state, what=what)
+    for key, value in mapped.items():
+        if not value.is_floating_point():
+            raise WeightsError(f"{what}: {key} holds {value.dtype} values where the text model has floating weights")
+    return mapped
+
+
+def meta_text_model(config: clip_text.CLIPTextConfig, spec: Mapping[str, torch.Tensor], *,
+                    what: str = "text encoder", model_class: type[nn.Module] | None = None) -> TextModel:
+    """Our CLIP text model of `config` (`model_class`, else the one config.json names) on the meta device (no memory,
+    no random initialisation), checked against the hub-layout weights `spec` (a file's header, ldm.io.read_header, or
+    its tensors) before any is read: its layer count, its size and every key, shape and dtype kind
+    (ldm.io.build_on_meta, `checked_hub_keys`)."""
+    cls = model_class or clip_text.model_class(config)
+    model = build_on_meta(lambda: cls(config), spec, what=what, counts=config.layer_counts())
+    checked_hub_keys(model, spec, what=what)
+    return model
+
+
+def assign_hub_state_dict(model: TextModel, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                          *, what: str = "text encoder") -> None:
+    """Give `model` (built on the meta device: no random initialisation) the hub-layout tensors of `state`, every key
+    and shape checked (`checked_hub_keys`), as float32 (or `dtype`) whatever float they were stored in."""
+    mapped = checked_hub_keys(model, state, what=what)
+    model.load_state_dict({k: v.to(dtype or torch.float32) for k, v in mapped.items()}, strict=True, assign=True)
+
+
+def check_tokenizer_fits(tokenizer: CLIPTokenizer, config: clip_text.CLIPTextConfig, *, what: str) -> None:
+    """The tokenizer's ids must index the text model's token embedding, and the length it pads prompts to fit the
+    model's positions (both sizes checked against the weights): else prompts would fail, or pad to any length, at
+    generate time. ConfigError naming both keys."""
+    if tokenizer.model_max_length > config.max_position_embeddings:
+        raise ConfigError(f"{what}: the tokenizer pads prompts to {tokenizer.model_max_length} tokens "
+                          f"(model_max_length), past the text model's {config.max_position_embeddings} positions "
+                          "(max_position_embeddings)")
+    largest = max(max(tokenizer.vocab.values(), default=-1), len(tokenizer) - 1)  # added tokens follow the vocabulary
+    if largest >= config.vocab_size:
+        raise ConfigError(f"{what}: the tokenizer has token id {largest}, past the text model's vocab_size "
+                          f"{config.vocab_size} (its token embedding)")
 
 
 class TextEncoder(PromptEncoder):
-    """A CLIPTokenizer and a transformers CLIPTextModel (SD 1.x/2.x `text_encoder/`): prompts -> (B, n, D), n the
-    tokenizer's model_max_length (77 in SD)."""
+    """A CLIPTokenizer and a CLIPTextModel (SD 1.x/2.x `text_encoder/`; ours or transformers'): prompts -> (B, n, D),
+    n the tokenizer's model_max_length (77 in SD)."""
 
-    def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel | CLIPTextModelWithProjection,
-                 layer: Layer = "last") -> None:
+    def __init__(self, tokenizer: CLIPTokenizer, model: TextModel, layer: Layer = "last") -> None:
         super().__init__(tokenizer, layer)
-        if not isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
+        if not is_clip_text_model(model):
             raise TypeError(f"model must be a CLIPTextModel, got {type(model).__name__}")
         self.model = model
         self.train(model.training)  # the wrapper's mode is its model's (empty_embedding caches in eval mode)
 
     @classmethod
-    def from_config(cls, config: CLIPTextConfig, *, seed: int = 0, pad_token: str = EOS,
+    def from_config(cls, config: Any, *, seed: int = 0, pad_token: str = EOS,
                     layer: Layer = "last") -> TextEncoder:
-        """A randomly initialised encoder (seeded) with the offline tokenizer: for tests and tiny models."""
+        """A randomly initialised encoder (seeded) with the offline tokenizer: for tests and tiny models. `config`: a
+        transformers CLIPTextConfig (transformers' CLIPTextModel and its initialisation), or ours (our model)."""
         with seeded(seed):
-            model = CLIPTextModel(config)
+            if isinstance(config, clip_text.CLIPTextConfig):
+                model = clip_text.model_class(config)(config)
+            else:
+                from transformers import CLIPTextModel
+
+                model = CLIPTextModel(config)
         return cls(build_clip_tokenizer(pad_token), model.eval(), layer)
 
     @property
@@ -209,11 +276,15 @@ class TextEncoder(PromptEncoder):
             return cls._from_folder(path, layer, dtype)
         if path.is_absolute() or str(folder).startswith((".", "~")) or str(folder).count("/") != 1:
             raise FileNotFoundError(f"model folder not found: {folder}")
+        from huggingface_hub import snapshot_download
+        from transformers import CLIPTextConfig
+
         try:  # a hub name "owner/model": transformers' own loaders, which need the network
             config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder")
-            model_cls = _model_class(config)
+            model_cls = _transformers_class(config)
             model = model_cls.from_pretrained(str(folder), subfolder="text_encoder", dtype=dtype or torch.float32)
-            tokenizer = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer")
+            files = Path(snapshot_download(str(folder), allow_patterns=["tokenizer/*"]))
+            tokenizer = load_tokenizer(files / "tokenizer")
         except OSError as e:
             raise OSError(
                 f"could not load {folder!r} from the Hugging Face hub: no hub is reachable from here (or the repo does "
@@ -223,22 +294,28 @@ class TextEncoder(PromptEncoder):
 
     @classmethod
     def _from_folder(cls, path: Path, layer: Layer, dtype: torch.dtype | None) -> TextEncoder:
+        """The config checked against the weight file's header on the meta device, and the tokenizer against the
+        config, before any tensor is read (`meta_text_model`, `check_tokenizer_fits`)."""
         enc = path / "text_encoder"
         for needed in (enc / "config.json", enc / "model.safetensors", path / "tokenizer"):
             if not needed.exists():
                 extra = " (pickle weights are not read; convert to safetensors)" if needed.suffix == ".safetensors" \
                     and any(enc.glob("*.bin")) else ""
                 raise FileNotFoundError(f"{path} is not a diffusers text-encoder folder: {needed} is missing{extra}")
-        config = CLIPTextConfig.from_json_file(str(enc / "config.json"))
-        model = _model_class(config)(config)
-        load_hub_state_dict(model, load_state_dict(enc / "model.safetensors"))
-        if dtype is not None:
-            model = model.to(dtype)
-        return cls(load_tokenizer(path / "tokenizer"), model.eval(), layer)
+        config = clip_text.CLIPTextConfig.from_json_file(enc / "config.json")
+        weights = enc / "model.safetensors"
+        model = meta_text_model(config, read_header(weights), what=str(enc))
+        tokenizer = load_tokenizer(path / "tokenizer")
+        check_tokenizer_fits(tokenizer, config, what=str(path))
+        assign_hub_state_dict(model, load_state_dict(weights), dtype, what=str(enc))
+        return cls(tokenizer, model.eval(), layer)
 
 
-def _model_class(config: CLIPTextConfig) -> type[CLIPTextModel] | type[CLIPTextModelWithProjection]:
-    """CLIPTextModelWithProjection when config.json names it (SDXL's second encoder), else CLIPTextModel."""
+def _transformers_class(config: Any) -> Any:
+    """transformers' CLIPTextModelWithProjection when config.json names it (SDXL's second encoder), else
+    CLIPTextModel."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     names = getattr(config, "architectures", None) or []
     return CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in names else CLIPTextModel
 

@@ -9,8 +9,12 @@ SD 2.x drops the last of the 24 blocks ("penultimate layer"): `drop_last_layers=
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Any
+
 import torch
-from transformers import CLIPTextConfig
+
+if TYPE_CHECKING:  # a config of either kind works below (the attributes match); transformers is imported on use
+    from transformers import CLIPTextConfig
 
 Tensor = torch.Tensor
 _NON_TEXT = ("visual.", "logit_scale", "logit_bias", "attn_mask")
@@ -34,9 +38,9 @@ def _num_blocks(state: dict[str, Tensor]) -> int:
     return max(found) + 1 if found else 0
 
 
-def openclip_text_config(state_dict: dict[str, Tensor], *, num_heads: int, drop_last_layers: int = 0,
-                         hidden_act: str = "gelu") -> CLIPTextConfig:
-    """The CLIPTextConfig of an open_clip text tower; heads are not in the weights, so they are passed.
+def openclip_text_fields(state_dict: dict[str, Tensor], *, num_heads: int, drop_last_layers: int = 0,
+                         hidden_act: str = "gelu") -> dict[str, Any]:
+    """The CLIPTextConfig keys and values of an open_clip text tower; heads are not in the weights, so they are passed.
 
     hidden_act: "gelu" for open_clip's nn.GELU (OpenCLIP ViT-H/bigG), "quick_gelu" for OpenAI-trained towers.
     """
@@ -51,7 +55,7 @@ def openclip_text_config(state_dict: dict[str, Tensor], *, num_heads: int, drop_
     if layers < 1:
         raise ConversionError(f"drop_last_layers={drop_last_layers} leaves {layers} layers")
     proj = state.get("text_projection")
-    return CLIPTextConfig(
+    return dict(
         vocab_size=int(vocab), hidden_size=int(width),
         intermediate_size=int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
         num_hidden_layers=layers, num_attention_heads=num_heads,
@@ -59,6 +63,16 @@ def openclip_text_config(state_dict: dict[str, Tensor], *, num_heads: int, drop_
         projection_dim=int(proj.shape[-1] if proj is not None and proj.ndim == 2 else width),
         hidden_act=hidden_act, layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
     )
+
+
+def openclip_text_config(state_dict: dict[str, Tensor], *, num_heads: int, drop_last_layers: int = 0,
+                         hidden_act: str = "gelu") -> CLIPTextConfig:
+    """transformers' CLIPTextConfig of an open_clip text tower (`openclip_text_fields`); ours is
+    ldm.networks.clip_text.CLIPTextConfig(**openclip_text_fields(...))."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**openclip_text_fields(state_dict, num_heads=num_heads, drop_last_layers=drop_last_layers,
+                                                 hidden_act=hidden_act))
 
 
 def _split3(t: Tensor) -> list[Tensor]:

@@ -4,6 +4,7 @@ UNet2DConditionModel: attribute names mirror its state-dict keys, so its weights
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from ldm.networks.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, 
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MAX_SAMPLE_SIZE = 1024  # latent pixels (8192 image pixels at f = 8): a sane bound on the default size a config names
 
 # diffusers config keys for features this U-Net does not implement, with the only value we accept for each.
 _FIXED_DIFFUSERS_KEYS: dict[str, Any] = {
@@ -95,11 +97,32 @@ class UNetConfig:
         for name in ("in_channels", "out_channels", "cross_attention_dim", "sample_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.sample_size > MAX_SAMPLE_SIZE:  # the default image size: latents of sample_size^2 at generate time
+            raise ValueError(f"sample_size {self.sample_size} is past {MAX_SAMPLE_SIZE} latent pixels (SD 1.x: 64, "
+                             "SDXL: 128)")
 
     @property
     def heads(self) -> tuple[int, ...]:
         """Attention heads per down block (diffusers: `num_attention_heads or attention_head_dim`)."""
         return _per_block(self.num_attention_heads or self.attention_head_dim, len(self.block_out_channels))
+
+    def layer_counts(self) -> Iterator[tuple[str, int, str]]:
+        """(config key, count, the state-dict keys holding one per layer, N the index): which config key asks for
+        more layers than a weight file holds (ldm.io.check_layer_counts); the block count first, as it bounds the
+        rest."""
+        n = len(self.block_out_channels)
+        yield "block_out_channels", n, "down_blocks.N."
+        layers, depth = (_per_block(v, n) for v in (self.layers_per_block, self.transformer_layers_per_block))
+        for i in range(n):
+            yield "layers_per_block", layers[i], f"down_blocks.{i}.resnets.N."
+        yield "transformer_layers_per_block", depth[-1], "mid_block.attentions.0.transformer_blocks.N."
+        for i, kind in enumerate(self.down_block_types):
+            if kind == "CrossAttnDownBlock2D":
+                yield "transformer_layers_per_block", depth[i], f"down_blocks.{i}.attentions.0.transformer_blocks.N."
+        for i, kind in enumerate(self.up_block_types):
+            if kind == "CrossAttnUpBlock2D":
+                yield ("transformer_layers_per_block", depth[::-1][i],
+                       f"up_blocks.{i}.attentions.0.transformer_blocks.N.")
 
     @classmethod
     def from_diffusers(cls, config: dict[str, Any]) -> "UNetConfig":

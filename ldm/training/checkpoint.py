@@ -21,6 +21,7 @@ at most a `.step-*.tmp` folder that is never picked as "latest" and is removed b
 from __future__ import annotations
 
 import hashlib
+import pickle
 import random
 import re
 import shutil
@@ -82,9 +83,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _torch_load(path: Path) -> Any:
+    """Optimizer or RNG state saved by torch.save, read with weights_only=True; a file that unpickler cannot read
+    (truncated, corrupt, or holding objects other than tensors and containers) is a WeightsError naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file missing: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        text = " ".join(str(e).split())
+        reason = text.partition("WeightsUnpickler error: ")[2].partition(" Check the documentation")[0] or text[:160]
+        raise WeightsError(f"{path}: unreadable checkpoint state (torch.load with weights_only=True): "
+                           f"{reason or 'the file ends early'}") from e
 
 
 def folder_digest(folder: str | Path) -> str:

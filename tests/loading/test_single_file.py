@@ -72,7 +72,8 @@ def test_a_single_file_without_configs_loads_with_a_config_folder(tmp_path):
     back = load_components(tmp_path / "bare.safetensors", config=tmp_path / "folder")
     for part in ("unet", "vae", "text_encoder"):
         assert same_weights(getattr(back, part), getattr(c, part)), part
-    pipe = Pipeline.from_pretrained(tmp_path / "bare.safetensors", config=tmp_path / "folder", device="cpu")
+    pipe = Pipeline.from_pretrained(tmp_path / "bare.safetensors", config=tmp_path / "folder", device="cpu",
+                                    dtype=torch.float32)
     assert same_weights(pipe.unet, c.unet)
     with pytest.raises(WeightsError, match=r"not shaped as the SD 1.x preset: .*pass config="):
         load_components(tmp_path / "bare.safetensors")
