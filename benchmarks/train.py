@@ -8,7 +8,10 @@ both; reports images/s from the median step time (wall and process CPU time) and
 benchmarks/results/train-<device>.json and .md. The reported output difference is that of the losses.
 
     python benchmarks/train.py                       # CPU, tiny config
-    python benchmarks/train.py --device cuda --unet ldm/configs/unet-sd15.yaml --batch 4 --latent 64
+    python benchmarks/train.py --device cuda --dtype float16 --unet ldm/configs/unet-sd15.yaml --batch 4 --latent 64
+
+--dtype float16 / bfloat16 runs both forward passes under torch.autocast in that dtype (fp32 weights and AdamW, the
+mixed precision `accelerate launch --mixed_precision` gives), with a gradient scaler for float16 on both sides.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet", default=str(ROOT / "ldm/configs/unet-tiny.yaml"))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--latent", type=int, default=32, help="latent side (image side / 8)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="autocast dtype of the forward passes (weights and optimizer stay fp32)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
@@ -64,24 +69,33 @@ def main(argv: list[str] | None = None) -> int:
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
 
     counters = {"ours": 0, "diffusers": 0}
+    dtype = getattr(torch, args.dtype)
+    amp = dtype != torch.float32
+    scalers = {k: torch.amp.GradScaler(device.type, enabled=dtype == torch.float16) for k in counters}
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=amp)
+
+    def update(who: str, loss: torch.Tensor, opt: torch.optim.Optimizer) -> torch.Tensor:
+        scalers[who].scale(loss).backward()
+        scalers[who].step(opt)
+        scalers[who].update()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach().float()
 
     def step_ours() -> torch.Tensor:
         z, c, t, eps = data[counters["ours"]]
         counters["ours"] += 1
-        loss = diffusion_loss(ours(q_sample(z, t, ac, eps), t, c), z, eps, t, ac).mean()
-        loss.backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-        return loss.detach()
+        with autocast():
+            loss = diffusion_loss(ours(q_sample(z, t, ac, eps), t, c).float(), z, eps, t, ac).mean()
+        return update("ours", loss, opt_ours)
 
     def step_theirs() -> torch.Tensor:
         z, c, t, eps = data[counters["diffusers"]]
         counters["diffusers"] += 1
-        loss = F.mse_loss(theirs(ddpm.add_noise(z, eps, t), t, encoder_hidden_states=c).sample, eps)
-        loss.backward()
-        opt_theirs.step()
-        opt_theirs.zero_grad(set_to_none=True)
-        return loss.detach()
+        with autocast():
+            loss = F.mse_loss(theirs(ddpm.add_noise(z, eps, t), t, encoder_hidden_states=c).sample.float(), eps)
+        return update("diffusers", loss, opt_theirs)
 
     for _ in range(args.warmup):
         step_ours(), step_theirs()
@@ -95,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         for who in ("ours", "diffusers")
     }
     ratio = res["time_ratio"] ** -1
-    report = {"device": args.device, "unet": args.unet, "batch": args.batch, "latent": args.latent,
+    report = {"device": args.device, "dtype": args.dtype, "unet": args.unet, "batch": args.batch, "latent": args.latent,
               "steps": args.steps, "torch": torch.__version__, **results, "throughput_ratio_ours_over_diffusers": ratio,
               "cpu_throughput_ratio_ours_over_diffusers": res["cpu_time_ratio"] ** -1,
               "memory_ratio_ours_over_diffusers": res["mem_ratio"], "max_abs_loss_diff": res["max_abs_output_diff"]}
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     md += [f"| {k} | {results[k]['images_per_s']:.2f} | {results[k]['images_per_cpu_s']:.2f} | "
            f"{results[k]['peak_memory_mb']:.1f} |" for k in results]
     md.append(f"\nours / diffusers: throughput {ratio:.3f} (wall), {report['cpu_throughput_ratio_ours_over_diffusers']:.3f} "
-              f"(CPU time), peak memory {res['mem_ratio']:.3f}; {args.device}, {Path(args.unet).name}, batch "
+              f"(CPU time), peak memory {res['mem_ratio']:.3f}; {args.device}, {args.dtype}, {Path(args.unet).name}, batch "
               f"{args.batch}, latent {args.latent}, {args.steps} alternated steps (medians); max |loss difference| "
               f"{res['max_abs_output_diff']:.2e}")
     write_report(out, f"train-{args.device}", report, "\n".join(md))
