@@ -11,8 +11,13 @@ from typing import Any
 
 def output_paths(out: str | Path, n: int) -> list[Path]:
     """out.png for one image; out.png, out-1.png, ..., out-(n-1).png for n images."""
+    return [output_path(out, i) for i in range(n)]
+
+
+def output_path(out: str | Path, i: int) -> Path:
+    """Where image i of a run goes: out.png for the first, out-i.png for the others."""
     out = Path(out)
-    return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, n)]
+    return out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}")
 
 
 def save_image_atomic(image: Any, path: str | Path) -> None:

@@ -13,16 +13,20 @@ import torch
 from tqdm.auto import tqdm
 
 from autoencoder.model import AutoencoderKL
-from ldm.diffusion.denoiser import CFGDenoiser, DiscreteVPDenoiser, check_interval
-from ldm.random import randn
+from ldm.diffusion.denoiser import CFGDenoiser, DiscreteVPDenoiser
+from ldm.random import SEED_SPACE, cpu_generator, randn
 from ldm.diffusion.samplers import SAMPLERS, SamplingPlan
 from ldm.diffusion.sampling import FiniteWatch
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.text import TextEncoder
+from ldm.networks.feature_cache import FeatureCache
 from ldm.networks.unet import UNet
 from ldm.loading.components import Components, check_components, save_pipeline
+from pipelines.call_options import (CallOptions, OptionError, check_call_options, check_device, check_dtype, check_int,
+                                    check_strength_steps)
 from pipelines.images import from_image, to_output
-from ldm.loading.sources import load_components
+from pipelines.memory import Estimate, call_bytes, check_fits
+from ldm.loading.sources import load_components, sampling_defaults
 
 OutputType = Literal["pil", "np", "pt", "latent"]
 
@@ -41,8 +45,25 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (bf16 if the card has it and fp16 is not wanted is a `.to()` away), fp32 on CPU."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+    """fp16 on CUDA (bf16 is a `.to()` away); on a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX) bf16: the
+    networks run in about 0.6x the fp32 time with the bundled model's adherence unchanged within noise (euler 10:
+    75% vs 74% mean all-correct, benchmarks/results/defaults-bf16.md against defaults.md), latents and sampler
+    arithmetic staying fp32; fp32 on other CPUs, where bf16 is emulated and slower. dtype=torch.float32 gives
+    diffusers' fp32 images (within 1/255)."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (the avx512_bf16 or amx_bf16 flag of /proc/cpuinfo; False where
+    that file is missing, e.g. macOS or Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 class Pipeline:
@@ -62,6 +83,9 @@ class Pipeline:
     ) -> None:
         """`scheduler_config`: the scheduler_config.json the schedule came from, kept for save_pretrained."""
         given = [c is not None for c in (unet, vae, text_encoder, schedule)]
+        # the sampler and step count a call without them uses (ldm.loading.sources.sampling_defaults: measured for
+        # the bundled model, DPM-Solver++(2M) at 30 steps for others); set it to change them for this pipeline
+        self.sampling_defaults: dict[str, Any] = sampling_defaults("default" if not any(given) else "")
         if not any(given):
             c = load_components("default")  # the bundled model (ldm.loading.sources.DEFAULT_MODEL)
             unet, vae, text_encoder, schedule = c.unet, c.vae, c.text_encoder, c.schedule
@@ -72,8 +96,10 @@ class Pipeline:
         check_components(unet, vae, text_encoder)
         self.unet, self.vae, self.text_encoder, self.schedule = unet.eval(), vae.eval(), text_encoder.eval(), schedule
         self.scheduler_config = scheduler_config
-        device = torch.device(device) if device is not None else default_device()
-        self.to(device, dtype if dtype is not None else default_dtype(device))
+        # refuse a call whose memory estimate exceeds what the device has (pipelines.memory); False skips the check
+        self.memory_check = True
+        device = check_device(device) or default_device()
+        self.to(device, check_dtype(dtype) or default_dtype(device))
 
     # ---------------------------------------------------------------------------------------------------------------
     # construction, saving, placement
@@ -91,8 +117,10 @@ class Pipeline:
         """Load a pipeline folder (ours or diffusers'), or a single-file SD 1.x/2.x checkpoint; `config` (a pipeline
         folder) gives a single file of another size its configs, as diffusers' from_single_file(config=...)."""
         c = load_components(path, allow_pickle=allow_pickle, config=config)
-        return cls(c.unet, c.vae, c.text_encoder, c.schedule, device=device, dtype=dtype,
+        pipe = cls(c.unet, c.vae, c.text_encoder, c.schedule, device=device, dtype=dtype,
                    scheduler_config=c.scheduler_config)
+        pipe.sampling_defaults = sampling_defaults(path)
+        return pipe
 
     @property
     def components(self) -> Components:
@@ -107,11 +135,9 @@ class Pipeline:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         """Move to a device and dtype. In fp16 the VAE stays in fp32 when its config asks (`force_upcast`): the SD
-        VAE decoder overflows in fp16."""
-        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} was asked for, but torch sees no CUDA device here "
-                             "(torch.cuda.is_available() is False): use 'cpu', or a machine and torch build with CUDA")
-        self.device = torch.device(device) if device is not None else self.device
+        VAE decoder overflows in fp16. An unavailable device or another dtype is an OptionError naming it."""
+        device, dtype = check_device(device), check_dtype(dtype)
+        self.device = device if device is not None else self.device
         self.dtype = dtype or self.dtype
         self.unet.to(self.device, self.dtype)
         self.text_encoder.to(self.device, self.dtype)
@@ -127,6 +153,7 @@ class Pipeline:
         (mode="reduce-overhead" for CUDA graphs, "max-autotune", backend=..., dynamic=...). The first call after it
         pays the compile time, again for each new shape (benchmarks/speed.py reports both). Sampling makes no host
         synchronisation per step on an accelerator, so a captured graph covers every network call."""
+        FeatureCache.exclude_from_compile()  # cache_interval's bookkeeping stays out of the graphs
         self.unet.compile(**options)
         self.vae.decoder.compile(**options)
         return self
@@ -142,10 +169,37 @@ class Pipeline:
         """Height and width must be positive multiples of the VAE's downsampling factor; the error lists valid ones."""
         f = self.vae_scale_factor
         for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % f:
-                lo, hi = max(f, (int(v) // f) * f), (int(v) // f + 1) * f
-                raise ValueError(f"{name}={v} must be a positive multiple of {f} (the VAE factor): e.g. {lo} or {hi}")
-        trained = self.unet.config.sample_size * f
+            v = check_int(name, v, 1)
+            if v % f:
+                lo, hi = max(f, (v // f) * f), (v // f + 1) * f
+                raise OptionError(name, v, f"a positive multiple of {f} (the VAE factor), e.g. {lo} or {hi}")
+
+    def memory_estimate(self, height: int, width: int, batch: int, *, guided: bool = True,
+                        img2img: bool = False) -> Estimate:
+        """The bytes a call making `batch` images of height x width needs at its peak (pipelines.memory)."""
+        return call_bytes(self.unet.config, self.vae.config, batch=batch, height=height, width=width,
+                          factor=self.vae_scale_factor, unet_itemsize=self.dtype.itemsize,
+                          vae_itemsize=self.vae.dtype.itemsize, guided=guided, img2img=img2img)
+
+    def check_call(self, opts: CallOptions, height: int, width: int, steps: int, *, img2img: bool = False) -> None:
+        """What depends on this model, checked before any network runs: the size (a multiple of the VAE factor),
+        steps <= the schedule's training steps, cache_depth below the U-Net's skip branches, and the memory estimate
+        against what the device has (unless `memory_check` is False)."""
+        self.check_size(height, width)
+        t = self.schedule.num_train_timesteps
+        check_int("num_inference_steps", steps, 1, t, note=" (this schedule's num_train_timesteps)")
+        branches = self.unet.cache_branches
+        check_int("cache_depth", opts.cache_depth, 0, branches - 1, note=f" (this U-Net has {branches} skip branches)")
+        if img2img:
+            check_strength_steps(opts.strength, steps)
+        if self.memory_check:
+            n = opts.num_images
+            guided = not (opts.guidance_scale == 1.0 and opts.guidance_rescale == 0.0)
+            estimate = self.memory_estimate(height, width, n, guided=guided, img2img=img2img)
+            check_fits(estimate.total, self.device, f"height={height}, width={width} with {n} image{'s' * (n > 1)} "
+                       "in one call", "lower height, width or the number of images (prompts x "
+                       "num_images_per_prompt), or set pipe.memory_check = False to try anyway", estimate.describe())
+        trained = self.unet.config.sample_size * self.vae_scale_factor
         if max(height, width) > 2 * trained or min(height, width) * 2 < trained:
             warnings.warn(f"{height} x {width} is far from the {trained} x {trained} this model was trained at: expect "
                           "images without meaning (and, larger, a run that takes (size / trained size)^2 times "
@@ -155,14 +209,15 @@ class Pipeline:
         """(B, n, D) text embeddings (n: the tokenizer's model_max_length, CLIP's 77)."""
         return self.text_encoder.encode(prompts).to(self.device, self.dtype)
 
-    def denoiser(self, plan: SamplingPlan) -> DiscreteVPDenoiser:
+    def denoiser(self, plan: SamplingPlan, cache: FeatureCache | None = None) -> DiscreteVPDenoiser:
         """The U-Net as D(x, sigma, encoder_hidden_states) for `plan` (VP input scaling, sigma -> t,
         parameterization: SamplingPlan.denoiser). Latents stay fp32 in the sampler; only the network runs in the
-        pipeline's dtype."""
+        pipeline's dtype. `cache`: DeepCache over the run (ldm.networks.feature_cache), handed to every U-Net call."""
         unet, dtype = self.unet, self.dtype
+        extra = {} if cache is None else {"cache": cache}
 
         def net(x_vp: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-            return unet(x_vp.to(dtype), t, **{k: v.to(dtype) for k, v in cond.items()}).float()
+            return unet(x_vp.to(dtype), t, **{k: v.to(dtype) for k, v in cond.items()}, **extra).float()
 
         denoiser = plan.denoiser(net)
         # the sigma -> t table on the device, so no step copies a sigma to the host (MPS has no float64: it stays)
@@ -182,11 +237,11 @@ class Pipeline:
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 30,
+        num_inference_steps: int | None = None,
         guidance_scale: float = 7.5,
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
-        sampler: str = "dpmpp_2m",
+        sampler: str | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | Sequence[int] | None = None,
@@ -199,63 +254,80 @@ class Pipeline:
         progress: bool = True,
         callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
         karras_sigmas: bool | None = None,
+        sigma_schedule: str | None = None,
         eta: float | None = None,
+        cache_interval: int | None = None,
+        cache_depth: int = 0,
     ) -> PipelineOutput:
         """Generate images. `prompt` is a string or a list; `image` + `strength` makes it image-to-image.
+
+        `sampler` and `num_inference_steps` left None take `self.sampling_defaults`: for the bundled model Euler at
+        10 steps (the fewest network evaluations within noise of its best adherence, benchmarks/results/defaults.md),
+        for other models DPM-Solver++(2M) at 30 steps.
 
         Seeds: `seed=s` gives image i the seed s + i, so an image does not depend on the batch it is in; a list gives
         one seed per image; `generator` (one or one per image) overrides both. The returned `seeds` reproduce a run.
         `guidance_interval=(lo, hi)` applies guidance only at noise levels lo < sigma <= hi (Kynkäänniemi et al.
         2024), in the schedule's sigma = sqrt((1 - alphā) / alphā); elsewhere the conditional branch runs alone.
+        `sigma_schedule`: where the steps fall (ldm.diffusion.sigma_schedules.SIGMA_SCHEDULES: "default", "karras",
+        "exponential", "sgm_uniform", "ays_sd15", "ays_sdxl"); None: the scheduler config's; karras_sigmas=True is
+        "karras".
+        `cache_interval=N` (> 1) runs the U-Net in full every N-th network call and reuses the deep feature of skip
+        branch `cache_depth` in between (DeepCache, Ma et al. 2023; ldm.networks.feature_cache); None or 1: off.
+
+        Every option is checked before anything runs (pipelines.call_options, whose docstring gives the ranges), then
+        what depends on the model and the memory estimate (`check_call`); an error names the option, the value and
+        the valid range.
         """
-        prompts = _as_prompt_list(prompt)
-        negatives = _as_negative_list(negative_prompt, len(prompts))
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; valid: {sorted(SAMPLERS)}")
-        if eta is not None and sampler not in samplers_with_option("eta"):
-            raise ValueError(f"sampler {sampler!r} has no eta; samplers that accept eta: {samplers_with_option('eta')}")
-        interval = check_interval(guidance_interval)  # refused even at guidance_scale 1, where it is unused
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"unknown output_type {output_type!r}; valid: pil, np, pt, latent")
-        f = self.vae_scale_factor
+        sampler = self.sampling_defaults["sampler"] if sampler is None else sampler
+        if num_inference_steps is None:
+            num_inference_steps = self.sampling_defaults["num_inference_steps"]
+        opts = check_call_options(  # every option, before anything runs (pipelines.call_options)
+            prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, guidance_interval,
+            sampler, height, width, seed, num_images_per_prompt, strength, output_type, sigma_schedule, karras_sigmas,
+            eta, cache_interval, cache_depth, callback, img2img=image is not None)
+        steps, sampler, f = opts.num_inference_steps or 0, opts.sampler or "", self.vae_scale_factor
         init = None
         if image is not None:
-            init = from_image(image, height, width)  # (N or 1, 3, H, W) in [-1, 1]
+            if opts.height is not None and opts.width is not None:  # the image is resized: checked before
+                self.check_call(opts, opts.height, opts.width, steps, img2img=True)
+            init = from_image(image, opts.height, opts.width)  # (N or 1, 3, H, W) in [-1, 1]
             height, width = int(init.shape[-2]), int(init.shape[-1])
         height = self.unet.config.sample_size * f if height is None else height
         width = self.unet.config.sample_size * f if width is None else width
-        self.check_size(height, width)
+        self.check_call(opts, height, width, steps, img2img=init is not None)  # before any network runs
 
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        prompts = [p for p in opts.prompts for _ in range(opts.num_images_per_prompt)]
+        negatives = [n for n in opts.negatives for _ in range(opts.num_images_per_prompt)]
         n = len(prompts)
-        seeds, generators = _generators(seed, generator, n)
+        if init is not None and init.shape[0] not in (1, n):
+            raise ValueError(f"got {init.shape[0]} init images for {n} outputs (give one, or one per output)")
+        seeds, generators = _generators(opts.seeds(), generator, n)
         shape = (n, self.unet.config.in_channels, height // f, width // f)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for these settings, got {tuple(latents.shape)}")
+        cache = FeatureCache(opts.cache_interval, opts.cache_depth)  # one per call: its state lives for this run only
 
         spec = SAMPLERS[sampler]  # the function and its schedule facts (which timesteps, final sigma, VP output)
-        plan = spec.plan(self.schedule, num_inference_steps, karras=karras_sigmas)  # as its diffusers scheduler
+        plan = spec.plan(self.schedule, steps, karras=opts.karras_sigmas,
+                         sigma_schedule=opts.sigma_schedule)  # as its diffusers scheduler
         if init is not None:
-            kept, z0 = self._img2img_start(init, n, strength, num_inference_steps)
+            kept, z0 = self._img2img_start(init, n, opts.strength, steps)
             plan = plan.last(kept)
         sigmas = plan.sigmas.float().to(self.device)
         noise = latents.to(self.device, torch.float32) if latents is not None else randn(
             shape, generators, device=self.device, dtype=torch.float32)
-        if tuple(noise.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for these settings, got {tuple(noise.shape)}")
         if init is not None:
             x = z0 + noise * sigmas[0]  # q(z_t | z_0) in sigma space
         else:
             x = noise * plan.prior_scale  # the prior its diffusers scheduler starts from (init_noise_sigma)
 
-        base = self.denoiser(plan)
-        model, cond = self._guided(base, prompts, negatives, guidance_scale, guidance_rescale, interval)
+        base = self.denoiser(plan, cache if cache.interval > 1 else None)
+        model, cond = self._guided(base, prompts, negatives, opts.guidance_scale, opts.guidance_rescale,
+                                   opts.guidance_interval)
         options: dict[str, Any] = {"cond": cond, "generator": generators}
-        if eta is not None:
-            options["eta"] = eta
+        if opts.eta is not None:
+            options["eta"] = opts.eta
         bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc="sampling", leave=False)
 
         watch = FiniteWatch() if self.device.type != "cpu" else None  # the CPU checks each step as it goes
@@ -274,9 +346,9 @@ class Pipeline:
         if watch is not None:
             watch.check()  # one host synchronisation for the whole loop
         out = spec.to_output(out, sigmas[-1].item())  # DDIM with set_alpha_to_one=False ends at sigma > 0, in VP
-        if output_type == "latent":
+        if opts.output_type == "latent":
             return PipelineOutput(images=out, seeds=seeds, latents=out)
-        return PipelineOutput(images=to_output(self.decode(out), output_type), seeds=seeds, latents=out)
+        return PipelineOutput(images=to_output(self.decode(out), opts.output_type), seeds=seeds, latents=out)
 
     def _guided(
         self,
@@ -300,56 +372,21 @@ class Pipeline:
     ) -> tuple[int, torch.Tensor]:
         """(steps kept, z0): encode the image (posterior mode) and keep the last floor(steps * strength) steps, as
         diffusers does (int(steps * strength)); strength = 1 keeps them all and starts from z0 + sigma_max * noise."""
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
         kept = min(int(steps * strength), steps)
-        if kept < 1:
-            raise ValueError(f"strength {strength} with {steps} steps leaves no step to run: raise either")
-        if init.shape[0] not in (1, n):
-            raise ValueError(f"got {init.shape[0]} images for {n} outputs")
         posterior = self.vae.encode(init.to(self.device, self.vae.dtype))
         z0 = self.vae.scale_latents(posterior.mode()).float().expand(n, -1, -1, -1)
         return kept, z0
 
 
-def samplers_with_option(option: str) -> list[str]:
-    """Names in `SAMPLERS` whose function takes the keyword `option` (e.g. "eta"), sorted."""
-    return sorted(name for name, spec in SAMPLERS.items() if spec.accepts(option))
-
-
-def _as_prompt_list(prompt: str | list[str]) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
-        raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-    if len(prompt) == 0:
-        raise ValueError("prompt is an empty list: give at least one prompt")
-    return list(prompt)
-
-
-def _as_negative_list(negative: str | list[str] | None, n: int) -> list[str]:
-    if negative is None:
-        return [""] * n
-    negatives = [negative] * n if isinstance(negative, str) else list(negative)
-    if len(negatives) != n:
-        raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts")
-    return negatives
-
-
 def _generators(
-    seed: int | Sequence[int] | None, generator: torch.Generator | list[torch.Generator] | None, n: int
+    seeds: list[int] | None, generator: torch.Generator | list[torch.Generator] | None, n: int
 ) -> tuple[list[int], torch.Generator | list[torch.Generator]]:
-    """One CPU generator per image (seed + i, or the seeds given), so each image's noise is its own."""
+    """One CPU generator per image (the seeds given, checked by pipelines.call_options, or random ones;
+    ldm.random.cpu_generator draws distinct noise for every 64-bit seed), unless `generator` is given."""
     if generator is not None:
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} images")
         return [], generator
-    if seed is None:
-        seeds = [random.randrange(2**63) for _ in range(n)]
-    elif isinstance(seed, int):
-        seeds = [seed + i for i in range(n)]
-    else:
-        seeds = [int(s) for s in seed]
-        if len(seeds) != n:
-            raise ValueError(f"got {len(seeds)} seeds for {n} images")
-    return seeds, [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    if seeds is None:
+        seeds = [random.randrange(SEED_SPACE) for _ in range(n)]
+    return seeds, [cpu_generator(s) for s in seeds]

@@ -216,7 +216,7 @@ def test_checkpoint_adherence_scores_the_exported_checkpoint(shapes, tmp_path):
     gen = dict(sampler="euler", steps=2)
     res = checkpoint_adherence(tmp_path / "run", [1.0, 3.0], n_single=2, n_pair=2, **gen)
     assert res["step"] == STEPS and res["ema"] and list(res["scales"]) == ["1.0", "3.0"]
-    pipe = Pipeline.from_pretrained(export(tmp_path / "run", tmp_path / "by-hand", use_ema=True))
+    pipe = Pipeline.from_pretrained(export(tmp_path / "run", tmp_path / "by-hand", use_ema=True), dtype=torch.float32)
     sets = Q.prompt_sets(2, 2)
     for s in (1.0, 3.0):
         for name, prompts in sets.items():

@@ -22,16 +22,19 @@ SAMPLER_SCHEDULERS = [("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler)
                       ("euler_ancestral", EulerAncestralDiscreteScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)]
 
 
-def _compare_with_diffusers(ours, theirs, sampler, scheduler_cls):
+def _compare_with_diffusers(ours, theirs, sampler, scheduler_cls, **options):
+    """Images of `theirs` (as it is set up) and of `ours` with `options` agree within 1/255; returns ours."""
     theirs.scheduler = scheduler_cls.from_config(theirs.scheduler.config)
     latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     ref = theirs(PROMPTS, num_inference_steps=STEPS, guidance_scale=SCALE, latents=latents, height=32, width=32,
                  generator=torch.Generator().manual_seed(2), output_type="np").images  # fmt: skip
     got = ours(PROMPTS, num_inference_steps=STEPS, guidance_scale=SCALE, latents=latents, height=32, width=32,
-               generator=torch.Generator().manual_seed(2), sampler=sampler, output_type="np", progress=False).images
+               generator=torch.Generator().manual_seed(2), sampler=sampler, output_type="np", progress=False,
+               **options).images
     assert got.shape == ref.shape == (2, 32, 32, 3)
     assert np.abs(got - ref).max() <= 1 / 255, f"{sampler}: max abs pixel difference {np.abs(got - ref).max():.2e}"
     assert np.abs(ref - ref.mean()).max() > 0.01  # the images are not constant, so the comparison can fail
+    return got
 
 
 

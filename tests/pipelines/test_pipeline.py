@@ -98,7 +98,7 @@ def test_guidance_interval_guides_only_the_steps_inside_it(ours):
     assert calls == [1, 2, 1]  # only the step at sigmas[1] runs the unconditional branch
     cond_only = ours(PROMPTS[0], guidance_scale=1.0, **kw).images
     assert not torch.equal(middle, full) and not torch.equal(middle, cond_only)
-    with pytest.raises(ValueError, match="guidance interval"):
+    with pytest.raises(ValueError, match=r"guidance_interval must be \(lo, hi\) with 0 <= lo < hi"):
         ours(PROMPTS[0], guidance_scale=1.0, guidance_interval=(5.0, 1.0), **kw)  # refused even where unused
 
 
@@ -180,16 +180,17 @@ def test_img2img_strength_one_starts_from_z0_plus_sigma_max_noise(ours):
     "kwargs, error, message",
     [
         (dict(prompt=[]), ValueError, "empty list"),
-        (dict(prompt="x", height=30), ValueError, r"height=30 must be a positive multiple of 8 .*e\.g\. 24 or 32"),
-        (dict(prompt="x", width=0), ValueError, "width=0 must be a positive multiple of 8"),
-        (dict(prompt="x", num_inference_steps=0), ValueError, "num_inference_steps must be an integer >= 1"),
+        (dict(prompt="x", height=30), ValueError, r"height must be a positive multiple of 8 .*e\.g\. 24 or 32, got 30"),
+        (dict(prompt="x", width=0), ValueError, r"width must be an integer >= 1, got 0"),
+        (dict(prompt="x", num_inference_steps=0), ValueError, r"num_inference_steps must be an integer in \[1, 1000\], got 0"),
         (dict(prompt="x", sampler="plms"), ValueError, r"unknown sampler 'plms'; valid: \[.*'dpmpp_2m'"),
         (dict(prompt="x", negative_prompt=["a", "b"]), ValueError, "2 negative prompts for 1 prompts"),
         (dict(prompt="x", seed=[1, 2]), ValueError, "2 seeds for 1 images"),
         (dict(prompt="x", latents=torch.zeros(1, 4, 8, 8)), ValueError, r"latents must have shape \(1, 4, 4, 4\)"),
         (dict(prompt=3), TypeError, "prompt must be a string or a list of strings"),
         (dict(prompt="x", sampler="euler", eta=0.5), ValueError,
-         r"sampler 'euler' has no eta; samplers that accept eta: \['ddim', 'euler_ancestral'\]"),
+         r"eta=0.5 was given, but sampler 'euler' has no eta; samplers that accept eta: \['ddim', 'dpmpp_2m_sde', 'dpmpp_2s_ancestral', "
+         r"'dpmpp_3m_sde', 'euler_ancestral'\]"),
     ],
 )
 def test_bad_input_is_named(ours, kwargs, error, message):
