@@ -21,6 +21,18 @@ def folder(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def ours(folder):
+    """Our Pipeline on the tiny folder, fp32 (diffusers' arithmetic)."""
+    return Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def theirs(folder):
+    """diffusers' StableDiffusionPipeline on the same folder."""
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+
+
 # Stable Diffusion 1.5's scheduler_config.json: PNDM, set_alpha_to_one false, no timestep_spacing
 SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,

@@ -9,23 +9,11 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
 )
 
 from ldm.diffusion.samplers import SAMPLERS
 from pipelines.cli import main
-from pipelines.text_to_image import Pipeline
 from tests.pipelines._parity import PROMPTS, SAMPLER_SCHEDULERS, SCALE, _compare_with_diffusers, _init_image
-
-
-@pytest.fixture(scope="module")
-def ours(folder):
-    return Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def theirs(folder):
-    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
 
 
 class _deepcache:

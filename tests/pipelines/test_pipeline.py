@@ -10,7 +10,6 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
 )
 
 from ldm.loading.components import IncompatibleComponentsError
@@ -24,16 +23,6 @@ from tests.pipelines._parity import (
     _init_image,
 )
 
-
-
-@pytest.fixture(scope="module")
-def ours(folder):
-    return Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def theirs(folder):
-    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
 
 
 @pytest.mark.parametrize("sampler, scheduler_cls", SAMPLER_SCHEDULERS)
