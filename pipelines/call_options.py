@@ -29,7 +29,7 @@ import torch
 
 from ldm.diffusion.samplers import SAMPLERS
 from ldm.diffusion.sigma_schedules import SIGMA_SCHEDULES
-from ldm.random import check_seed
+from ldm.random import SEED_SPACE, check_seed
 
 MAX_STEPS = 1000  # a schedule's usual num_train_timesteps; checked against the model's own after loading
 MAX_GUIDANCE = 100.0  # past ~20 images saturate; larger scales only overflow half-precision networks
@@ -86,7 +86,7 @@ class CallOptions:
         """One seed per image: seed + i modulo 2**64, the list given, or None (drawn at random)."""
         if self.seed is None or isinstance(self.seed, tuple):
             return None if self.seed is None else list(self.seed)
-        return [(self.seed + i) % 2**64 for i in range(self.num_images)]
+        return [(self.seed + i) % SEED_SPACE for i in range(self.num_images)]
 
 
 def check_call_options(

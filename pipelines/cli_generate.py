@@ -129,6 +129,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from ldm.loading.sources import sampling_defaults
+    from ldm.random import SEED_SPACE
     from pipelines.text_to_image import Pipeline
 
     if threads is not None:
@@ -160,7 +161,7 @@ def _generate(args: argparse.Namespace) -> int:
     seeds: list[int] = []
     with torch.inference_mode():
         for start in range(0, n, batch):
-            seed = None if opts.seed is None else (opts.seed + start) % 2**64
+            seed = None if opts.seed is None else (opts.seed + start) % SEED_SPACE
             result = pipe(prompt, seed=seed, num_images_per_prompt=min(batch, n - start), **kwargs)
             if args.grid and n > 1:
                 tiles += result.images
