@@ -360,10 +360,11 @@ class Pipeline:
         interval: tuple[float, float] | None,
     ) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
         """`base` with classifier-free guidance; at scale 1 only the conditional branch is run."""
-        cond = {"encoder_hidden_states": self.encode_prompts(prompts)}
         if scale == 1.0 and rescale == 0.0:
-            return base, cond
-        uncond = {"encoder_hidden_states": self.encode_prompts(negatives)}
+            return base, {"encoder_hidden_states": self.encode_prompts(prompts)}
+        c, c_negative = self.text_encoder.encode_pair(prompts, negatives)
+        cond = {"encoder_hidden_states": c.to(self.device, self.dtype)}
+        uncond = {"encoder_hidden_states": c_negative.to(self.device, self.dtype)}
         cfg = CFGDenoiser(base, scale, rescale, interval)
         return cfg, {"cond": cond, "uncond": uncond}
 

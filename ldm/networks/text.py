@@ -108,6 +108,11 @@ class PromptEncoder(nn.Module):
         ids = self.tokenize(prompts).to(self._param.device)
         return self.hidden_states(ids, skip)
 
+    def encode_pair(self, prompts: list[str], negatives: list[str], **options: Any
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c, c_negative) for classifier-free guidance: both batches encoded alike, with equal sequence lengths."""
+        return self.encode(prompts, **options), self.encode(negatives, **options)
+
     def forward(self, prompts: str | list[str], **options) -> torch.Tensor:
         return self.encode(prompts, **options)
 

@@ -93,8 +93,8 @@ def test_guidance_interval_guides_only_the_steps_inside_it(ours):
 
 def test_negative_prompt_replaces_the_empty_prompt(ours, monkeypatch):
     seen = []
-    encode = ours.encode_prompts
-    monkeypatch.setattr(ours, "encode_prompts", lambda p: seen.append(list(p)) or encode(p))
+    encode = ours.text_encoder.encode
+    monkeypatch.setattr(ours.text_encoder, "encode", lambda p, **o: seen.append(list(p)) or encode(p, **o))
     kw = dict(num_inference_steps=2, height=32, width=32, seed=0, output_type="latent", progress=False)
     a = ours(PROMPTS[0], negative_prompt="blurry", **kw).images
     assert seen == [[PROMPTS[0]], ["blurry"]]
