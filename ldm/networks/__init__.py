@@ -1,4 +1,4 @@
-"""The networks, in diffusers' state-dict names: building blocks (layers), the cross-attention U-Net (unet) and its
+"""The networks, in diffusers' state-dict names: building blocks (layers), the cross-attention U-Net (unet; its config: unet_config) and its
 DeepCache feature cache (feature_cache), the CLIP tokenizer (tokenizer), CLIP's text transformer in transformers' names
 (clip_text), CLIP / OpenCLIP text encoders (text) and OpenCLIP <-> transformers weight maps (text_openclip)."""
 
@@ -9,8 +9,11 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "timestep_embedding", "Timesteps", "TimestepEmbedding", "ResnetBlock2D", "Downsample2D", "Upsample2D",
         "attention", "Attention", "GEGLU", "FeedForward", "BasicTransformerBlock", "Transformer2DModel"
     ),
+    "unet_config": (
+        "DOWN_BLOCK_TYPES", "UP_BLOCK_TYPES", "UNetConfig"
+    ),
     "unet": (
-        "DOWN_BLOCK_TYPES", "UP_BLOCK_TYPES", "UNetConfig", "UNet"
+        "UNet",
     ),
     "feature_cache": (
         "FeatureCache",

@@ -3,159 +3,14 @@ UNet2DConditionModel: attribute names mirror its state-dict keys, so its weights
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.config import from_dict
 from ldm.io import PretrainedMixin
 from ldm.networks.feature_cache import FeatureCache
 from ldm.networks.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps, Transformer2DModel, Upsample2D
-
-DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-MAX_SAMPLE_SIZE = 1024  # latent pixels (8192 image pixels at f = 8): a sane bound on the default size a config names
-
-# diffusers config keys for features this U-Net does not implement, with the only value we accept for each.
-_FIXED_DIFFUSERS_KEYS: dict[str, Any] = {
-    "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
-    "act_fn": "silu", "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
-    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
-    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
-    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None, "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
-    "reverse_transformer_layers_per_block": None, "num_attention_heads": None,
-}
-
-
-def _per_block(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:
-    return (value,) * n if isinstance(value, int) else tuple(value)
-
-
-@dataclass
-class UNetConfig:
-    """Shape of the U-Net; field names and meanings are diffusers' UNet2DConditionModel config keys.
-
-    `attention_head_dim` follows SD 1.x/diffusers semantics: it is the number of heads per block (head width =
-    channels / heads). `num_attention_heads`, when set, is the same thing under its honest name and wins.
-    """
-
-    sample_size: int = 64
-    in_channels: int = 4
-    out_channels: int = 4
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: int | tuple[int, ...] = 2
-    transformer_layers_per_block: int | tuple[int, ...] = 1
-    attention_head_dim: int | tuple[int, ...] = 8
-    num_attention_heads: int | tuple[int, ...] | None = None
-    cross_attention_dim: int = 768
-    use_linear_projection: bool = False
-    upcast_attention: bool = False
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    flip_sin_to_cos: bool = True
-    freq_shift: int = 0
-    downsample_padding: int = 1
-    mid_block_scale_factor: float = 1.0
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        n = len(self.block_out_channels)
-        if n == 0:
-            raise ValueError("block_out_channels must not be empty")
-        for name in ("down_block_types", "up_block_types"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"{name} has {len(getattr(self, name))} entries but block_out_channels has {n}")
-        for name, valid in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
-            bad = [t for t in getattr(self, name) if t not in valid]
-            if bad:
-                raise ValueError(f"{name}: unsupported block type(s) {bad}; valid: {list(valid)}")
-        for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            values = _per_block(value, n)
-            if len(values) != n:
-                raise ValueError(f"{name} has {len(values)} entries but block_out_channels has {n}")
-            if any(v < 1 for v in values):
-                raise ValueError(f"{name} must be positive, got {value}")
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                raise ValueError(f"block_out_channels entry {c} is not divisible by norm_num_groups {self.norm_num_groups}")
-        for c, h in zip(self.block_out_channels, self.heads):
-            if c % h:
-                raise ValueError(f"block channels {c} are not divisible by the number of attention heads {h}")
-        for name in ("in_channels", "out_channels", "cross_attention_dim", "sample_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.sample_size > MAX_SAMPLE_SIZE:  # the default image size: latents of sample_size^2 at generate time
-            raise ValueError(f"sample_size {self.sample_size} is past {MAX_SAMPLE_SIZE} latent pixels (SD 1.x: 64, "
-                             "SDXL: 128)")
-
-    @property
-    def heads(self) -> tuple[int, ...]:
-        """Attention heads per down block (diffusers: `num_attention_heads or attention_head_dim`)."""
-        return _per_block(self.num_attention_heads or self.attention_head_dim, len(self.block_out_channels))
-
-    def layer_counts(self) -> Iterator[tuple[str, int, str]]:
-        """(config key, count, the state-dict keys holding one per layer, N the index): which config key asks for
-        more layers than a weight file holds (ldm.io.check_layer_counts); the block count first, as it bounds the
-        rest."""
-        n = len(self.block_out_channels)
-        yield "block_out_channels", n, "down_blocks.N."
-        layers, depth = (_per_block(v, n) for v in (self.layers_per_block, self.transformer_layers_per_block))
-        for i in range(n):
-            yield "layers_per_block", layers[i], f"down_blocks.{i}.resnets.N."
-        yield "transformer_layers_per_block", depth[-1], "mid_block.attentions.0.transformer_blocks.N."
-        for i, kind in enumerate(self.down_block_types):
-            if kind == "CrossAttnDownBlock2D":
-                yield "transformer_layers_per_block", depth[i], f"down_blocks.{i}.attentions.0.transformer_blocks.N."
-        for i, kind in enumerate(self.up_block_types):
-            if kind == "CrossAttnUpBlock2D":
-                yield ("transformer_layers_per_block", depth[::-1][i],
-                       f"up_blocks.{i}.attentions.0.transformer_blocks.N.")
-
-    @classmethod
-    def from_diffusers(cls, config: dict[str, Any]) -> "UNetConfig":
-        """Build from a diffusers UNet2DConditionModel config.json dict; unsupported features raise, naming the key."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        ours: dict[str, Any] = {}
-        for key, value in config.items():
-            if key.startswith("_") or (key == "sample_size" and value is None):
-                continue  # _class_name, _diffusers_version, _name_or_path; no sample_size: keep our default
-            if key in fields and not (key == "num_attention_heads" and value is None):
-                if key == "cross_attention_dim" and isinstance(value, (list, tuple)):
-                    if len(set(value)) != 1:
-                        raise ValueError(f"cross_attention_dim per block {value} is not supported (one width only)")
-                    value = value[0]
-                ours[key] = value
-            elif key in _FIXED_DIFFUSERS_KEYS:
-                expected = _FIXED_DIFFUSERS_KEYS[key]
-                if value != expected and not (key == "act_fn" and value == "swish"):
-                    raise ValueError(f"diffusers config {key}={value!r} is not supported (only {expected!r})")
-            else:
-                raise ValueError(f"unknown diffusers UNet2DConditionModel config key {key!r}")
-        if isinstance(ours.get("sample_size"), (list, tuple)):
-            raise ValueError(f"sample_size {ours['sample_size']} must be a single int")
-        return from_dict(cls, ours)
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """A dict that diffusers' UNet2DConditionModel.from_config accepts (it refuses num_attention_heads, so the
-        head count is written as attention_head_dim, as SD checkpoints do)."""
-        out: dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
-        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_attention_heads"})
-        out["attention_head_dim"] = self.num_attention_heads or self.attention_head_dim
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
+from ldm.networks.unet_config import UNetConfig, per_block  # noqa: F401  (UNetConfig: imported from here too)
 
 def _call(module: nn.Module, use_checkpoint: bool, *args: torch.Tensor | None) -> torch.Tensor:
     """Run `module(*args)`, recomputing activations in backward (torch.utils.checkpoint) when asked."""
@@ -183,10 +38,10 @@ class DownBlock(nn.Module):
 
     def __init__(self, cfg: UNetConfig, i: int, c_in: int, temb: int, final: bool):
         super().__init__()
-        c_out, n = cfg.block_out_channels[i], _per_block(cfg.layers_per_block, len(cfg.block_out_channels))[i]
+        c_out, n = cfg.block_out_channels[i], per_block(cfg.layers_per_block, len(cfg.block_out_channels))[i]
         self.attentions = None  # registered before resnets, as diffusers does, so state-dict key order matches
         if cfg.down_block_types[i] == "CrossAttnDownBlock2D":
-            depth = _per_block(cfg.transformer_layers_per_block, len(cfg.block_out_channels))[i]
+            depth = per_block(cfg.transformer_layers_per_block, len(cfg.block_out_channels))[i]
             self.attentions = nn.ModuleList([_transformer(cfg, c_out, cfg.heads[i], depth) for _ in range(n)])
         self.resnets = nn.ModuleList([_resnet(cfg, c_in if j == 0 else c_out, c_out, temb) for j in range(n)])
         self.downsamplers = None if final else nn.ModuleList([Downsample2D(c_out, c_out, cfg.downsample_padding)])
@@ -215,7 +70,7 @@ class MidBlock(nn.Module):
     def __init__(self, cfg: UNetConfig, temb: int):
         super().__init__()
         c = cfg.block_out_channels[-1]
-        depth = _per_block(cfg.transformer_layers_per_block, len(cfg.block_out_channels))[-1]
+        depth = per_block(cfg.transformer_layers_per_block, len(cfg.block_out_channels))[-1]
         self.attentions = nn.ModuleList([_transformer(cfg, c, cfg.heads[-1], depth)])
         self.resnets = nn.ModuleList([_resnet(cfg, c, c, temb, cfg.mid_block_scale_factor) for _ in range(2)])
 
@@ -234,14 +89,14 @@ class UpBlock(nn.Module):
         n_blocks = len(cfg.block_out_channels)
         rev = cfg.block_out_channels[::-1]
         c_out, c_prev, c_skip_in = rev[i], rev[max(i - 1, 0)], rev[min(i + 1, n_blocks - 1)]
-        n = _per_block(cfg.layers_per_block, n_blocks)[::-1][i] + 1
+        n = per_block(cfg.layers_per_block, n_blocks)[::-1][i] + 1
         resnets = []
         for j in range(n):
             c_skip = c_skip_in if j == n - 1 else c_out
             resnets.append(_resnet(cfg, (c_prev if j == 0 else c_out) + c_skip, c_out, temb))
         self.attentions = None
         if cfg.up_block_types[i] == "CrossAttnUpBlock2D":
-            depth = _per_block(cfg.transformer_layers_per_block, n_blocks)[::-1][i]
+            depth = per_block(cfg.transformer_layers_per_block, n_blocks)[::-1][i]
             self.attentions = nn.ModuleList([_transformer(cfg, c_out, cfg.heads[::-1][i], depth) for _ in range(n)])
         self.resnets = nn.ModuleList(resnets)
         self.upsamplers = None if final else nn.ModuleList([Upsample2D(c_out, c_out)])
