@@ -26,6 +26,7 @@ from pipelines.call_options import (CallOptions, OptionError, check_call_options
                                     check_strength_steps)
 from pipelines.images import from_image, to_output
 from pipelines.memory import Estimate, call_bytes, check_fits
+from pipelines.vae_precision import run_upcasting
 from ldm.loading.sources import load_components, sampling_defaults
 
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -134,18 +135,18 @@ class Pipeline:
                       scheduler_config=self.scheduler_config, overwrite=overwrite)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
-        """Move to a device and dtype. In fp16 the VAE stays in fp32 when its config asks (`force_upcast`): the SD
-        VAE decoder overflows in fp16. An unavailable device or another dtype is an OptionError naming it."""
+        """Move to a device and dtype, the VAE too: in fp16 it decodes in fp16 (as diffusers' StableDiffusionPipeline)
+        and upcasts itself to fp32 where an output overflows (pipelines.vae_precision). An unavailable device or
+        another dtype is an OptionError naming it."""
         device, dtype = check_device(device), check_dtype(dtype)
         self.device = device if device is not None else self.device
         self.dtype = dtype or self.dtype
         self.unet.to(self.device, self.dtype)
         self.text_encoder.to(self.device, self.dtype)
-        vae_dtype = torch.float32 if self.dtype == torch.float16 and self.vae.config.force_upcast else self.dtype
         # channels-last convolutions decode 1.2x (fp32) to 2.3x (bf16) faster on the CPU (SD VAE, 256 px, 2 cores);
         # the U-Net stays contiguous, where channels-last is slower in bf16 (benchmarks/speed.py)
         layout = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
-        self.vae.to(self.device, vae_dtype, memory_format=layout)
+        self.vae.to(self.device, self.dtype, memory_format=layout)
         return self
 
     def compile(self, **options: Any) -> Pipeline:
@@ -225,9 +226,8 @@ class Pipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (sigma = 0) -> images in [0, 1], (N, 3, H, W) float32."""
-        z = self.vae.unscale_latents(latents.to(self.vae.dtype))
         with torch.no_grad():
-            x = self.vae.decode(z)
+            x = run_upcasting(self.vae, lambda vae: vae.decode(vae.unscale_latents(latents.float()).to(vae.dtype)))
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -374,8 +374,8 @@ class Pipeline:
         """(steps kept, z0): encode the image (posterior mode) and keep the last floor(steps * strength) steps, as
         diffusers does (int(steps * strength)); strength = 1 keeps them all and starts from z0 + sigma_max * noise."""
         kept = min(int(steps * strength), steps)
-        posterior = self.vae.encode(init.to(self.device, self.vae.dtype))
-        z0 = self.vae.scale_latents(posterior.mode()).float().expand(n, -1, -1, -1)
+        mode = run_upcasting(self.vae, lambda vae: vae.encode(init.to(self.device, vae.dtype)).mode())
+        z0 = self.vae.scale_latents(mode).float().expand(n, -1, -1, -1)
         return kept, z0
 
 

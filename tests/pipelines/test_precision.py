@@ -1,5 +1,8 @@
-"""Precision and compilation options of the Pipeline: bf16 networks with fp32 sampling, channels-last VAE on the CPU,
-and pipe.compile()."""
+"""Precision and compilation options of the Pipeline: bf16 networks with fp32 sampling, the fp16 VAE with its fp32
+fallback, channels-last VAE on the CPU, and pipe.compile()."""
+
+import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -48,3 +51,32 @@ def test_compile_keeps_the_modules_and_the_image(pipe):
     out = _run(pipe)
     assert type(pipe.unet) is unet_type  # compiled in place: loading, saving and LoRA see the same module
     assert torch.allclose(out.latents, ref.latents, atol=1e-5)
+
+
+def test_fp16_vae_decodes_in_fp16_like_diffusers(pipe):
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = pipe.decode(z)
+    pipe.to(dtype=torch.float16)
+    assert pipe.vae.dtype == torch.float16  # not kept in fp32: half the decoder's memory, as diffusers' SD pipeline
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow here, so no fallback
+        out = pipe.decode(z)
+    assert pipe.vae.dtype == torch.float16
+    assert (out - ref).abs().max() < 1e-2  # fp16's 11-bit mantissa through a tiny decoder
+
+
+def test_an_fp16_overflow_reruns_in_fp32_and_keeps_the_vae_there(pipe):
+    with torch.no_grad():  # activations past fp16's 65504 in the first conv (weights 6e4, exact in fp16): inf, nan
+        pipe.vae.decoder.conv_in.weight.fill_(6e4)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pipe.to(dtype=torch.float16)
+    reference = copy.deepcopy(pipe.vae).float()  # the same fp16-rounded weights, in fp32
+    with torch.no_grad():
+        assert not torch.isfinite(pipe.vae.decode(z.half())).all()  # the overflow is real
+        expected = (reference.decode(reference.unscale_latents(z)).float() / 2 + 0.5).clamp(0, 1)
+    with pytest.warns(UserWarning, match="overflowed in float16"):
+        out = pipe.decode(z)
+    assert pipe.vae.dtype == torch.float32
+    assert torch.isfinite(out).all() and torch.allclose(out, expected, atol=1e-6)
+    pipe.to(dtype=torch.float16)  # moving the pipeline tries fp16 again
+    assert pipe.vae.dtype == torch.float16
