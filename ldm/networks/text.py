@@ -1,4 +1,5 @@
-"""Text conditioning: the CLIP / OpenCLIP text encoders that turn prompts into c (tokenizer: ldm.networks.tokenizer).
+"""Text conditioning: the CLIP / OpenCLIP text encoders that turn prompts into c (tokenizer: ldm.networks.tokenizer;
+what they share, long prompts and emphasis: ldm.networks.prompt_encoder).
 
 Stable Diffusion 1.x conditions on the last hidden state of a CLIPTextModel (ViT-L/14, pad token "<|endoftext|>");
 2.x on the penultimate layer of an OpenCLIP ViT-H/14 text tower, final LayerNorm applied (pad "!").
@@ -13,20 +14,19 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from ldm.io import ConfigError, WeightsError, build_on_meta, load_state_dict, read_header, save_state_dict, write_text
 from ldm.networks import clip_text
+from ldm.networks.prompt_encoder import Layer, PromptEncoder, clip_skip_of  # noqa: F401  (clip_skip_of: re-exported)
 from ldm.networks.tokenizer import EOS, CLIPTokenizer, build_clip_tokenizer, load_tokenizer, save_tokenizer
 from ldm.random import seeded
 
-Layer = Literal["last", "penultimate"] | int
 # ours (ldm.networks.clip_text) or transformers' CLIPTextModel / CLIPTextModelWithProjection
 TextModel = nn.Module
 
@@ -37,101 +37,6 @@ def is_clip_text_model(model: Any) -> bool:
         return True
     theirs = sys.modules.get("transformers.models.clip.modeling_clip")  # not loaded: no instance of it can exist
     return theirs is not None and isinstance(model, (theirs.CLIPTextModel, theirs.CLIPTextModelWithProjection))
-
-
-# ------------------------------------------------------------------------------------------------ shared logic
-def clip_skip_of(layer: Layer, num_layers: int) -> int:
-    """Number of final transformer layers to skip: "last" -> 0, "penultimate" -> 1, an int is diffusers' clip_skip."""
-    if layer == "last":
-        skip = 0
-    elif layer == "penultimate":
-        skip = 1
-    elif isinstance(layer, int) and not isinstance(layer, bool):
-        skip = layer
-    else:
-        raise ValueError(f"layer must be 'last', 'penultimate' or an int clip_skip, got {layer!r}")
-    if not 0 <= skip < num_layers:
-        raise ValueError(f"clip_skip {skip} is out of range for a text encoder with {num_layers} layers")
-    return skip
-
-
-class PromptEncoder(nn.Module):
-    """Tokenize prompts (truncating to the context length, CLIP's 77, with a warning) and map ids to per-token hidden
-    states (B, context length, D)."""
-
-    def __init__(self, tokenizer: CLIPTokenizer, layer: Layer = "last") -> None:
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.layer = layer
-        self._empty: dict[tuple, torch.Tensor] = {}
-        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_cache())
-
-    # subclasses provide these
-    num_layers: int
-    hidden_size: int
-
-    def hidden_states(self, input_ids: torch.Tensor, skip: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    @property
-    def _param(self) -> torch.Tensor:
-        return next(self.parameters())
-
-    def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
-        """Token ids (B, model_max_length): bos, prompt tokens, eos, padding; warns naming what truncation drops."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
-        if len(prompts) == 0:
-            raise ValueError("prompts is an empty list")
-        n = self.tokenizer.model_max_length
-        for prompt, ids in zip(prompts, self.tokenizer(list(prompts), truncation=False, verbose=False).input_ids):
-            if len(ids) > n:
-                dropped = ids[n - 1 : -1]  # content tokens past the n - 2 that fit between bos and eos
-                warnings.warn(
-                    f"prompt is {len(ids)} tokens, CLIP takes {n}: {len(dropped)} token(s) were dropped, "
-                    f"namely {self.tokenizer.decode(dropped)!r} (prompt starts {prompt[:40]!r})",
-                    stacklevel=3,
-                )
-        return self.tokenizer(
-            list(prompts), padding="max_length", max_length=n, truncation=True, return_tensors="pt"
-        ).input_ids
-
-    def encode(self, prompts: str | list[str], *, layer: Layer | None = None, clip_skip: int | None = None
-               ) -> torch.Tensor:
-        """Per-token hidden states (B, n, D) of `layer` (default: the encoder's), final LayerNorm applied."""
-        if layer is not None and clip_skip is not None:
-            raise ValueError("pass either layer or clip_skip, not both")
-        chosen = clip_skip if clip_skip is not None else (layer if layer is not None else self.layer)
-        skip = clip_skip_of(chosen, self.num_layers)
-        ids = self.tokenize(prompts).to(self._param.device)
-        return self.hidden_states(ids, skip)
-
-    def encode_pair(self, prompts: list[str], negatives: list[str], **options: Any
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c, c_negative) for classifier-free guidance: both batches encoded alike, with equal sequence lengths."""
-        return self.encode(prompts, **options), self.encode(negatives, **options)
-
-    def forward(self, prompts: str | list[str], **options) -> torch.Tensor:
-        return self.encode(prompts, **options)
-
-    def empty_embedding(self, batch_size: int = 1, *, layer: Layer | None = None) -> torch.Tensor:
-        """encode("") repeated batch_size times: the unconditional c for classifier-free guidance, cached in eval
-        mode (in training mode the weights change under it, e.g. ldm.training.unet's train_text_encoder: encoded afresh)."""
-        skip = clip_skip_of(self.layer if layer is None else layer, self.num_layers)
-        if self.training:
-            with torch.no_grad():
-                return self.encode("", clip_skip=skip).detach().expand(batch_size, -1, -1).clone()
-        key = (self._param.device, self._param.dtype, skip)
-        if key not in self._empty:
-            with torch.no_grad():
-                self._empty[key] = self.encode("", clip_skip=skip).detach()
-        return self._empty[key].expand(batch_size, -1, -1).clone()
-
-    def clear_cache(self) -> None:
-        """Forget cached empty-prompt embeddings (done automatically by load_state_dict)."""
-        self._empty.clear()
 
 
 # ------------------------------------------------------------------------------------------ CLIP (transformers)
@@ -262,23 +167,26 @@ class TextEncoder(PromptEncoder):
         states = self.model(input_ids=input_ids, output_hidden_states=True).hidden_states
         return _core(self.model).final_layer_norm(states[-(skip + 1)])
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write `text_encoder/` (config.json, model.safetensors) and `tokenizer/` in diffusers layout, atomically."""
-        out = Path(folder) / "text_encoder"
+    def save_pretrained(self, folder: str | Path, *, subfolders: tuple[str, str] = ("text_encoder", "tokenizer")
+                        ) -> None:
+        """Write `text_encoder/` (config.json, model.safetensors) and `tokenizer/` in diffusers layout, atomically
+        (`subfolders`: other names, e.g. SDXL's text_encoder_2/ and tokenizer_2/)."""
+        out = Path(folder) / subfolders[0]
         config = self.model.config.to_dict()
         config["architectures"] = [type(self.model).__name__]
         write_text(json.dumps(config, indent=2, sort_keys=True, default=str), out / "config.json")
         tensors = {k: v.detach().contiguous().cpu() for k, v in hub_state_dict(self.model).items()}
         save_state_dict(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        save_tokenizer(self.tokenizer, Path(folder) / "tokenizer")
+        save_tokenizer(self.tokenizer, Path(folder) / subfolders[1])
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, layer: Layer = "last",
-                        dtype: torch.dtype | None = None) -> TextEncoder:
-        """Load `text_encoder/` + `tokenizer/` from a local diffusers folder, or from the hub when one is reachable."""
+    def from_pretrained(cls, folder: str | Path, *, layer: Layer = "last", dtype: torch.dtype | None = None,
+                        subfolders: tuple[str, str] = ("text_encoder", "tokenizer")) -> TextEncoder:
+        """Load `text_encoder/` + `tokenizer/` (`subfolders`: other names, e.g. SDXL's text_encoder_2/ and
+        tokenizer_2/, local folders only) from a local diffusers folder, or from the hub when one is reachable."""
         path = Path(folder)
         if path.is_dir():
-            return cls._from_folder(path, layer, dtype)
+            return cls._from_folder(path, layer, dtype, subfolders)
         if path.is_absolute() or str(folder).startswith((".", "~")) or str(folder).count("/") != 1:
             raise FileNotFoundError(f"model folder not found: {folder}")
         from huggingface_hub import snapshot_download
@@ -298,11 +206,12 @@ class TextEncoder(PromptEncoder):
         return cls(tokenizer, model.eval(), layer)
 
     @classmethod
-    def _from_folder(cls, path: Path, layer: Layer, dtype: torch.dtype | None) -> TextEncoder:
+    def _from_folder(cls, path: Path, layer: Layer, dtype: torch.dtype | None,
+                     subfolders: tuple[str, str] = ("text_encoder", "tokenizer")) -> TextEncoder:
         """The config checked against the weight file's header on the meta device, and the tokenizer against the
         config, before any tensor is read (`meta_text_model`, `check_tokenizer_fits`)."""
-        enc = path / "text_encoder"
-        for needed in (enc / "config.json", enc / "model.safetensors", path / "tokenizer"):
+        enc, tok = path / subfolders[0], path / subfolders[1]
+        for needed in (enc / "config.json", enc / "model.safetensors", tok):
             if not needed.exists():
                 extra = " (pickle weights are not read; convert to safetensors)" if needed.suffix == ".safetensors" \
                     and any(enc.glob("*.bin")) else ""
@@ -310,7 +219,7 @@ class TextEncoder(PromptEncoder):
         config = clip_text.CLIPTextConfig.from_json_file(enc / "config.json")
         weights = enc / "model.safetensors"
         model = meta_text_model(config, read_header(weights), what=str(enc))
-        tokenizer = load_tokenizer(path / "tokenizer")
+        tokenizer = load_tokenizer(tok)
         check_tokenizer_fits(tokenizer, config, what=str(path))
         assign_hub_state_dict(model, load_state_dict(weights), dtype, what=str(enc))
         return cls(tokenizer, model.eval(), layer)

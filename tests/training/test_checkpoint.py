@@ -335,7 +335,7 @@ def test_biased_timesteps_follow_their_distribution_and_uniform_is_unchanged():
     within 4 binomial sds over 20000 draws; multiplier 0 outside [200, 300) never leaves it; none = randint(0, T)."""
     n, T = 20000, 1000
     draw = lambda w, m: DiffusionStep.timesteps(  # noqa: E731
-        type("S", (), {"t_weights": w, "alphas_cumprod": torch.zeros(T)})(), slot_generators(4, 0, 0, range(m)))
+        type("S", (), {"t_weights": w, "alphas_cumprod": torch.zeros(T), "variance_objective": None})(), slot_generators(4, 0, 0, range(m)))
     t = draw(timestep_bias_weights(T, "later", 3.0, 0.5), n)
     assert abs((t >= 500).double().mean().item() - 0.75) < 4 * math.sqrt(0.75 * 0.25 / n)
     assert abs((t[t < 500] < 250).double().mean().item() - 0.5) < 0.05  # uniform within a block
