@@ -1,6 +1,6 @@
 """Diffusion math in sigma space: noise schedules and the sigmas a sampler walks (schedule), the eps / x0 / v / score
 parameterizations, the discrete forward process, posterior and variational bound (process) and training losses
-(losses), network -> denoiser D(x, sigma) wrappers and guidance (denoiser), samplers over one signature (samplers,
+(losses), learned variances (variances), a cascade stage's conditioning augmentation (conditioning_augmentation), network -> denoiser D(x, sigma) wrappers and guidance (denoiser), samplers over one signature (samplers,
 sampling, samplers_multistep, samplers_dpmpp), sigma schedules and fitting one to a model (sigma_schedules,
 schedule_search), score SDEs and their reverse family (sde), likelihoods (likelihood), and Gaussian-mixture data with
 an analytic denoiser (toy)."""
@@ -25,14 +25,24 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "VLB", "vlb_terms"
     ),
     "losses": (
-        "min_snr_weight", "diffusion_loss", "timestep_bias_weights"
+        "min_snr_weight", "diffusion_loss", "timestep_bias_weights", "HYBRID_LAMBDA", "vlb_term", "hybrid_loss"
+    ),
+    "variances": (
+        "VarianceType", "LEARNED_VARIANCES", "DIFFUSERS_VARIANCE_TYPES", "is_learned", "check_variance_type",
+        "check_variance_channels", "split_variance", "learned_range_log_variance", "model_log_variance",
+        "VarianceHead", "step_log_variance", "LossSecondMomentSampler"
+    ),
+    "conditioning_augmentation": (
+        "gaussian_kernel1d", "kernel_size_for", "gaussian_blur", "random_blur_sigmas", "random_noise_levels",
+        "augment", "random_augment"
     ),
     "sampling": (
         "Denoiser", "Callback", "check_sigmas", "denoise", "to_d", "ancestral_step"
     ),
     "denoiser": (
         "vp_input_scale", "eps_from_denoised", "DiscreteVPDenoiser", "ContinuousVPDenoiser", "VEDenoiser",
-        "rescale_guidance", "check_interval", "CFGDenoiser", "ClassifierGuidedDenoiser"
+        "rescale_guidance", "check_interval", "CFGDenoiser", "ClassifierGuidedDenoiser",
+        "call_with_variance"
     ),
     "samplers": (
         "sample_euler", "sample_euler_ancestral", "sample_ddim", "sample_ddpm", "sample_heun",

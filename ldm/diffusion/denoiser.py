@@ -21,6 +21,7 @@ from torch import nn
 from ldm.diffusion.parameterization import PREDICTIONS, Prediction, to_x0
 from ldm.diffusion.sampling import Denoiser
 from ldm.diffusion.schedule import Interpolation, Quantize, sigma_to_t
+from ldm.diffusion.variances import VarianceHead, check_variance_type, split_variance
 
 
 
@@ -57,6 +58,8 @@ class DiscreteVPDenoiser(nn.Module):
     fractional t; both give integer t exactly at table sigmas. quantize=True (or "round") rounds t (diffusers'
     DPM-Solver and UniPC with Karras sigmas pass rounded timesteps to the network), "floor" truncates it (theirs with
     exponential sigmas).
+    `variance_type` "learned_range" / "learned": the network returns 2C channels, the prediction and a variance head
+    (ldm.diffusion.variances); the call gives x0_hat from the prediction, `with_variance` the head too.
     """
 
     def __init__(
@@ -66,10 +69,12 @@ class DiscreteVPDenoiser(nn.Module):
         prediction_type: Prediction = "epsilon",
         interpolation: Interpolation = "log",
         quantize: Quantize = False,
+        variance_type: str | None = None,
     ) -> None:
         super().__init__()
         _check_prediction(prediction_type)
-        self.net = net
+        check_variance_type(variance_type)
+        self.net, self.variance_type = net, variance_type
         self.register_buffer("train_sigmas", torch.as_tensor(train_sigmas, dtype=torch.float64), persistent=False)
         self.prediction_type = prediction_type
         self.interpolation = interpolation
@@ -79,12 +84,26 @@ class DiscreteVPDenoiser(nn.Module):
         return sigma_to_t(sigma, self.train_sigmas, self.interpolation, self.quantize)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        return self.with_variance(x, sigma, **cond)[0]
+
+    def with_variance(self, x: torch.Tensor, sigma: torch.Tensor,
+                      **cond: Any) -> tuple[torch.Tensor, VarianceHead | None]:
+        """(x0_hat, the network's variance head at t(sigma)), the head None for a fixed-variance network."""
         s = _bcast(sigma, x)  # (B, 1, ..., 1)
         x_vp = x * vp_input_scale(s)
         t = self.sigma_to_t(s.reshape(-1).to(self.train_sigmas.device))  # (B,) float64
         t = t.to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
-        out = self.net(x_vp, t, **cond)
-        return to_x0(self.prediction_type, x_vp, out.to(x.dtype), 1 / (1 + s**2))
+        out, v = split_variance(self.net(x_vp, t, **cond), x.shape[1], self.variance_type)  # (B, C, ...) each
+        head = None if v is None else VarianceHead(self.variance_type, v.to(x.dtype), t)
+        return to_x0(self.prediction_type, x_vp, out.to(x.dtype), 1 / (1 + s**2)), head
+
+
+def call_with_variance(model: Denoiser, x: torch.Tensor, sigma: torch.Tensor,
+                       **cond: Any) -> tuple[torch.Tensor, VarianceHead | None]:
+    """(x0_hat, variance head) from a denoiser that exposes `with_variance` (a learned-variance network or a
+    guidance wrapper of one), else (model(x, sigma, **cond), None)."""
+    with_variance = getattr(model, "with_variance", None)
+    return with_variance(x, sigma, **cond) if with_variance is not None else (model(x, sigma, **cond), None)
 
 
 class ContinuousVPDenoiser(nn.Module):
@@ -166,7 +185,9 @@ class CFGDenoiser(nn.Module):
     called ONCE on the batch [uncond; cond] (each kwarg tensor concatenated along dim 0, uncond first).
 
     `interval=(lo, hi)` guides only where lo < sigma <= hi and is the plain conditional denoiser elsewhere
-    (Kynkäänniemi et al. 2024, eq. 2); a step with no item inside runs only the conditional branch."""
+    (Kynkäänniemi et al. 2024, eq. 2); a step with no item inside runs only the conditional branch.
+    With a learned-variance model, `with_variance` guides eps only and passes on the conditional branch's variance
+    head (GLIDE, DeepFloyd IF)."""
 
     def __init__(
         self, model: Denoiser, scale: float, rescale: float = 0.0, interval: tuple[float, float] | None = None
@@ -198,19 +219,26 @@ class CFGDenoiser(nn.Module):
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor, *, cond: dict[str, Any], uncond: dict[str, Any]
     ) -> torch.Tensor:
+        return self.with_variance(x, sigma, cond=cond, uncond=uncond)[0]
+
+    def with_variance(
+        self, x: torch.Tensor, sigma: torch.Tensor, *, cond: dict[str, Any], uncond: dict[str, Any]
+    ) -> tuple[torch.Tensor, VarianceHead | None]:
+        """(guided x0_hat, the conditional branch's variance head or None)."""
         s = _bcast(sigma, x)
         joined = self._join(uncond, cond)
         inside = torch.ones_like(s, dtype=torch.bool)
         if self.interval is not None:
             inside = (s > self.interval[0]) & (s <= self.interval[1])  # (B, 1, ..., 1)
             if not inside.any():
-                return self.model(x, s.reshape(-1), **cond)
-        d_u, d_c = self.model(torch.cat([x, x]), torch.cat([s, s]).reshape(-1), **joined).chunk(2)
+                return call_with_variance(self.model, x, s.reshape(-1), **cond)
+        d, head = call_with_variance(self.model, torch.cat([x, x]), torch.cat([s, s]).reshape(-1), **joined)
+        d_u, d_c = d.chunk(2)
         eps_u, eps_c = (x - d_u) / s, (x - d_c) / s
         eps = eps_u + self.scale * (eps_c - eps_u)
         if self.rescale > 0:
             eps = rescale_guidance(eps, eps_c, self.rescale)
-        return torch.where(inside, x - s * eps, d_c)
+        return torch.where(inside, x - s * eps, d_c), None if head is None else head.chunk(2)[1]
 
 
 class ClassifierGuidedDenoiser(nn.Module):
@@ -223,6 +251,11 @@ class ClassifierGuidedDenoiser(nn.Module):
         self.model, self.log_prob, self.scale = model, log_prob, scale
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        return self.with_variance(x, sigma, **cond)[0]
+
+    def with_variance(self, x: torch.Tensor, sigma: torch.Tensor,
+                      **cond: Any) -> tuple[torch.Tensor, VarianceHead | None]:
+        """(guided x0_hat, the inner model's variance head or None)."""
         s = _bcast(sigma, x)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
@@ -230,4 +263,5 @@ class ClassifierGuidedDenoiser(nn.Module):
             if lp.shape != (x.shape[0],):
                 raise ValueError(f"log_prob must return shape ({x.shape[0]},), got {tuple(lp.shape)}")
             (grad,) = torch.autograd.grad(lp.sum(), x_in)
-        return self.model(x, sigma, **cond) + self.scale * s**2 * grad
+        denoised, head = call_with_variance(self.model, x, sigma, **cond)
+        return denoised + self.scale * s**2 * grad, head

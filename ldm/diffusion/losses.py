@@ -1,5 +1,6 @@
 """Training losses of discrete-time diffusion: L_simple on the eps / v / x0 target (Ho et al. 2020, eq. 14),
-min-SNR-gamma weighting (Hang et al. 2023) and a biased distribution of training timesteps.
+min-SNR-gamma weighting (Hang et al. 2023), a biased distribution of training timesteps, and the variational terms
+that train a learned variance: one L_t of L_vlb and L_hybrid (Nichol & Dhariwal 2021, sec. 3.1).
 
 Indexing as in ldm.diffusion.process: `t` holds array indices into `alphas_cumprod`; per-example results are (B,).
 """
@@ -12,7 +13,12 @@ from typing import Literal
 import torch
 
 from ldm.diffusion import parameterization as P
-from ldm.diffusion.process import gather, snr
+from ldm.diffusion.process import (Decoder, Variance, continuous_gaussian_log_likelihood,
+                                   discretized_gaussian_log_likelihood, gather, normal_kl, p_mean_variance,
+                                   q_posterior, snr)
+from ldm.diffusion.variances import split_variance
+
+HYBRID_LAMBDA = 0.001  # lambda of L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, sec. 3.1)
 
 Weighting = Literal["simple", "min_snr"]
 
@@ -91,3 +97,59 @@ def timestep_bias_weights(num_timesteps: int, strategy: str = "none", multiplier
     if w.sum() == 0:
         raise ValueError("timestep bias leaves no timestep with positive weight (multiplier 0 on all of them)")
     return w
+
+
+def vlb_term(
+    output: torch.Tensor,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    prediction: P.Prediction = "epsilon",
+    variance: Variance = "learned_range",
+    decoder: Decoder = "continuous",
+    stop_mean_gradient: bool = False,
+) -> torch.Tensor:
+    """L_t of L_vlb in bits per dimension, (B,): KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder's
+    -log p(x0 | x_1) at t = 0 (Ho et al. 2020, eq. 5; Nichol & Dhariwal 2021, eq. 4-6). stop_mean_gradient detaches
+    the prediction so that only the variance head learns from it (their L_hybrid). "continuous" decoder: latents."""
+    if stop_mean_gradient:
+        prediction_part, head = split_variance(output, x_t.shape[1], variance)
+        if head is None:
+            raise ValueError("stop_mean_gradient leaves nothing to train with a fixed variance; use a learned one")
+        output = torch.cat([prediction_part.detach(), head], dim=1)
+    p = p_mean_variance(output, x_t, t, alphas_cumprod, prediction=prediction, variance=variance)
+    q_mean, _, q_log_var = q_posterior(x0, x_t, t, alphas_cumprod)
+    kl = normal_kl(q_mean, q_log_var, p.mean, p.log_variance).flatten(1).mean(1)
+    if decoder not in ("discretized", "continuous"):
+        raise ValueError(f"unknown decoder {decoder!r}; valid: ['discretized', 'continuous']")
+    loglik = discretized_gaussian_log_likelihood if decoder == "discretized" else continuous_gaussian_log_likelihood
+    nll = -loglik(x0, p.mean, 0.5 * p.log_variance).flatten(1).mean(1)
+    at_zero = torch.as_tensor(t, device=kl.device).reshape(-1) == 0
+    return torch.where(at_zero, nll, kl) / math.log(2)
+
+
+def hybrid_loss(
+    output: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    prediction: P.Prediction = "epsilon",
+    variance: Variance = "learned_range",
+    lam: float = HYBRID_LAMBDA,
+    weighting: Weighting = "simple",
+    gamma: float = 5.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_hybrid, L_t) per example, (B,) each: L_simple + lambda T L_t with the stop-gradient on the mean in L_t, T L_t
+    being the one-sample estimate of L_vlb = sum_t L_t (Nichol & Dhariwal 2021, sec. 3.1; improved-diffusion's
+    hybrid loss with T / 1000 rescaling at lambda = 0.001). L_t (bits/dim, no gradient to the mean) is returned too."""
+    prediction_part, _ = split_variance(output, x_t.shape[1], variance)
+    simple = diffusion_loss(prediction_part, x0, noise, t, alphas_cumprod, prediction=prediction,
+                            weighting=weighting, gamma=gamma)
+    term = vlb_term(output, x0, x_t, t, alphas_cumprod, prediction=prediction, variance=variance,
+                    stop_mean_gradient=True)
+    return simple + lam * len(alphas_cumprod) * term, term

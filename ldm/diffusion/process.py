@@ -16,9 +16,10 @@ import torch
 
 from ldm.diffusion import parameterization as P
 from ldm.diffusion.schedule import betas_from_alphas_cumprod  # noqa: F401 - also part of this module's math
+from ldm.diffusion.variances import model_log_variance, split_variance
 from ldm.random import Generator, randn_like
 
-Variance = Literal["fixed_small", "fixed_large"]
+Variance = Literal["fixed_small", "fixed_large", "learned", "learned_range"]
 Decoder = Literal["discretized", "continuous"]
 
 
@@ -117,9 +118,14 @@ def p_mean_variance(
     "fixed_small" uses beta~_t, its log clipped to beta~_2 at t = 1 (beta~_1 = 0) as in Ho et al.'s code;
     "fixed_large" uses beta_t at every t, the decoder t = 1 included (the paper and diffusers' DDPMScheduler;
     Ho et al.'s code puts beta~_2 there).
+    "learned_range" / "learned": `output` has 2C channels, the prediction then a variance head read as
+    ldm.diffusion.variances.model_log_variance does (Nichol & Dhariwal 2021, eq. 15, between the clipped log beta~_t
+    and log beta_t as in their code).
     """
-    if variance not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"unknown variance {variance!r}; valid: ['fixed_small', 'fixed_large']")
+    if variance not in ("fixed_small", "fixed_large", "learned", "learned_range"):
+        raise ValueError(f"unknown variance {variance!r}; valid: ['fixed_small', 'fixed_large', 'learned', "
+                         "'learned_range']")
+    output, head = split_variance(output, x_t.shape[1], variance)
     ab = gather(alphas_cumprod, t, x_t)
     pred_x0 = P.to_x0(prediction, x_t, output, ab)
     if clip_denoised:
@@ -128,6 +134,10 @@ def p_mean_variance(
     if variance == "fixed_large":
         var = gather(betas_from_alphas_cumprod(alphas_cumprod), t, x_t).expand_as(x_t)
         log_var = var.log()
+    elif head is not None:
+        log_beta = gather(betas_from_alphas_cumprod(alphas_cumprod), t, x_t).log()
+        log_var = model_log_variance(variance, head, log_var, log_beta)
+        var = log_var.exp()
     return PMeanVariance(mean, var, log_var, pred_x0)
 
 

@@ -31,13 +31,14 @@ from typing import Any, Literal
 import torch
 
 from ldm.random import Generator, randn_like
-from ldm.diffusion.denoiser import DiscreteVPDenoiser
+from ldm.diffusion.denoiser import DiscreteVPDenoiser, call_with_variance
 from ldm.diffusion.sampling import Callback, Denoiser, ancestral_step, check_sigmas, denoise, to_d
 from ldm.diffusion.samplers_dpmpp import sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_3m_sde
 from ldm.diffusion.samplers_multistep import sample_lms, sample_unipc
 from ldm.diffusion.schedule import Flavor, NoiseSchedule, ddim_step_targets, default_spacing
 from ldm.diffusion.sde import sample_langevin, sample_pc, sample_reverse_sde
 from ldm.diffusion.sigma_schedules import resolve_sigma_schedule, schedule_sigmas, sigma_lookup, table_schedule
+from ldm.diffusion.variances import VarianceHead, step_log_variance
 
 @torch.no_grad()
 def sample_euler(
@@ -109,30 +110,54 @@ def sample_ddim(
 @torch.no_grad()
 def sample_ddpm(
     model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict[str, Any] | None = None,
-    generator: Generator = None, callback: Callback = None, variance: Literal["small", "large"] = "small",
-    clip_x0: float | None = None,
+    generator: Generator = None, callback: Callback = None,
+    variance: Literal["small", "large", "learned"] | None = None, clip_x0: float | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling from the posterior q(x_prev | x, x0_hat) (Ho et al. 2020, eqs. 6-7), in sigma space:
     mean = x0 + (sigma_next^2 / sigma^2)(x - x0); variance "small" = beta~ / ā_prev = sigma_next^2 (sigma^2 -
-    sigma_next^2) / sigma^2, "large" = beta / ā_prev = (sigma^2 - sigma_next^2)(1 + sigma_next^2) / (1 + sigma^2).
+    sigma_next^2) / sigma^2, "large" = beta / ā_prev = (sigma^2 - sigma_next^2)(1 + sigma_next^2) / (1 + sigma^2),
+    "learned" = the model's own (Nichol & Dhariwal 2021, eq. 15: a denoiser exposing `with_variance`, e.g.
+    DiscreteVPDenoiser(variance_type="learned_range"); ldm.diffusion.variances.step_log_variance, diffusers'
+    DDPMScheduler reading, no noise from t = 0). None: "learned" when the model gives a variance, else "small".
     clip_x0 = r clamps x0_hat to [-r, r] before the posterior (Ho et al.'s clipping; diffusers' clip_sample)."""
-    if variance not in ("small", "large"):
-        raise ValueError(f"unknown DDPM variance {variance!r}; valid: small, large")
+    if variance not in (None, "small", "large", "learned"):
+        raise ValueError(f"unknown DDPM variance {variance!r}; valid: small, large, learned (None: the model's if any)")
     s = check_sigmas(sigmas)
     for i in range(len(s) - 1):
         sig, nxt = s[i], s[i + 1]
-        denoised = denoise(model, x, sig, cond, i)
+        if variance in (None, "learned"):
+            denoised, head = _denoise_with_variance(model, x, sig, cond, i)
+        else:
+            denoised, head = denoise(model, x, sig, cond, i), None
+        if variance == "learned" and head is None:
+            raise ValueError("variance='learned' needs a model with a variance head (a denoiser with with_variance, "
+                             "e.g. DiscreteVPDenoiser(variance_type='learned_range')); this one gives none")
         if clip_x0 is not None:
             denoised = denoised.clamp(-clip_x0, clip_x0)
         mean = denoised + (nxt**2 / sig**2) * (x - denoised)
-        if variance == "small":
-            var = nxt**2 * (sig**2 - nxt**2) / sig**2
+        if head is not None:  # no noise from t = 0, as diffusers
+            std = (0.5 * step_log_variance(head, sig, nxt)).exp() * (head.t > 0).reshape(-1, *[1] * (x.ndim - 1))
+        elif variance in (None, "small"):
+            std = math.sqrt(nxt**2 * (sig**2 - nxt**2) / sig**2)
         else:
-            var = (sig**2 - nxt**2) * (1 + nxt**2) / (1 + sig**2) if nxt > 0 else 0.0
-        x = mean + randn_like(x, generator) * math.sqrt(var)
+            std = math.sqrt((sig**2 - nxt**2) * (1 + nxt**2) / (1 + sig**2)) if nxt > 0 else 0.0
+        x = mean + randn_like(x, generator) * std
         if callback is not None:
             callback(i, sig, x, denoised)
     return x
+
+
+def _denoise_with_variance(model: Denoiser, x: torch.Tensor, sigma: float, cond: dict[str, Any] | None,
+                           i: int) -> tuple[torch.Tensor, VarianceHead | None]:
+    """`denoise` (its checks) through `call_with_variance`: (x0_hat, the model's variance head or None)."""
+    heads: list[VarianceHead | None] = []
+
+    def call(xi: torch.Tensor, si: torch.Tensor, **c: Any) -> torch.Tensor:
+        denoised, head = call_with_variance(model, xi, si, **c)
+        heads.append(head)
+        return denoised
+
+    return denoise(call, x, sigma, cond, i), heads[0]
 
 
 @torch.no_grad()
@@ -217,7 +242,8 @@ class SamplingPlan:
         DPM-Solver's)."""
         interpolation, quantize = sigma_lookup(self.sigma_schedule, self.flavor)
         return DiscreteVPDenoiser(net, self.schedule.sigmas(), self.schedule.prediction_type,
-                                  interpolation=interpolation, quantize=quantize)
+                                  interpolation=interpolation, quantize=quantize,
+                                  variance_type=self.schedule.variance_type)
 
     def last(self, steps: int) -> SamplingPlan:
         """The plan of the last `steps` steps (img2img), step-indexed options cut alike."""

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 
 from ldm.config import from_dict, to_dict
+from ldm.diffusion.variances import check_variance_type
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 Spacing = Literal["leading", "trailing", "linspace"]
@@ -125,6 +126,8 @@ class NoiseSchedule:
     clip_sample: bool | None = False
     clip_sample_range: float = 1.0
     thresholding: bool = False  # dynamic thresholding (Imagen): not implemented; a folder asking for it is refused
+    # DDPMScheduler's variance_type; "learned_range" / "learned": a U-Net with a variance head (diffusion/variances.py)
+    variance_type: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_train_timesteps, int) or not 2 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
@@ -133,6 +136,7 @@ class NoiseSchedule:
         if self.thresholding:
             raise ValueError("scheduler config asks for dynamic thresholding (thresholding: true), which is not "
                              "implemented here; set it to false to sample without it")
+        check_variance_type(self.variance_type, "scheduler_config")
         if not self.clip_sample_range > 0:
             raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
         if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
@@ -186,7 +190,7 @@ class NoiseSchedule:
         """A diffusers scheduler_config.json dict, under diffusers' key names; timestep_spacing and clip_sample None
         (the class defaults) are left out, so a folder read and written keeps meaning what it meant."""
         data = to_dict(self)
-        for key in ("timestep_spacing", "clip_sample"):
+        for key in ("timestep_spacing", "clip_sample", "variance_type"):
             if data[key] is None:
                 del data[key]
         return data

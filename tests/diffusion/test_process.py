@@ -177,7 +177,7 @@ def test_bad_input_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match=r"timestep indices must lie in \[0, 9\]"):
         Dm.q_sample(x, torch.tensor([0, 10]), ac, x)
     with pytest.raises(ValueError, match="unknown variance"):
-        Dm.p_mean_variance(x, x, torch.tensor([1, 2]), ac, variance="learned")
+        Dm.p_mean_variance(x, x, torch.tensor([1, 2]), ac, variance="learnt")
     with pytest.raises(ValueError, match="unknown prediction"):
         DL.min_snr_weight(torch.ones(2), 5.0, "score")
     with pytest.raises(ValueError, match="unknown loss weighting"):
