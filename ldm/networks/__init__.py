@@ -1,6 +1,8 @@
 """The networks, in diffusers' state-dict names: building blocks (layers), the cross-attention U-Net (unet; its config: unet_config) and its
-DeepCache feature cache (feature_cache), the CLIP tokenizer (tokenizer), CLIP's text transformer in transformers' names
-(clip_text), CLIP / OpenCLIP text encoders (text) and OpenCLIP <-> transformers weight maps (text_openclip)."""
+DeepCache feature cache (feature_cache), the noisy classifier of classifier guidance (classifier), the CLIP tokenizer (tokenizer), CLIP's text transformer in transformers' names
+(clip_text), prompts -> weighted token windows (prompt_syntax) and what every text encoder shares (prompt_encoder),
+CLIP / OpenCLIP text encoders (text), SDXL's pair of them (text_sdxl) and its added U-Net conditioning
+(added_conditioning), and OpenCLIP <-> transformers weight maps (text_openclip)."""
 
 from ldm.lazy import lazy_exports
 
@@ -18,16 +20,31 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "feature_cache": (
         "FeatureCache",
     ),
+    "classifier": (
+        "ClassifierConfig", "NoisyClassifier"
+    ),
     "tokenizer": (
         "MAX_LENGTH", "TOKENIZER_FILES", "CLIPTokenizer", "build_clip_tokenizer", "save_tokenizer", "load_tokenizer"
     ),
     "clip_text": (
         "CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection"
     ),
+    "prompt_syntax": (
+        "SYNTAXES", "parse_prompt_attention", "prompt_runs", "split_windows", "prompt_windows", "emphasize"
+    ),
+    "prompt_encoder": (
+        "MAX_WINDOWS", "clip_skip_of", "PromptEncoder"
+    ),
     "text": (
-        "clip_skip_of", "PromptEncoder", "hub_state_dict", "load_hub_state_dict", "assign_hub_state_dict",
+        "hub_state_dict", "load_hub_state_dict", "assign_hub_state_dict",
         "checked_hub_keys", "meta_text_model", "check_tokenizer_fits",
         "TextEncoder", "OpenCLIPTextEncoder"
+    ),
+    "added_conditioning": (
+        "ADDITION_EMBED_TYPES", "NUM_TIME_IDS", "check_text_time_config", "text_time_modules", "text_time_embedding"
+    ),
+    "text_sdxl": (
+        "SDXLPromptEncoder", "SDXLTextEncoder"
     ),
     "text_openclip": (
         "ConversionError", "text_tower_state_dict", "openclip_text_fields", "openclip_text_config",

@@ -259,7 +259,8 @@ class BasicTransformerBlock(nn.Module):
     """diffusers `BasicTransformerBlock` (norm_type="layer_norm", geglu): keys `norm1`/`attn1` (self-attention),
     `norm2`/`attn2` (cross-attention over text tokens; absent when cross_attention_dim is None), `norm3`/`ff`.
 
-    Pre-norm residual: x += attn1(LN(x)); x += attn2(LN(x), c); x += ff(LN(x)).
+    Pre-norm residual: x += attn1(LN(x)); x += attn2(LN(x), c); x += ff(LN(x)). With `only_cross_attention` (the x4
+    upscaler) attn1 attends to c too: x += attn1(LN(x), c).
     """
 
     def __init__(
@@ -272,12 +273,16 @@ class BasicTransformerBlock(nn.Module):
         dropout: float = 0.0,
         upcast_attention: bool = False,
         norm_eps: float = 1e-5,
+        only_cross_attention: bool = False,
     ):
         super().__init__()
+        if only_cross_attention and cross_attention_dim is None:
+            raise ValueError("only_cross_attention needs a cross_attention_dim (attn1 attends to the context)")
         kw = dict(heads=num_attention_heads, dim_head=attention_head_dim, dropout=dropout,
                   upcast_attention=upcast_attention)
+        self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn1 = Attention(dim, None, **kw)
+        self.attn1 = Attention(dim, cross_attention_dim if only_cross_attention else None, **kw)
         if cross_attention_dim is not None:
             self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
             self.attn2 = Attention(dim, cross_attention_dim, **kw)
@@ -287,7 +292,7 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, x: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))  # (B, N, dim)
+        x = x + self.attn1(self.norm1(x), encoder_hidden_states if self.only_cross_attention else None)  # (B, N, dim)
         if self.attn2 is not None:
             x = x + self.attn2(self.norm2(x), encoder_hidden_states)
         return x + self.ff(self.norm3(x))
@@ -313,6 +318,7 @@ class Transformer2DModel(nn.Module):
         use_linear_projection: bool = False,
         upcast_attention: bool = False,
         dropout: float = 0.0,
+        only_cross_attention: bool = False,
     ):
         super().__init__()
         inner = num_attention_heads * attention_head_dim
@@ -323,7 +329,8 @@ class Transformer2DModel(nn.Module):
         self.proj_in = proj(in_channels, inner)
         self.transformer_blocks = nn.ModuleList([
             BasicTransformerBlock(inner, num_attention_heads, attention_head_dim, cross_attention_dim,
-                                  dropout=dropout, upcast_attention=upcast_attention)
+                                  dropout=dropout, upcast_attention=upcast_attention,
+                                  only_cross_attention=only_cross_attention)
             for _ in range(num_layers)
         ])
         self.proj_out = proj(inner, in_channels)

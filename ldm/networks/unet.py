@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.io import PretrainedMixin
+from ldm.networks.added_conditioning import text_time_embedding, text_time_modules
 from ldm.networks.feature_cache import FeatureCache
 from ldm.networks.layers import Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps, Transformer2DModel, Upsample2D
 from ldm.networks.unet_config import UNetConfig, per_block  # noqa: F401  (UNetConfig: imported from here too)
@@ -19,12 +20,30 @@ def _call(module: nn.Module, use_checkpoint: bool, *args: torch.Tensor | None) -
     return module(*args)
 
 
-def _transformer(cfg: UNetConfig, channels: int, heads: int, depth: int) -> Transformer2DModel:
+def _transformer(cfg: UNetConfig, channels: int, heads: int, depth: int, cross_only: bool = False
+                 ) -> Transformer2DModel:
     return Transformer2DModel(
         heads, channels // heads, channels, num_layers=depth, cross_attention_dim=cfg.cross_attention_dim,
         norm_num_groups=cfg.norm_num_groups, use_linear_projection=cfg.use_linear_projection,
-        upcast_attention=cfg.upcast_attention, dropout=cfg.dropout,
+        upcast_attention=cfg.upcast_attention, dropout=cfg.dropout, only_cross_attention=cross_only,
     )
+
+
+def class_embedding(embedding: nn.Embedding, labels: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """The class embedding (B, temb) of integer labels (a scalar or (B,)) in [0, num_class_embeds): diffusers'
+    `class_embedding(class_labels)` (num_class_embeds; the x4 upscaler's labels are its noise level)."""
+    n = embedding.num_embeddings
+    if labels is None:
+        raise ValueError(f"this U-Net has a class embedding (num_class_embeds={n}): pass class_labels ({batch},)")
+    labels = torch.as_tensor(labels, device=embedding.weight.device)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
+    labels = labels.reshape(1).expand(batch) if labels.ndim == 0 or labels.shape == (1,) else labels
+    if labels.shape != (batch,):
+        raise ValueError(f"class_labels must be a scalar or of shape ({batch},), got shape {tuple(labels.shape)}")
+    if labels.device.type == "cpu" and bool(((labels < 0) | (labels >= n)).any()):  # no host sync on accelerators
+        raise ValueError(f"class_labels must lie in [0, {n - 1}] (num_class_embeds={n}), got {labels.tolist()}")
+    return embedding(labels.long())
 
 
 def _resnet(cfg: UNetConfig, c_in: int, c_out: int, temb: int, scale: float = 1.0) -> ResnetBlock2D:
@@ -42,7 +61,8 @@ class DownBlock(nn.Module):
         self.attentions = None  # registered before resnets, as diffusers does, so state-dict key order matches
         if cfg.down_block_types[i] == "CrossAttnDownBlock2D":
             depth = per_block(cfg.transformer_layers_per_block, len(cfg.block_out_channels))[i]
-            self.attentions = nn.ModuleList([_transformer(cfg, c_out, cfg.heads[i], depth) for _ in range(n)])
+            self.attentions = nn.ModuleList([_transformer(cfg, c_out, cfg.heads[i], depth, cfg.cross_only[i])
+                                             for _ in range(n)])
         self.resnets = nn.ModuleList([_resnet(cfg, c_in if j == 0 else c_out, c_out, temb) for j in range(n)])
         self.downsamplers = None if final else nn.ModuleList([Downsample2D(c_out, c_out, cfg.downsample_padding)])
 
@@ -97,7 +117,8 @@ class UpBlock(nn.Module):
         self.attentions = None
         if cfg.up_block_types[i] == "CrossAttnUpBlock2D":
             depth = per_block(cfg.transformer_layers_per_block, n_blocks)[::-1][i]
-            self.attentions = nn.ModuleList([_transformer(cfg, c_out, cfg.heads[::-1][i], depth) for _ in range(n)])
+            heads, cross_only = cfg.heads[::-1][i], cfg.cross_only[::-1][i]
+            self.attentions = nn.ModuleList([_transformer(cfg, c_out, heads, depth, cross_only) for _ in range(n)])
         self.resnets = nn.ModuleList(resnets)
         self.upsamplers = None if final else nn.ModuleList([Upsample2D(c_out, c_out)])
 
@@ -132,6 +153,12 @@ class UNet(PretrainedMixin, nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], kernel_size=3, padding=1)
         self.time_proj = Timesteps(ch[0], config.flip_sin_to_cos, config.freq_shift)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
+        if config.num_class_embeds is not None:  # the x4 upscaler's noise level (`class_embedding`)
+            self.class_embedding = nn.Embedding(config.num_class_embeds, temb)
+        if config.addition_embed_type == "text_time":  # SDXL (ldm.networks.added_conditioning)
+            self.add_time_proj, self.add_embedding = text_time_modules(
+                config.addition_time_embed_dim, config.projection_class_embeddings_input_dim, temb,
+                config.flip_sin_to_cos, config.freq_shift)
         self.down_blocks = nn.ModuleList(
             [DownBlock(config, i, ch[max(i - 1, 0)], temb, i == len(ch) - 1) for i in range(len(ch))]
         )
@@ -175,11 +202,15 @@ class UNet(PretrainedMixin, nn.Module):
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
-        cache: FeatureCache | None = None,
+        cache: FeatureCache | None = None, *, text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """sample (B, in_channels, H, W), timestep scalar or (B,), encoder_hidden_states (B, L, cross_attention_dim)
         -> (B, out_channels, H, W). `cache`: DeepCache over a sampling run (ldm.networks.feature_cache): the call is
-        full and keeps the deep feature, or runs only the shallow path on the kept one; None: always in full."""
+        full and keeps the deep feature, or runs only the shallow path on the kept one; None: always in full.
+        `text_embeds` (B, P), `time_ids` (B, 6; the refiner: 5): SDXL's added conditions (addition_embed_type
+        "text_time" only; ldm.networks.added_conditioning).
+        `class_labels` (B,) integers: the class embedding's (num_class_embeds only; the x4 upscaler's noise level)."""
         cfg = self.config
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"sample must be (B, {cfg.in_channels}, H, W), got shape {tuple(sample.shape)}")
@@ -195,6 +226,15 @@ class UNet(PretrainedMixin, nn.Module):
         ckpt = self.gradient_checkpointing  # only takes effect while autograd records (see _call)
         t = self._timesteps(timestep, b, sample.device)  # (B,)
         temb = self.time_embedding(self.time_proj(t).to(sample.dtype))  # (B, 4 * C0)
+        if cfg.num_class_embeds is not None:
+            temb = temb + class_embedding(self.class_embedding, class_labels, b).to(temb.dtype)
+        elif class_labels is not None:
+            raise ValueError("class_labels are for U-Nets with a class embedding (num_class_embeds), this one has none")
+        if cfg.addition_embed_type == "text_time":
+            temb = temb + text_time_embedding(self.add_time_proj, self.add_embedding, text_embeds, time_ids, b,
+                                              temb.dtype)  # SDXL: pooled text and micro-conditioning
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds / time_ids are for U-Nets with addition_embed_type 'text_time' (SDXL)")
 
         # An odd size somewhere down the path: upsample to the skip's exact size rather than x2.
         factor = 2 ** (len(self.up_blocks) - 1)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ldm.config import from_dict
+from ldm.networks.added_conditioning import check_text_time_config
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -16,13 +17,12 @@ MAX_SAMPLE_SIZE = 1024  # latent pixels (8192 image pixels at f = 8): a sane bou
 
 # diffusers config keys for features this U-Net does not implement, with the only value we accept for each.
 _FIXED_DIFFUSERS_KEYS: dict[str, Any] = {
-    "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
-    "act_fn": "silu", "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
-    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+    "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "act_fn": "silu",
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False, "class_embed_type": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
+    "attention_type": "default", "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None, "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
     "reverse_transformer_layers_per_block": None, "num_attention_heads": None,
 }
@@ -60,8 +60,18 @@ class UNetConfig:
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
     dropout: float = 0.0
+    # SDXL: the pooled text embedding and micro-conditioning added to the time embedding (ldm.networks.added_conditioning)
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+    # the x4 upscaler's: attn1 attends to the text instead of the image, per down block (up blocks: reversed), and an
+    # nn.Embedding of class labels (its noise level) added to the time embedding
+    only_cross_attention: bool | tuple[bool, ...] = False
+    num_class_embeds: int | None = None
 
     def __post_init__(self) -> None:
+        check_text_time_config(self.addition_embed_type, self.addition_time_embed_dim,
+                               self.projection_class_embeddings_input_dim)
         n = len(self.block_out_channels)
         if n == 0:
             raise ValueError("block_out_channels must not be empty")
@@ -81,6 +91,10 @@ class UNetConfig:
                 raise ValueError(f"{name} has {len(values)} entries but block_out_channels has {n}")
             if any(v < 1 for v in values):
                 raise ValueError(f"{name} must be positive, got {value}")
+        if len(self.cross_only) != n:
+            raise ValueError(f"only_cross_attention has {len(self.cross_only)} entries but block_out_channels has {n}")
+        if self.num_class_embeds is not None and self.num_class_embeds < 1:
+            raise ValueError(f"num_class_embeds must be positive or None, got {self.num_class_embeds}")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"block_out_channels entry {c} is not divisible by norm_num_groups {self.norm_num_groups}")
@@ -98,6 +112,12 @@ class UNetConfig:
     def heads(self) -> tuple[int, ...]:
         """Attention heads per down block (diffusers: `num_attention_heads or attention_head_dim`)."""
         return per_block(self.num_attention_heads or self.attention_head_dim, len(self.block_out_channels))
+
+    @property
+    def cross_only(self) -> tuple[bool, ...]:
+        """only_cross_attention per down block (diffusers: a bool applies to every block)."""
+        value = self.only_cross_attention
+        return (value,) * len(self.block_out_channels) if isinstance(value, bool) else tuple(value)
 
     def layer_counts(self) -> Iterator[tuple[str, int, str]]:
         """(config key, count, the state-dict keys holding one per layer, N the index): which config key asks for
