@@ -16,8 +16,11 @@ import torch
 from autoencoder.model import AutoencoderKL
 from ldm.io import MAX_CONFIG_BYTES, ConfigError, atomic_directory, read_config, read_json, tensor_budget, write_json
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.variances import is_learned
 from ldm.networks.text import TextEncoder
 from ldm.networks.unet import UNet, UNetConfig
+from ldm.loading.sdxl import load_sdxl_text_encoder, sdxl_model_index, sdxl_problems, sdxl_subfolders
+from ldm.networks.text_sdxl import SDXLTextEncoder
 
 # The scheduler class diffusers instantiates from our scheduler/ folder; its config carries our schedule.
 DEFAULT_SCHEDULER_CLASS = "EulerDiscreteScheduler"
@@ -34,7 +37,7 @@ class Components:
 
     unet: UNet
     vae: AutoencoderKL
-    text_encoder: TextEncoder
+    text_encoder: TextEncoder | SDXLTextEncoder
     schedule: NoiseSchedule
     # The scheduler_config.json the schedule was read from (None: ours): its class and the keys we do not model are
     # written back as they were, so a re-saved folder samples in diffusers as the original did
@@ -42,12 +45,13 @@ class Components:
 
     def check(self) -> None:
         """Raise IncompatibleComponentsError naming the sizes that do not fit together."""
-        check_components(self.unet, self.vae, self.text_encoder)
+        check_components(self.unet, self.vae, self.text_encoder, self.schedule)
 
 
-def check_components(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder) -> None:
+def check_components(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder | SDXLTextEncoder,
+                     schedule: NoiseSchedule | None = None) -> None:
     """The text embedding width must equal the U-Net's cross-attention width, and the VAE's latent channels its
-    input and output channels."""
+    input and output channels (twice them with a variance head, which `schedule`'s variance_type must name)."""
     problems = []
     if text_encoder.hidden_size != unet.config.cross_attention_dim:
         problems.append(
@@ -55,13 +59,21 @@ def check_components(unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder) 
             f"{unet.config.cross_attention_dim}"
         )
     latent = vae.config.latent_channels
-    if unet.config.in_channels != latent or unet.config.out_channels != latent:
+    out = 2 * latent if schedule is not None and is_learned(schedule.variance_type) else latent  # eps [+ variance]
+    if (unet.config.in_channels != latent and not is_inpainting(unet, vae)) or unet.config.out_channels != out:
         problems.append(
-            f"the VAE has {latent} latent channels but the U-Net takes {unet.config.in_channels} and returns "
-            f"{unet.config.out_channels}"
+            f"the VAE has {latent} latent channels but the U-Net takes {unet.config.in_channels} (valid: {latent}, or "
+            f"{2 * latent + 1} for inpainting) and returns {unet.config.out_channels} (valid: {out}; {2 * latent} "
+            "with a variance head, when the scheduler config's variance_type is 'learned_range' or 'learned')"
         )
+    problems += sdxl_problems(unet, text_encoder)  # SDXL's pooled embedding and added conditioning
     if problems:
         raise IncompatibleComponentsError("components do not fit together: " + "; ".join(problems))
+
+
+def is_inpainting(unet: UNet, vae: AutoencoderKL) -> bool:
+    """Whether the U-Net takes latents + mask + masked-image latents on channels (SD-inpainting: 4 + 1 + 4 = 9)."""
+    return unet.config.in_channels == 2 * vae.config.latent_channels + 1
 
 
 def model_index(scheduler_class: str = DEFAULT_SCHEDULER_CLASS) -> dict[str, object]:
@@ -124,7 +136,7 @@ def save_pipeline(
     *,
     unet: UNet,
     vae: AutoencoderKL,
-    text_encoder: TextEncoder,
+    text_encoder: TextEncoder | SDXLTextEncoder,
     schedule: NoiseSchedule,
     scheduler_config: dict[str, Any] | None = None,
     unet_weights: bool = True,
@@ -132,7 +144,7 @@ def save_pipeline(
 ) -> None:
     """Write a diffusers-format pipeline folder (safetensors weights). The folder appears whole or not at all.
     unet_weights=False writes only the U-Net's config (a training run's frozen parts; export adds the weights)."""
-    check_components(unet, vae, text_encoder)
+    check_components(unet, vae, text_encoder, schedule)
     # a pipeline folder (ours or diffusers') is replaced; a folder of anything else only with overwrite=True
     with atomic_directory(folder, may_replace=lambda p: overwrite or is_pipeline_folder(p)) as tmp:
         if unet_weights:
@@ -142,7 +154,11 @@ def save_pipeline(
         vae.save_pretrained(tmp / "vae")
         text_encoder.save_pretrained(tmp)  # text_encoder/ and tokenizer/
         save_schedule(pipeline_schedule(schedule), tmp / "scheduler", scheduler_config)
-        write_json(model_index(scheduler_class(scheduler_config)), tmp / "model_index.json")
+        index = model_index(scheduler_class(scheduler_config)) if not isinstance(text_encoder, SDXLTextEncoder) \
+            else sdxl_model_index(scheduler_class(scheduler_config), text_encoder)
+        if is_inpainting(unet, vae):  # diffusers' inpainting class of the family (StableDiffusion[XL]InpaintPipeline)
+            index["_class_name"] = str(index["_class_name"]).replace("Pipeline", "InpaintPipeline")
+        write_json(index, tmp / "model_index.json")
 
 
 def is_pipeline_folder(path: str | Path) -> bool:
@@ -163,7 +179,11 @@ def load_pipeline_folder(
         raise FileNotFoundError(f"model folder not found: {folder}")
     if not is_pipeline_folder(folder):
         raise FileNotFoundError(f"{folder} is not a pipeline folder: model_index.json is missing")
-    missing = [name for name in _SUBFOLDERS if not (folder / name).is_dir()]
+    if read_json(folder / "model_index.json", max_bytes=MAX_CONFIG_BYTES).get("_class_name") == \
+            "StableDiffusionUpscalePipeline":  # ldm.loading.upscaler
+        raise ValueError(f"{folder} is an upscaler (StableDiffusionUpscalePipeline), not a text-to-image model: load "
+                         "it with pipelines.Upscaler.from_pretrained, or as ldm generate --upscale FOLDER")
+    missing = [name for name in sdxl_subfolders(folder) or _SUBFOLDERS if not (folder / name).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder} is incomplete: missing subfolder(s) {missing}")
     if unet_weights:
@@ -174,7 +194,8 @@ def load_pipeline_folder(
     components = Components(
         unet=unet.eval(),
         vae=AutoencoderKL.from_pretrained(folder / "vae", allow_pickle=allow_pickle, dtype=dtype).eval(),
-        text_encoder=TextEncoder.from_pretrained(folder, dtype=dtype).eval(),
+        text_encoder=(load_sdxl_text_encoder(folder, dtype)  # SDXL's two encoders (ldm.loading.sdxl), else one
+                      or TextEncoder.from_pretrained(folder, dtype=dtype)).eval(),
         schedule=pipeline_schedule(load_schedule(folder / "scheduler"), str(folder / "scheduler")),
         scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json", max_bytes=MAX_CONFIG_BYTES),
     )

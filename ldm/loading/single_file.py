@@ -41,6 +41,8 @@ from ldm.loading.convert import (
     vae_to_compvis,
 )
 from ldm.loading.components import Components, pipeline_schedule
+from ldm.loading.sdxl_single_file import load_sdxl_single_file, sgm_state_and_configs
+from ldm.networks.text_sdxl import SDXLTextEncoder
 
 METADATA_KEY = "ldm_configs"
 _METADATA_PARTS = ("unet", "vae", "text_encoder", "scheduler")
@@ -77,7 +79,7 @@ def checkpoint_family(state: dict[str, torch.Tensor]) -> str:
     return family + " inpainting" if first is not None and first.ndim == 4 and first.shape[1] == 9 else family
 
 
-SUPPORTED_FAMILIES = ("SD 1.x", "SD 2.x")
+SUPPORTED_FAMILIES = ("SD 1.x", "SD 2.x", "SD 1.x inpainting", "SD 2.x inpainting", "SDXL")
 
 
 def _unet_pairs(config: UNetConfig) -> list[tuple[str, str]]:
@@ -126,6 +128,9 @@ def load_single_file(
     path = Path(path)
     state = load_state_dict(path, allow_pickle=allow_pickle)
     family = checkpoint_family(state)
+    if family == "SDXL":  # the SGM layout: ldm.loading.sdxl_single_file
+        return load_sdxl_single_file(path, state, _metadata(path) if config_folder is None else None,
+                                     config_folder=config_folder, prediction_type=prediction_type)
     if family not in SUPPORTED_FAMILIES:
         raise WeightsError(f"{path} is an {family} checkpoint, which is not supported yet (single files of "
                            f"{' and '.join(SUPPORTED_FAMILIES)} are)")
@@ -139,6 +144,8 @@ def load_single_file(
     else:
         v2 = bool(parts["open_clip"])
         unet_cfg = load_config(UNetConfig, BUNDLED_CONFIGS / ("unet-sd2.yaml" if v2 else "unet-sd15.yaml"))
+        if family.endswith("inpainting"):  # latents + mask + masked-image latents on channels
+            unet_cfg = dataclasses.replace(unet_cfg, in_channels=2 * unet_cfg.out_channels + 1)
         vae_cfg = load_config(VAEConfig, BUNDLED_CONFIGS / "vae-sd.yaml")
         if v2:
             text_cfg = CLIPTextConfig(**openclip_text_fields(parts["open_clip"], num_heads=SD2_TEXT_HEADS,
@@ -201,6 +208,9 @@ def save_single_file(components: Components, path: str | Path) -> None:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"single files are written as .safetensors only, got {path.name}")
+    if isinstance(components.text_encoder, SDXLTextEncoder):  # the SGM layout: ldm.loading.sdxl_single_file
+        state, meta = sgm_state_and_configs(components)
+        return save_state_dict(state, path, metadata={METADATA_KEY: json.dumps(meta), "format": "pt"})
     c = components
     state: dict[str, torch.Tensor] = {}
     for k, v in unet_to_compvis(c.unet.state_dict(), _unet_pairs(c.unet.config)).items():

@@ -84,11 +84,8 @@ def test_a_single_file_without_configs_loads_with_a_config_folder(tmp_path):
 
 
 @pytest.mark.parametrize("keys, family", [
-    (["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
-      "conditioner.embedders.1.model.token_embedding.weight"], "SDXL"),
     (["conditioner.embedders.0.model.token_embedding.weight"], "SDXL refiner"),
-    (["inpaint"], "SD 1.x inpainting"),
-])
+])  # SDXL loads: tests/loading/test_sdxl_single_file.py; single-file inpainting (9-channel conv_in) loads: tests/pipelines/test_inpaint.py
 def test_an_unsupported_family_is_refused_by_name(tmp_path, keys, family):
     from safetensors.torch import save_file
 
