@@ -1,7 +1,8 @@
 """Every training application and what they share: the config dataclasses (config), captioned datasets (data) and
 their checks (data_checks), the resumable loop (loop), atomic checkpoints (checkpoint), EMA (ema), local multi-process
-launch (launch) and processes beside (beside); the U-Net application (unet: `ldm train`, `accelerate launch -m
-ldm.training.unet`), the KL-VAE (vae), the contrastive CLIP (clip), REPA alignment (repa), and export of a run as a
+launch (launch), FSDP2 sharding with full-tensor checkpoints (fsdp) and processes beside (beside); LoRA training
+(lora); the U-Net application (unet: `ldm train`, `accelerate launch -m
+ldm.training.unet`), the KL-VAE (vae), the contrastive CLIP (clip), REPA alignment (repa), learned-variance objectives (variance_objective), a noisy classifier for classifier guidance (classifier), a cascade's super-resolution stage (super_resolution), and export of a run as a
 pipeline folder (export)."""
 
 from ldm.lazy import lazy_exports
@@ -38,6 +39,15 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "beside": (
         "Beside",
     ),
+    "super_resolution": (
+        "SuperResolutionConfig", "LowResConditioning", "upscaler_parts", "downsample", "export_upscaler"
+    ),
+    "variance_objective": (
+        "check_objective", "objective_schedule", "VarianceObjective"
+    ),
+    "classifier": (
+        "ClassifierTrainConfig", "metadata_value", "labelled_images", "train_classifier"
+    ),
     "repa": (
         "Projector", "alignment_loss", "block_output", "captured", "PatchFeatures", "Aligner", "output_channels"
     ),
@@ -55,6 +65,13 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "render_grid", "text_part", "align_part", "check_fresh_run", "check_frozen", "train"
     ),
     "export": (
-        "find_checkpoint", "check_same_latents"
+        "find_checkpoint", "check_same_latents", "export_lora"
+    ),
+    "lora": (
+        "LoraConfig", "matched_modules", "add_lora", "lora_modules", "lora_unet", "lora_text"
+    ),
+    "fsdp": (
+        "fsdp_requested", "fsdp_plugin", "use_fsdp_on_cpu", "is_sharded", "full", "shard_like", "shard_ema",
+        "FullModule", "FullOptimizer", "FullEMA", "Snapshot", "checkpoint_targets", "checkpoint_state", "reshard"
     ),
 })

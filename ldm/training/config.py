@@ -27,6 +27,9 @@ import torch
 from ldm.config import ConfigError, apply_overrides, from_dict, load_yaml
 from ldm.training.data import DataConfig
 from ldm.training.ema import EMAConfig
+from ldm.training.variance_objective import check_objective
+from ldm.training.lora import LoraConfig
+from ldm.training.super_resolution import SuperResolutionConfig, check_training_config
 from ldm.diffusion.schedule import NoiseSchedule, sd_schedule  # noqa: F401 - sd_schedule re-exported
 
 T = TypeVar("T")
@@ -128,8 +131,16 @@ class ObjectiveConfig:
     noise_offset: float = 0.0  # eps += offset * N(0, 1) per (sample, channel) (Guttenberg 2023)
     timestep_bias: TimestepBiasConfig = field(default_factory=TimestepBiasConfig)  # p(t); default uniform
     align: AlignConfig = field(default_factory=AlignConfig)  # REPA; off by default
+    # Nichol & Dhariwal 2021 (ldm.training.variance_objective): simple (L_simple), hybrid (L_simple + hybrid_lambda
+    # L_vlb, needs variance learned_range) or vlb (importance-sampled L_vlb); learned_range: U-Net out_channels = 2 x in
+    loss: Literal["simple", "hybrid", "vlb"] = "simple"
+    variance: Literal["fixed", "learned_range"] = "fixed"
+    hybrid_lambda: float = 0.001
 
     def __post_init__(self) -> None:
+        check_objective(self.loss, self.variance, self.timestep_bias.strategy, self.min_snr_gamma)
+        if self.hybrid_lambda < 0:
+            raise ValueError(f"hybrid_lambda must be >= 0, got {self.hybrid_lambda}")
         if not 0.0 <= self.condition_dropout <= 1.0:
             raise ValueError(f"condition_dropout must lie in [0, 1], got {self.condition_dropout}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
@@ -218,10 +229,18 @@ class TrainConfig:
     # with its own AdamW at text_encoder_lr (null: optim.lr), the same schedule and EMA; the export writes it.
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
+    lora: LoraConfig | None = None  # ldm.training.lora: train low-rank adapters only; null: the whole U-Net
+    # a cascade's super-resolution stage (ldm.training.super_resolution): the U-Net takes the augmented low-res image
+    super_resolution: SuperResolutionConfig | None = None
 
     def __post_init__(self) -> None:
         if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
             raise ValueError(f"text_encoder_lr must be > 0 (or null for optim.lr), got {self.text_encoder_lr}")
+        if self.lora is not None and self.train_text_encoder:
+            raise ValueError("lora and train_text_encoder exclude each other: train a text-encoder LoRA with "
+                             "lora.text_encoder_targets instead")
+        if self.super_resolution is not None:
+            check_training_config(self)
         if self.run.cache_latents and (self.data.crop == "random" or self.data.random_flip):
             raise ValueError("run.cache_latents needs deterministic images: set data.crop=center, data.random_flip=false")
 
@@ -260,17 +279,23 @@ def build_accelerator(run: RunConfig, optim: OptimConfig):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    from ldm.training.fsdp import fsdp_plugin, fsdp_requested, use_fsdp_on_cpu
+
     if run.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("run.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
     # Started by torchrun (e.g. `accelerate launch --multi_gpu`) on a machine without CUDA: accelerate only picks
     # multi-process CPU (gloo) when told cpu=True, otherwise every process would train alone.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    fsdp = fsdp_plugin() if fsdp_requested() else None  # accelerate launch --use_fsdp (ldm.training.fsdp)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=run.mixed_precision,
         gradient_accumulation_steps=optim.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
+        fsdp_plugin=fsdp,
     )
+    if fsdp is not None:
+        use_fsdp_on_cpu(accelerator, fsdp)
     warn_if_one_of_several(accelerator.num_processes, os.environ)
     return accelerator
 

@@ -18,6 +18,7 @@ from autoencoder.model import AutoencoderKL
 from ldm.training.checkpoint import folder_digest, latest_checkpoint, load_weights_only, read_meta
 from ldm.io import WeightsError, load_weights
 from ldm.loading.components import load_pipeline_folder, save_pipeline
+from ldm.training.super_resolution import export_upscaler
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -75,6 +76,9 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
         raise FileExistsError(f"export to {out_dir} would write over or into the training run {run}: choose a folder "
                               "outside it")
     meta = read_meta(ckpt)
+    if meta["config"].get("lora") is not None:
+        raise WeightsError(f"{ckpt} holds a LoRA, not a U-Net: export it with export_lora (ldm export --lora CKPT "
+                           f"OUT.safetensors); {ckpt.parent.parent / 'frozen'} is the base pipeline it applies to")
     frozen = (ckpt / meta["frozen"]).resolve()
     if not frozen.is_dir():
         raise FileNotFoundError(f"{ckpt}: the frozen components folder {frozen} named in meta.json is missing "
@@ -88,6 +92,11 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
         raise WeightsError(f"{frozen} is not the frozen VAE / text encoder / schedule the U-Net of {ckpt} was trained "
                            "with (its sha256 differs from meta.json's frozen_sha256): was another run started in the "
                            "same output_dir, or the folder edited?")
+    if meta["config"].get("super_resolution") is not None:  # an upscaler folder (ldm.training.super_resolution)
+        if vae is not None:
+            raise ValueError(f"{ckpt}: a super-resolution stage is exported with the VAE it was trained with")
+        return export_upscaler(ckpt, frozen, out_dir, load_weights_only(ckpt, "unet", use_ema=use_ema),
+                               overwrite=overwrite)
     with warnings.catch_warnings():  # an older run's frozen/ says steps_offset 0: the export records 1, nothing to do
         warnings.filterwarnings("ignore", message=".*steps_offset is")
         parts = load_pipeline_folder(frozen, unet_weights=False)
@@ -101,3 +110,36 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, use_ema: bool = True
                   text_encoder=parts.text_encoder, schedule=parts.schedule, scheduler_config=parts.scheduler_config,
                   overwrite=overwrite)
     return Path(out_dir)
+
+
+def export_lora(checkpoint_dir: str | Path, out_file: str | Path, *, format: str = "diffusers", use_ema: bool = True,
+                overwrite: bool = False) -> Path:
+    """Write the LoRA of a LoRA run's checkpoint (`checkpoint_dir`: a checkpoint, RUN/checkpoints/latest or a run
+    folder) as one safetensors file through ldm.lora.weights.save_lora_file, in the diffusers/peft layout (which
+    diffusers' load_lora_weights reads) or the kohya/A1111 one; the EMA weights (use_ema=True) or the raw ones."""
+    from ldm.lora.weights import LoraModule, canonical, save_lora_file
+
+    ckpt = find_checkpoint(checkpoint_dir)
+    meta = read_meta(ckpt)
+    lora = meta["config"].get("lora")
+    if lora is None:
+        raise WeightsError(f"{ckpt} is from a full fine-tune (its config has no lora section): export it as a pipeline "
+                           "folder (ldm export without --lora)")
+    out = Path(out_file)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: a LoRA is written as a .safetensors file")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists: pass overwrite=True (--overwrite) to replace it")
+    alpha = float(lora["alpha"] if lora["alpha"] is not None else lora["rank"])
+    weights = {}
+    for part in ("unet", "text_encoder"):
+        if part not in meta["parts"]:
+            continue
+        state = load_weights_only(ckpt, part, use_ema=use_ema)
+        for key, down in state.items():
+            if key.endswith(".lora_A.weight"):
+                path = key.removesuffix(".lora_A.weight")
+                weights[canonical(part, path)] = LoraModule(down, state[f"{path}.lora_B.weight"], alpha)
+    save_lora_file(out, weights, format=format,
+                   metadata={"ldm_checkpoint": ckpt.name, "ldm_ema": str(use_ema and bool(meta.get("ema")))})
+    return out

@@ -32,6 +32,7 @@ from ldm.training.checkpoint import (checkpoint_name, list_checkpoints, load_che
 from ldm.training.data import samples_consumed
 from ldm.training.data_checks import DataChecks, DataError
 from ldm.training.ema import EMA
+from ldm.training.fsdp import checkpoint_state, checkpoint_targets, is_sharded, shard_ema
 from ldm.io import write_text
 
 
@@ -45,6 +46,8 @@ class Part:
     optimizer: Any
     scheduler: Any
     ema: EMA | None = None
+    state: nn.Module | None = None  # what is checkpointed and kept an EMA of; None: the unwrapped model (a LoRA run:
+    # ldm.training.lora.lora_modules, the adapters alone)
 
 
 @dataclass
@@ -197,7 +200,11 @@ def run_loop(
     out = Path(run.output_dir)
     root = out / "checkpoints"
     main = accelerator.is_main_process
-    raw = {p.name: accelerator.unwrap_model(p.model) for p in parts}
+    raw = {p.name: p.state if p.state is not None else accelerator.unwrap_model(p.model) for p in parts}
+    if is_sharded(raw.values()):  # FSDP (ldm.training.fsdp): each EMA keeps the shards of the parameters it follows
+        for p in parts:
+            if p.ema is not None:
+                shard_ema(p.ema, raw[p.name])
     step = 0
     window, checks = LogWindow(), DataChecks.from_config(data, getattr(position, "num_samples", None))
     resume = resolve_resume(root, run.resume)
@@ -206,8 +213,8 @@ def run_loop(
     if resume is not None:
         if on_resume is not None:  # before anything loads, so a mismatch is named, not a shape error from torch
             on_resume(read_meta(resume))
-        state = load_checkpoint(resume, models=raw, emas={p.name: p.ema for p in parts},
-                                optimizers={p.name: p.optimizer for p in parts},
+        models, emas, optimizers = checkpoint_targets(raw, parts)  # FSDP: full tensors in, each process's shard kept
+        state = load_checkpoint(resume, models=models, emas=emas, optimizers=optimizers,
                                 schedulers={p.name: p.scheduler for p in parts},
                                 process_index=accelerator.process_index)
         step = int(state["step"])
@@ -215,6 +222,8 @@ def run_loop(
         if "log_window" in state:  # checkpoints before issue 31 have none: the first row then starts at the resume
             window.load_state_dict(state["log_window"], accelerator.process_index)
             checks.load_state_dict(state["data_checks"])
+        if "step_state" in state:  # the step's own state, e.g. objective.loss=vlb's importance sampler, per process
+            step_fn.load_state_dict(state["step_state"][accelerator.process_index])  # type: ignore[attr-defined]
     logger = MetricsLogger(out / "losses.csv", resume_step=step, enabled=main)
     bar = tqdm(total=run.max_steps, initial=step, disable=not (main and run.progress_bar), desc="train")
     procs = accelerator.num_processes
@@ -261,14 +270,17 @@ def run_loop(
                 clock, images = time.perf_counter(), 0
             if step % run.checkpoint_every == 0 or step == run.max_steps:
                 rngs = gather_object([rng_state()])
+                step_states = gather_object([step_fn.state_dict() if hasattr(step_fn, "state_dict") else {}])
                 log_window = window.state_dict()
+                models, emas, optimizers = checkpoint_state(raw, parts, keep=main)  # FSDP: gathered (collective)
                 if main:
                     where = position.state_dict(samples_consumed(consumed, run.batch_size, procs))
-                    save_checkpoint(root, step, models=raw, emas={p.name: p.ema for p in parts},
-                                    optimizers={p.name: p.optimizer for p in parts},
+                    save_checkpoint(root, step, models=models, emas=emas, optimizers=optimizers,
                                     schedulers={p.name: p.scheduler for p in parts}, rng_states=rngs,
                                     meta={**meta, "data": where, "log_window": log_window,
-                                          "data_checks": checks.state_dict()}, keep_last=run.keep_last)
+                                          "data_checks": checks.state_dict(),
+                                          **({"step_state": step_states} if any(step_states) else {})},
+                                    keep_last=run.keep_last)
                 accelerator.wait_for_everyone()
                 last_ckpt = root / checkpoint_name(step)
             if on_step is not None:

@@ -32,6 +32,8 @@ from transformers import CLIPTextConfig
 from autoencoder.model import AutoencoderKL, DiagonalGaussian, VAEConfig  # a layer down (tests/test_imports.py)
 from ldm.training.run_folder import hold_run_folder
 from ldm.training.loop import Part, StepContext, run_loop
+from ldm.training.lora import lora_text, lora_unet
+from ldm.training.fsdp import is_sharded, reshard
 from ldm.training.checkpoint import folder_digest, list_checkpoints, resolve_resume
 from ldm.loading.components import Components, IncompatibleComponentsError, pipeline_schedule, save_pipeline
 from ldm.loading.sources import load_components
@@ -41,6 +43,9 @@ from ldm.training.data_checks import DataError
 from ldm.diffusion.denoiser import CFGDenoiser
 from ldm.diffusion.losses import diffusion_loss, timestep_bias_weights
 from ldm.diffusion.process import q_sample
+from ldm.training.variance_objective import VarianceObjective, objective_schedule
+from ldm.training.super_resolution import LowResConditioning, load_stage_parts, upscaler_parts
+from ldm.loading.upscaler import UpscalerComponents, save_upscaler
 from ldm.diffusion.samplers import SAMPLERS
 from ldm.training.ema import EMA
 from ldm.io import write_bytes
@@ -68,7 +73,9 @@ def build_components(config: TrainConfig) -> Components:
     """Fine-tune: load model.pretrained. From scratch: seeded random U-Net / VAE / CLIP text encoder from configs."""
     m = config.model
     if m.pretrained is not None:
-        parts = load_components(m.pretrained)  # a pipeline folder, a single .safetensors file or a hub name
+        # a pipeline folder, a single .safetensors file or a hub name; super_resolution: ldm.training.super_resolution
+        sr = config.super_resolution
+        parts = load_stage_parts(sr, m.pretrained, m.init_seed) if sr else load_components(m.pretrained)
         schedule = m.schedule or parts.schedule
     else:
         unet_config = load_config(UNetConfig, m.unet)
@@ -89,7 +96,11 @@ def build_components(config: TrainConfig) -> Components:
         schedule = m.schedule or parts.schedule
     if config.objective.prediction_type is not None:
         schedule = dataclasses.replace(schedule, prediction_type=config.objective.prediction_type)
+    # a variance head: variance_type learned_range, exported for diffusers' DDPMScheduler
+    schedule, parts.scheduler_config = objective_schedule(config.objective.variance, schedule, parts.scheduler_config)
     parts.schedule = pipeline_schedule(schedule)  # what the exported folder samples with, here and in diffusers
+    if config.super_resolution is not None:  # a cascade's super-resolution stage (ldm.training.super_resolution)
+        return upscaler_parts(config.super_resolution, parts)
     try:
         parts.check()
     except IncompatibleComponentsError as e:
@@ -97,10 +108,13 @@ def build_components(config: TrainConfig) -> Components:
     return parts
 
 
-def save_frozen(folder: Path, parts: Components) -> None:
-    """Write the frozen parts and the U-Net config as a diffusers-layout folder (export adds the U-Net weights)."""
+def save_frozen(folder: Path, parts: Components, unet_weights: bool = False) -> None:
+    """Write the frozen parts and the U-Net config as a diffusers-layout folder (export adds the U-Net weights); a
+    LoRA run writes the U-Net weights too (unet_weights): frozen/ is then the base pipeline its LoRA applies to."""
+    if isinstance(parts, UpscalerComponents):  # super_resolution: a StableDiffusionUpscalePipeline folder
+        return save_upscaler(folder, parts, unet_weights=unet_weights)
     save_pipeline(folder, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, schedule=parts.schedule,
-                  scheduler_config=parts.scheduler_config, unet_weights=False)
+                  scheduler_config=parts.scheduler_config, unet_weights=unet_weights)
 
 
 # ------------------------------------------------------------------------------------------------------- one step
@@ -133,21 +147,37 @@ class DiffusionStep:
                  t_weights: torch.Tensor | None = None, dataset: Any = None, aligner: Aligner | None = None) -> None:
         self.config, self.unet, self.device, self.dtype = config, unet, device, dtype
         self.vae, self.text = parts.vae, parts.text_encoder if text is None else text
+        self.text_trained = text is not None  # train_text_encoder, or a text-encoder LoRA
         self.alphas_cumprod = parts.schedule.alphas_cumprod().to(device)
         self.prediction = parts.schedule.prediction_type
         self.cache: dict[int, torch.Tensor] = {}  # record -> q(z|x)'s moments
         self.target_cache: dict[int, torch.Tensor] = {}  # record -> REPA target features
         self.aligner = aligner
         self.t_weights = t_weights  # None: uniform t (train's timestep_weights)
+        obj, n_t = config.objective, len(self.alphas_cumprod)  # loss hybrid / vlb: ldm.training.variance_objective
+        self.variance_objective = None if obj.loss == "simple" else VarianceObjective(
+            obj.loss, obj.variance, n_t, lam=obj.hybrid_lambda, min_snr_gamma=obj.min_snr_gamma)
         self.dataset = dataset if hasattr(dataset, "images") else None
+        sr = config.super_resolution  # the low-res input on the latents' channels (ldm.training.super_resolution)
+        self.low_res = LowResConditioning(sr, device) if sr is not None else None
         if config.run.cache_latents:  # one image at a time: a cached moment must not depend on its batch-mates
             self.vae.enable_slicing()
 
     def timesteps(self, gens: list[torch.Generator]) -> torch.Tensor:
         """One t per example from its generator: uniform on 0..T-1, or from objective.timestep_bias's p(t)."""
+        if self.variance_objective is not None and (t := self.variance_objective.timesteps(gens)) is not None:
+            return t  # importance-sampled (objective.loss=vlb)
         if self.t_weights is None:
             return torch.cat([torch.randint(0, len(self.alphas_cumprod), (1,), generator=g) for g in gens])
         return torch.cat([torch.multinomial(self.t_weights, 1, generator=g) for g in gens])
+
+    def state_dict(self) -> dict[str, Any]:
+        """What checkpoints keep of the step (objective.loss=vlb's importance sampler), JSON-ready; {}: nothing."""
+        return {} if self.variance_objective is None else self.variance_objective.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.variance_objective is not None:
+            self.variance_objective.load_state_dict(state)
 
     def per_record(self, batch: dict[str, Any], cache: dict[int, torch.Tensor],
                    compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -186,7 +216,7 @@ class DiffusionStep:
         drop = dropout_mask(gens, obj.condition_dropout)
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         z = self.latents(batch, gens)
-        with contextlib.nullcontext() if self.config.train_text_encoder else torch.no_grad():
+        with contextlib.nullcontext() if self.text_trained else torch.no_grad():
             c = self.text(captions).to(self.dtype)  # (B, n, D); forward = encode (through DDP when wrapped)
         t = self.timesteps(gens).to(self.device)  # (B,)
         noise = randn(z.shape, gens, device=self.device)
@@ -194,11 +224,17 @@ class DiffusionStep:
             noise = noise + obj.noise_offset * randn((n, z.shape[1], 1, 1), gens, device=self.device)
         z_t = q_sample(z, t, self.alphas_cumprod, noise)
         with captured(self.aligner.block) if self.aligner else contextlib.nullcontext() as seen:
-            out = self.unet(z_t, t, encoder_hidden_states=c).float()
+            x, low_res = (z_t, {}) if self.low_res is None else self.low_res(batch, gens, z_t)  # + class_labels
+            out = self.unet(x, t, encoder_hidden_states=c, **low_res).float()
         weighting = "min_snr" if obj.min_snr_gamma is not None else "simple"
-        loss = diffusion_loss(out, z, noise, t, self.alphas_cumprod, prediction=self.prediction,
-                              weighting=weighting, gamma=obj.min_snr_gamma or 5.0).mean()
         logs = {"dropped": float(drop.float().mean())}
+        if self.variance_objective is not None:
+            loss, extra = self.variance_objective(out, z, noise, z_t, t, self.alphas_cumprod, self.prediction)
+            loss = loss.mean()
+            logs.update(extra)
+        else:
+            loss = diffusion_loss(out, z, noise, t, self.alphas_cumprod, prediction=self.prediction,
+                                  weighting=weighting, gamma=obj.min_snr_gamma or 5.0).mean()
         if self.aligner is not None:
             target = self.per_record(batch, self.target_cache, self.alignment_targets)  # (B, D, H', W')
             align = alignment_loss(self.aligner.projector(seen[0]), target).mean()
@@ -244,14 +280,17 @@ def render_grid(parts: Components, unet: torch.nn.Module, prompts: list[str], se
 
 
 def text_part(config: TrainConfig, text: torch.nn.Module, accelerator: Any) -> Part:
-    """The text encoder as a trained Part: float32 weights, its own AdamW (text_encoder_lr), schedule and EMA."""
-    text.requires_grad_(True).train().to(accelerator.device)
-    ema = EMA(text, config.ema) if config.ema.enabled else None
+    """The text encoder as a trained Part: float32 weights (or, with lora.text_encoder_targets, its LoRA alone), its
+    own AdamW (text_encoder_lr), schedule and EMA."""
+    text.requires_grad_(config.lora is None)
+    lora = lora_text(config.lora, text.model) if config.lora is not None else None  # frozen, but for the adapters
+    text.train().to(accelerator.device)
+    ema = EMA(text if lora is None else lora, config.ema) if config.ema.enabled else None
     optim = dataclasses.replace(config.optim, lr=config.text_encoder_lr or config.optim.lr)
-    optimizer = build_optimizer(list(text.parameters()), optim)
+    optimizer = build_optimizer([p for p in text.parameters() if p.requires_grad], optim)
     scheduler = build_lr_scheduler(optimizer, optim, config.run.max_steps)
     text_p, optimizer_p = accelerator.prepare(text, optimizer)
-    return Part("text_encoder", text_p, optimizer_p, scheduler, ema)
+    return Part("text_encoder", text_p, optimizer_p, scheduler, ema, state=lora)
 
 
 def align_part(config: TrainConfig, unet: torch.nn.Module, text_width: int, accelerator: Any
@@ -316,7 +355,8 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     loader, position = build_dataloader(config.data, run.batch_size, num_workers=run.num_workers,
                                         num_processes=accelerator.num_processes)
     if accelerator.is_main_process and (no_checkpoint or not (out / FROZEN).is_dir()):
-        save_frozen(out / FROZEN, parts)  # (re)written when no checkpoint names it; resume checks its digest
+        # (re)written when no checkpoint names it; resume checks its digest. A LoRA run's holds the base U-Net too
+        save_frozen(out / FROZEN, parts, unet_weights=config.lora is not None)
     accelerator.wait_for_everyone()
     digest = folder_digest(out / FROZEN)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.mixed_precision, torch.float32)
@@ -327,40 +367,47 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     unet = parts.unet.to(device)
     unet.gradient_checkpointing = run.gradient_checkpointing
     unet.train()
-    ema = EMA(unet, config.ema) if config.ema.enabled else None
+    lora = lora_unet(config.lora, unet, dtype) if config.lora is not None else None  # the adapters alone are trained
+    ema = EMA(unet if lora is None else lora, config.ema) if config.ema.enabled else None
     optimizer = build_optimizer([p for p in unet.parameters() if p.requires_grad], config.optim)
     scheduler = build_lr_scheduler(optimizer, config.optim, run.max_steps)
     unet_p, optimizer_p, loader_p = accelerator.prepare(unet, optimizer, loader)
-    trained = [Part("unet", unet_p, optimizer_p, scheduler, ema)]
-    if train_text:  # in training mode: validation encodes its empty prompt afresh (PromptEncoder.empty_embedding)
-        trained.append(text_part(config, parts.text_encoder, accelerator))
+    trained = [Part("unet", unet_p, optimizer_p, scheduler, ema, state=lora)]
+    if train_text or (config.lora is not None and config.lora.text_encoder_targets):  # the whole, or a LoRA
+        trained.append(text_part(config, parts.text_encoder, accelerator))  # training mode: validation encodes its
+        # empty prompt afresh (PromptEncoder.empty_embedding)
     aligner = None
     if config.objective.align.weight > 0:
         part, aligner = align_part(config, unet, parts.text_encoder.hidden_size, accelerator)
         trained.append(part)
-    step_fn = DiffusionStep(config, parts, unet_p, device, dtype, text=trained[1].model if train_text else None,
+    text_p = next((p.model for p in trained if p.name == "text_encoder"), None)  # trained whole or its LoRA
+    step_fn = DiffusionStep(config, parts, unet_p, device, dtype, text=text_p,
                             t_weights=t_weights, dataset=loader.dataset, aligner=aligner)
 
     def validate(step: int) -> None:
         if not run.validate_every or step % run.validate_every:
             return
-        if accelerator.is_main_process:
-            raw = accelerator.unwrap_model(unet_p)
+        raw = accelerator.unwrap_model(unet_p)
+        if accelerator.is_main_process or is_sharded([raw]):  # FSDP: every process takes part in the forward passes
             with contextlib.ExitStack() as swaps:
                 for part in trained:
                     if part.ema is not None:
-                        swaps.enter_context(part.ema.swapped(accelerator.unwrap_model(part.model)))
+                        swaps.enter_context(part.ema.swapped(
+                            accelerator.unwrap_model(part.model) if part.state is None else part.state))
                 raw.eval()
                 grid = render_grid(parts, raw, run.validation_prompts, run.validation_seeds,
                                    size=config.data.resolution, steps=run.validation_steps,
                                    guidance_scale=run.guidance_scale)
                 raw.train()
+                reshard(accelerator.unwrap_model(p.model) for p in trained)  # FSDP: before the EMA swaps back
+        if accelerator.is_main_process:
             png = io.BytesIO()
             grid.save(png, format="PNG")
             write_bytes(png.getvalue(), out / "validation" / f"step-{step:08d}.png")
         accelerator.wait_for_everyone()
 
-    meta = {"config": to_dict(config), "frozen": f"../../{FROZEN}", "frozen_sha256": digest}
+    meta = {"config": to_dict(config), "frozen": f"../../{FROZEN}", "frozen_sha256": digest,
+            "fsdp": is_sharded([accelerator.unwrap_model(unet_p)])}  # sharded or not, a checkpoint holds full tensors
     try:
         result = run_loop(accelerator, run, config.optim, parts=trained, loader=loader_p, position=position,
                           step_fn=step_fn, meta=meta, on_step=validate, data=config.data,
