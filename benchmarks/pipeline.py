@@ -1,12 +1,16 @@
 """Seconds per image and peak memory of our text-to-image Pipeline against diffusers' StableDiffusionPipeline, on
 identical weights, in one run.
 
-    python benchmarks/pipeline.py          # CPU fp32, 2 steps: tiny (9 reps), SD 1.5 shapes at 256 (3 reps), 512 (1 rep)
+    python benchmarks/pipeline.py          # CPU fp32, 2 steps: tiny (9 reps), SD 1.5 shapes at 256 (3 reps), 512 (1 rep),
+                                           # SDXL-shaped at 256 (3 reps)
     python benchmarks/pipeline.py --quick  # 1 repetition, no 512 x 512 case (about 3 minutes on 2 shared cores)
     python benchmarks/pipeline.py --device cuda --dtype float16 --steps 30 --compile --peak-tflops 989
 
 Models: the tiny model (ldm/configs/unet-tiny.yaml, ldm/configs/vae-tiny.yaml, a 2-layer CLIP text encoder, 32 x 32 px) and
-SD 1.5-shaped random weights (ldm/configs/unet-sd15.yaml, ldm/configs/vae-sd.yaml, a CLIP ViT-L/14-shaped text encoder).
+SD 1.5-shaped random weights (ldm/configs/unet-sd15.yaml, ldm/configs/vae-sd.yaml, a CLIP ViT-L/14-shaped text encoder),
+and an SDXL-shaped model against diffusers' StableDiffusionXLPipeline (`sdxl_configs`: SDXL base's block structure,
+ldm/configs/unet-sdxl.yaml, at a fifth of its width, 124 M U-Net parameters; two smaller text encoders, the second
+with the pooled projection; the SD VAE at scaling 0.13025).
 diffusers' modules are built from our configs with their own seeded random initialisation; ours load the very same
 tensors by name (strict, `assign=True`), so both pipelines read the same memory. The diffusers scheduler is the one
 whose timesteps our sampler walks (euler -> EulerDiscreteScheduler, ...), both get the same initial latents, and the
@@ -75,8 +79,68 @@ def model_configs(name: str) -> tuple:
     return unet, vae, text, sd_schedule()
 
 
+def sdxl_configs() -> tuple:
+    """(UNetConfig, VAEConfig, text config, text config 2, NoiseSchedule) of the SDXL-shaped model: SDXL base's blocks
+    (no attention in the first, transformer depth 1 / 2 / 10, head width 64) at a fifth of the width."""
+    import dataclasses
+
+    from transformers import CLIPTextConfig
+
+    from autoencoder.model import VAEConfig
+    from ldm.config import load_config
+    from ldm.diffusion.schedule import sd_schedule
+    from ldm.networks.unet import UNetConfig
+
+    text = dict(vocab_size=49408, num_hidden_layers=6, max_position_embeddings=77)
+    text_1 = CLIPTextConfig(hidden_size=384, intermediate_size=1536, num_attention_heads=6, projection_dim=384,
+                            hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **text)
+    text_2 = CLIPTextConfig(hidden_size=640, intermediate_size=2560, num_attention_heads=10, projection_dim=640,
+                            hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1, **text)
+    unet = dataclasses.replace(load_config(UNetConfig, ROOT / "ldm/configs/unet-sdxl.yaml"),
+                               block_out_channels=(64, 128, 256), attention_head_dim=(1, 2, 4),
+                               cross_attention_dim=384 + 640, projection_class_embeddings_input_dim=640 + 6 * 256)
+    vae = dataclasses.replace(load_config(VAEConfig, ROOT / "ldm/configs/vae-sd.yaml"), scaling_factor=0.13025)
+    return unet, vae, text_1, text_2, sd_schedule()
+
+
+def build_sdxl_pair(sampler: str, device: torch.device, dtype: torch.dtype):
+    """Our Pipeline and diffusers' StableDiffusionXLPipeline over the same weight tensors."""
+    import diffusers
+    from diffusers import AutoencoderKL as DAutoencoderKL
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from autoencoder.model import AutoencoderKL
+    from ldm.networks.text_sdxl import SDXLPromptEncoder, SDXLTextEncoder
+    from ldm.networks.tokenizer import EOS, build_clip_tokenizer
+    from ldm.networks.unet import UNet
+    from pipelines.text_to_image import Pipeline
+
+    unet_cfg, vae_cfg, text_cfg, text_cfg_2, schedule = sdxl_configs()
+    torch.manual_seed(0)
+    d_unet = UNet2DConditionModel.from_config(unet_cfg.to_diffusers()).to(device, dtype).eval()
+    d_vae = DAutoencoderKL.from_config(vae_cfg.to_diffusers()).to(device, dtype).eval()
+    text_1 = CLIPTextModel(text_cfg).to(device, dtype).eval()
+    text_2 = CLIPTextModelWithProjection(text_cfg_2).to(device, dtype).eval()
+    tok_1, tok_2 = build_clip_tokenizer(EOS), build_clip_tokenizer("!")
+    with torch.device("meta"):
+        unet, vae = UNet(unet_cfg), AutoencoderKL(vae_cfg)
+    unet.load_state_dict(d_unet.state_dict(), strict=True, assign=True)
+    vae.load_state_dict(d_vae.state_dict(), strict=True, assign=True)
+    text = SDXLTextEncoder(SDXLPromptEncoder(tok_1, text_1), SDXLPromptEncoder(tok_2, text_2))
+    ours = Pipeline(unet, vae, text, schedule, device=device, dtype=dtype)
+    scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(schedule.to_diffusers())
+    theirs = StableDiffusionXLPipeline(vae=d_vae, text_encoder=text_1, text_encoder_2=text_2,
+                                       tokenizer=tok_1.to_transformers(), tokenizer_2=tok_2.to_transformers(),
+                                       unet=d_unet, scheduler=scheduler, add_watermarker=False)
+    theirs.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
 def build_pair(name: str, sampler: str, device: torch.device, dtype: torch.dtype):
     """Our Pipeline and diffusers' StableDiffusionPipeline over the same weight tensors."""
+    if name == "sdxl":
+        return build_sdxl_pair(sampler, device, dtype)
     import diffusers
     from diffusers import AutoencoderKL as DAutoencoderKL
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -134,9 +198,14 @@ def unet_flops(ours, size: int) -> int:
     x = torch.zeros(2, u.config.in_channels, size // f, size // f, device=ours.device, dtype=ours.dtype)
     c = torch.zeros(2, 77, u.config.cross_attention_dim, device=ours.device, dtype=ours.dtype)
     t = torch.full((2,), 500, device=ours.device)
+    added = {}
+    if u.config.addition_embed_type == "text_time":  # SDXL: pooled embedding and time ids
+        pooled = u.config.projection_class_embeddings_input_dim - 6 * u.config.addition_time_embed_dim
+        added = {"text_embeds": torch.zeros(2, pooled, device=ours.device, dtype=ours.dtype),
+                 "time_ids": torch.full((2, 6), float(size), device=ours.device, dtype=ours.dtype)}
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        u(x, t, c)
+        u(x, t, c, **added)
     return int(counter.get_total_flops())
 
 
@@ -173,7 +242,7 @@ def compile_unets(pair) -> None:
 
 def report_md(res: dict) -> str:
     lines = [
-        "# Text-to-image pipeline: ours vs diffusers' StableDiffusionPipeline",
+        "# Text-to-image pipeline: ours vs diffusers' StableDiffusionPipeline (sdxl: StableDiffusionXLPipeline)",
         "",
         (f"device `{res['device']}`, dtype `{res['dtype']}`, torch {res['torch']}, diffusers {res['diffusers']}, "
          f"{res['threads']} threads, sampler `{res['sampler']}`, guidance {GUIDANCE}, {res['reps']} repetitions "
@@ -220,7 +289,9 @@ def main() -> None:
                    help="repetitions at 512 x 512 and above (default: 1 on CPU, where one call takes minutes; else --reps)")
     p.add_argument("--quick", action="store_true", help="one repetition, and no SD 1.5 512 x 512 case")
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="SD 1.5 image sizes (default 256 512)")
-    p.add_argument("--skip-sd", action="store_true", help="only the tiny model")
+    p.add_argument("--skip-sd", action="store_true", help="no SD 1.5-shaped case")
+    p.add_argument("--sdxl-sizes", type=int, nargs="*", default=[256],
+                   help="SDXL-shaped image sizes (default 256; none: no SDXL case)")
     p.add_argument("--compile", action="store_true", help="torch.compile both U-Nets")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s in --dtype")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results"), help="folder for pipeline.json and pipeline.md")
@@ -248,6 +319,7 @@ def main() -> None:
         "results": {},
     }  # fmt: skip
     cases = [("tiny", [32])] + ([] if args.skip_sd else [("sd15", args.sizes)])
+    cases += [("sdxl", args.sdxl_sizes)] if args.sdxl_sizes else []
     for name, sizes in cases:
         print(f"building {name} (diffusers init, ours sharing the tensors)", flush=True)
         pair = build_pair(name, args.sampler, device, dtype)

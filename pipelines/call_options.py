@@ -12,8 +12,9 @@ memory estimate of pipelines/memory.py) is checked by the pipeline after loading
 
 Ranges: steps 1-1000 (MAX_STEPS); guidance scale 0-100 (MAX_GUIDANCE; 1 is the conditional model alone, 0 the
 unconditional one); guidance rescale phi 0-1; guidance interval 0 <= lo < hi (hi may be inf); strength (0, 1]; eta
-0-1 and only for samplers whose function takes it; sizes and counts integers >= 1 (the memory estimate bounds them);
-seeds integers in [0, 2**64); every float finite (NaN and inf are refused).
+0-1 and only for samplers whose function takes it; clip_skip an integer >= 0 (below the text encoder's layer count,
+checked after loading); prompt_syntax "plain" or "a1111"; sizes and counts integers >= 1 (the memory estimate bounds
+them); seeds integers in [0, 2**64); every float finite (NaN and inf are refused).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from ldm.diffusion.samplers import SAMPLERS
 from ldm.diffusion.sigma_schedules import SIGMA_SCHEDULES
+from ldm.networks.prompt_syntax import SYNTAXES
 from ldm.random import SEED_SPACE, check_seed
 
 MAX_STEPS = 1000  # a schedule's usual num_train_timesteps; checked against the model's own after loading
@@ -77,6 +79,13 @@ class CallOptions:
     eta: float | None
     cache_interval: int
     cache_depth: int
+    clip_skip: int | None = None  # diffusers' clip_skip; None: the text encoder's own layer
+    prompt_syntax: str = "plain"  # "a1111": emphasis (ldm.networks.prompt_syntax)
+
+    @property
+    def text_options(self) -> dict[str, Any]:
+        """This call's options of the text encoder (PromptEncoder.encode / encode_pair keywords)."""
+        return {"clip_skip": self.clip_skip, "syntax": self.prompt_syntax}
 
     @property
     def num_images(self) -> int:
@@ -101,7 +110,7 @@ def check_call_options(
     width: int | None = None,
     seed: int | Sequence[int] | None = None,
     num_images_per_prompt: int = 1,
-    strength: float = 0.8,
+    strength: float | None = 0.8,
     output_type: str = "pil",
     sigma_schedule: str | None = None,
     karras_sigmas: bool | None = None,
@@ -111,10 +120,14 @@ def check_call_options(
     callback: Callable[..., Any] | None = None,
     *,
     img2img: bool = False,
+    inpaint: bool = False,
+    clip_skip: int | None = None,
+    prompt_syntax: str = "plain",
 ) -> CallOptions:
     """Check the model-independent options of a call (those of `Pipeline.__call__`, same names and defaults;
-    `img2img`: an init image is given); an OptionError (or, for a prompt of the wrong type, a TypeError) names the
-    first bad one."""
+    `img2img`: an init image is given, `inpaint`: a mask too; strength None: 1.0 with a mask, as diffusers'
+    StableDiffusionInpaintPipeline, else 0.8, as its img2img pipeline); an OptionError (or, for a prompt of the wrong
+    type, a TypeError) names the first bad one."""
     prompts = _prompts(prompt)
     per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, 1)
     steps = None if num_inference_steps is None else check_int("num_inference_steps", num_inference_steps, 1,
@@ -133,12 +146,18 @@ def check_call_options(
     if karras_sigmas is not None and sigma_schedule is not None and karras_sigmas != (sigma_schedule == "karras"):
         raise OptionError("karras_sigmas", karras_sigmas, text=f"{{option}}={karras_sigmas} contradicts "
                           f"sigma_schedule={sigma_schedule!r}: give one of them")
-    strength = check_float("strength", strength, 0.0, 1.0, low_open=True)
+    if inpaint and not img2img:
+        raise OptionError("mask_image", "given", text="{option} needs an image to inpaint: pass image= too")
+    strength = check_float("strength", (1.0 if inpaint else 0.8) if strength is None else strength, 0.0, 1.0,
+                           low_open=True)
     if steps is not None and img2img:
         check_strength_steps(strength, steps)
     if output_type not in OUTPUT_TYPES:
         raise OptionError("output_type", output_type, text=f"{{option}}: unknown output type {output_type!r}; "
                           f"valid: {', '.join(OUTPUT_TYPES)}")
+    if prompt_syntax not in SYNTAXES:
+        raise OptionError("prompt_syntax", prompt_syntax, text=f"{{option}}: unknown prompt syntax {prompt_syntax!r}; "
+                          f"valid: {', '.join(SYNTAXES)}")
     if callback is not None and not callable(callback):
         raise OptionError("callback", callback, "a function (i, sigma, x, x0_hat) or None")
     n = len(prompts) * per_prompt
@@ -162,6 +181,8 @@ def check_call_options(
         cache_interval=1 if cache_interval is None else check_int("cache_interval", cache_interval, 1,
                                                                   note=" (1: no caching)"),
         cache_depth=check_int("cache_depth", cache_depth, 0),
+        clip_skip=None if clip_skip is None else check_int("clip_skip", clip_skip, 0, note=" (layers skipped)"),
+        prompt_syntax=prompt_syntax,
     )
 
 
@@ -218,6 +239,14 @@ def check_strength_steps(strength: float, steps: int) -> None:
     if int(steps * strength) < 1:
         raise OptionError("strength", strength, text=f"{{option}}={strength} with {steps} steps leaves no step to "
                           f"run (int(steps * strength) = 0): raise either")
+
+
+def check_clip_skip(clip_skip: int | None, text_encoder: Any) -> None:
+    """clip_skip (checked >= 0 by check_call_options) below the text encoder's layer count, once it is loaded (SDXL's
+    holds two encoders: the smaller bounds it)."""
+    if clip_skip is not None:
+        layers = min(e.num_layers for e in getattr(text_encoder, "encoders", [text_encoder]))
+        check_int("clip_skip", clip_skip, 0, layers - 1, note=f" (this text encoder has {layers} layers)")
 
 
 def check_eta(sampler: str, eta: float | None) -> None:

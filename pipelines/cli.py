@@ -63,9 +63,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def model_info(components: Any) -> dict[str, Any]:
     """Component classes, parameter counts and configs (diffusers' key names) of loaded components."""
+    from ldm.networks.text_sdxl import SDXLTextEncoder
+
     c = components
-    text = c.text_encoder
-    text_cfg = {k: v for k, v in text.model.config.to_dict().items() if not k.startswith("_")}
+    texts = {"text_encoder": c.text_encoder}
+    if isinstance(c.text_encoder, SDXLTextEncoder):  # SDXL: two encoders (the refiner: the second alone)
+        texts = {k: e for k, e in (("text_encoder", c.text_encoder.text_encoder),
+                                   ("text_encoder_2", c.text_encoder.text_encoder_2)) if e is not None}
 
     def count(m: Any) -> int:
         return sum(p.numel() for p in m.parameters())
@@ -78,12 +82,13 @@ def model_info(components: Any) -> dict[str, Any]:
                  "config": c.unet.config.to_diffusers()},
         "vae": {"class": type(c.vae).__name__, "parameters": count(c.vae), "dtype": dtype(c.vae),
                 "config": c.vae.config.to_diffusers()},
-        "text_encoder": {"class": type(text.model).__name__, "parameters": count(text.model),
-                         "dtype": dtype(text.model), "hidden_size": text.hidden_size,
-                         "pad_token": text.tokenizer.pad_token, "config": text_cfg},
+        **{name: {"class": type(text.model).__name__, "parameters": count(text.model), "dtype": dtype(text.model),
+                  "hidden_size": text.hidden_size, "pad_token": text.tokenizer.pad_token,
+                  "config": {k: v for k, v in text.model.config.to_dict().items() if not k.startswith("_")}}
+           for name, text in texts.items()},
         "schedule": c.schedule.to_diffusers(),
     }
-    info["total_parameters"] = sum(info[k]["parameters"] for k in ("unet", "vae", "text_encoder"))
+    info["total_parameters"] = sum(info[k]["parameters"] for k in ("unet", "vae", *texts))
     return info
 
 
@@ -94,7 +99,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"model: {args.model}")
     print(f"total parameters: {info['total_parameters']:,}")
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if name not in info:
+            continue
         part = info[name]
         print(f"\n[{name}] {part['class']}, {part['parameters']:,} parameters, {part['dtype']}")
         for k, v in part["config"].items():
@@ -117,8 +124,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from autoencoder.model import AutoencoderKL
-    from ldm.training.export import export
+    from ldm.training.export import export, export_lora
 
+    if args.lora:
+        if args.vae:
+            raise UsageError("--vae ships a VAE with a pipeline folder; a --lora export holds the LoRA alone")
+        out = export_lora(args.checkpoint, args.out_dir, format=args.format, use_ema=not args.no_ema,
+                          overwrite=args.overwrite)
+        print(f"wrote {out} (LoRA, {args.format} layout)")
+        return EXIT_OK
     vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else None
     out = export(args.checkpoint, args.out_dir, use_ema=not args.no_ema, vae=vae, vae_name=f"--vae {args.vae}",
                  overwrite=args.overwrite)
@@ -161,9 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("train_args", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("export", help="training checkpoint -> pipeline folder")
-    e.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
-    e.add_argument("out_dir")
+    e = sub.add_parser("export", help="training checkpoint -> pipeline folder (or, with --lora, a LoRA file)")
+    e.add_argument("checkpoint", help="a checkpoint folder, RUN/checkpoints/latest, or a run folder (its latest)")
+    e.add_argument("out_dir", help="the pipeline folder to write; with --lora, the .safetensors file")
+    e.add_argument("--lora", action="store_true", help="a LoRA run: write its LoRA alone as one .safetensors file")
+    e.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"],
+                   help="--lora's key layout: diffusers/peft (diffusers' load_lora_weights) or kohya/A1111")
     e.add_argument("--overwrite", action="store_true", help="replace OUT even if it holds other files")
     e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     e.add_argument("--vae", default=None, help="a diffusers vae/ folder to ship instead of the training VAE; it must "

@@ -12,6 +12,7 @@ existing one is replaced (as image tools do: the printed seed makes it again), a
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ CLI_FLAGS = {  # Pipeline.__call__'s option names -> the flags of `ldm generate`
     "sampler": "--sampler", "height": "--height", "width": "--width", "seed": "--seed",
     "num_images_per_prompt": "--num-images", "strength": "--strength", "sigma_schedule": "--sigma-schedule",
     "eta": "--eta", "cache_interval": "--cache-interval", "cache_depth": "--cache-depth", "device": "--device",
-    "dtype": "--dtype", "threads": "--threads", "grid_cols": "--grid-cols",
+    "dtype": "--dtype", "threads": "--threads", "grid_cols": "--grid-cols", "mask_image": "--mask",
+    "clip_skip": "--clip-skip", "prompt_syntax": "--emphasis", "noise_level": "--noise-level",
+    "upscale_steps": "--upscale-steps",
 }
 
 
@@ -61,6 +64,10 @@ def add_generate_parser(sub: Any, dtypes: tuple[str, ...]) -> None:
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the first image, an integer in [0, 2**64) (image i gets seed + i)")
     g.add_argument("--negative-prompt", default=None, help="replaces the empty prompt of guidance")
+    g.add_argument("--emphasis", action="store_true", help='read "(word:1.3)", "(word)" (x1.1), "[word]" (/1.1), '
+                   '"\\(" and BREAK as AUTOMATIC1111 does (default: every character is prompt text, as diffusers)')
+    g.add_argument("--clip-skip", type=int, default=None, metavar="K", help="read the text encoder K layers before "
+                   "its last, as diffusers' clip_skip (1: the penultimate layer; default: the model's)")
     g.add_argument("--height", type=int, default=None, help="pixels, a multiple of the model's VAE factor: 8 for SD, "
                    "4 for the bundled model (default: the model's trained size)")
     g.add_argument("--width", type=int, default=None, help="pixels, as --height (default: the model's trained size)")
@@ -69,7 +76,18 @@ def add_generate_parser(sub: Any, dtypes: tuple[str, ...]) -> None:
     g.add_argument("--grid", action="store_true", help="write all images as one grid to OUTPUT")
     g.add_argument("--grid-cols", type=int, default=None, help="grid columns, 1 to N (default ceil(sqrt(N)))")
     g.add_argument("--image", default=None, help="init image: image-to-image")
-    g.add_argument("--strength", type=float, default=None, help="img2img noise strength in (0, 1] (default 0.8)")
+    g.add_argument("--strength", type=float, default=None, help="img2img noise strength in (0, 1] (default 0.8; "
+                   "1.0 with --mask)")
+    g.add_argument("--mask", default=None, metavar="PATH", help="inpainting mask for --image, of its size: white "
+                   "repaints, black keeps (docs/inpainting.md)")
+    g.add_argument("--upscale", default=None, metavar="FOLDER", help="then upscale each image with this "
+                   "StableDiffusionUpscalePipeline folder, e.g. the x4 upscaler (a cascade: docs/cascade.md)")
+    g.add_argument("--noise-level", type=int, default=20, help="with --upscale: the noise level of the low-res "
+                   "image, 0 to the upscaler's max_noise_level (default 20)")
+    g.add_argument("--upscale-steps", type=int, default=None, help="with --upscale: the upscaler's sampling steps "
+                   "(default 30)")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="apply a LoRA file "
+                   "(diffusers/peft or kohya/A1111 layout) at SCALE (default 1); repeatable (docs/lora.md)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt, .bin)")
     g.add_argument("--model-config", default=None, metavar="FOLDER", help="for a single-file --model of another size: "
                    "a pipeline folder whose configs fit it")
@@ -107,20 +125,29 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError('the prompt is empty: give the text to draw, e.g. ldm generate "a red circle" -o out.png')
     if args.image is None and args.strength is not None:
         raise UsageError("--strength needs --image (image-to-image)")
+    if args.image is None and args.mask is not None:
+        raise UsageError("--mask needs --image (the image to inpaint)")
     n = check_int("num_images_per_prompt", args.num_images, 1)
+    check_int("noise_level", args.noise_level, 0)  # its upper bound is the upscaler's, checked once it is loaded
+    if args.upscale_steps is not None:
+        check_int("upscale_steps", args.upscale_steps, 1, 1000)
+    if args.upscale is not None and args.image is not None:
+        raise UsageError("--upscale upscales generated images; --image (image-to-image) cannot be combined with it")
     opts = check_call_options(
         prompt, args.negative_prompt, args.steps, args.guidance, args.guidance_rescale, args.guidance_interval,
-        args.sampler, args.height, args.width, args.seed, n, 0.8 if args.strength is None else args.strength,
-        sigma_schedule=args.sigma_schedule, eta=args.eta, cache_interval=args.cache_interval,
-        cache_depth=args.cache_depth, img2img=args.image is not None)
+        args.sampler, args.height, args.width, args.seed, n, args.strength, sigma_schedule=args.sigma_schedule,
+        eta=args.eta, cache_interval=args.cache_interval, cache_depth=args.cache_depth, img2img=args.image is not None,
+        inpaint=args.mask is not None, clip_skip=args.clip_skip, prompt_syntax="a1111" if args.emphasis else "plain")
     if args.grid_cols is not None:
         if not args.grid:
             raise UsageError("--grid-cols needs --grid")
         check_int("grid_cols", args.grid_cols, 1, n, note=" (at most --num-images)")
     threads = None if args.threads is None else check_int("threads", args.threads, 1)
+    loras = _loras(args.lora)
     device, dtype = check_device(args.device), check_dtype(args.dtype)
     out = _output(Path(args.output).expanduser())
     init = _init_image(args.image)
+    mask = _init_image(args.mask, "--mask", None)  # its own mode: pipelines.inpaint reads any as grey
     size = (opts.height, opts.width) if init is None or (opts.height and opts.width) else init.size[::-1]
     if size[0] is not None and size[1] is not None:
         _check_floor(size[0], size[1], n if args.grid else 1)
@@ -137,6 +164,16 @@ def _generate(args: argparse.Namespace) -> int:
     c = load_model(args.model, args.allow_pickle, config=args.model_config)
     pipe = Pipeline(c.unet, c.vae, c.text_encoder, c.schedule, device=device, dtype=dtype)
     pipe.sampling_defaults = sampling_defaults(args.model or "default")
+    for path, scale in loras:  # every key checked (pipelines.lora)
+        pipe.load_lora(path, scale, allow_pickle=args.allow_pickle)
+    run: Any = pipe  # with --upscale: a cascade, the base stage's batches upscaled as they are done
+    if args.upscale is not None:
+        from pipelines.cascade import Cascade
+        from pipelines.upscaler import Upscaler
+
+        upscaler = Upscaler.from_pretrained(args.upscale, device=pipe.device, dtype=pipe.dtype)
+        run = functools.partial(Cascade(pipe, upscaler), noise_level=upscaler.check_noise_level(args.noise_level),
+                                upscale_steps=args.upscale_steps)
 
     # 3. what depends on it: the size, then the batch the memory estimate allows
     trained = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -154,15 +191,16 @@ def _generate(args: argparse.Namespace) -> int:
         "guidance_scale": opts.guidance_scale, "guidance_rescale": opts.guidance_rescale,
         "guidance_interval": opts.guidance_interval, "sigma_schedule": args.sigma_schedule, "eta": opts.eta,
         "cache_interval": args.cache_interval, "cache_depth": args.cache_depth, "height": args.height,
-        "width": args.width, "progress": not args.no_progress}
+        "width": args.width, "progress": not args.no_progress, "clip_skip": opts.clip_skip,
+        "prompt_syntax": opts.prompt_syntax}
     if init is not None:
-        kwargs.update(image=init, strength=opts.strength)
+        kwargs.update(image=init, mask_image=mask, strength=opts.strength)
     tiles: list[Any] = []
     seeds: list[int] = []
     with torch.inference_mode():
         for start in range(0, n, batch):
             seed = None if opts.seed is None else (opts.seed + start) % SEED_SPACE
-            result = pipe(prompt, seed=seed, num_images_per_prompt=min(batch, n - start), **kwargs)
+            result = run(prompt, seed=seed, num_images_per_prompt=min(batch, n - start), **kwargs)
             if args.grid and n > 1:
                 tiles += result.images
                 seeds += result.seeds
@@ -177,6 +215,16 @@ def _generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _loras(specs: list[str]) -> list[tuple[Path, float]]:
+    """--lora PATH[:SCALE] options, checked before the model loads."""
+    from pipelines.lora import parse_lora_option
+
+    try:
+        return [parse_lora_option(spec) for spec in specs]
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
 def _output(out: Path) -> Path:
     """-o: an image file name whose folder exists (an existing file is replaced); a folder is refused."""
     if out.is_dir():
@@ -187,16 +235,16 @@ def _output(out: Path) -> Path:
     return out
 
 
-def _init_image(path: str | None) -> Any:
+def _init_image(path: str | None, flag: str = "--image", mode: str | None = "RGB") -> Any:
     if path is None:
         return None
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return im.convert(mode) if mode else im.copy()
     except (OSError, UnidentifiedImageError) as e:
-        raise UsageError(f"cannot read --image {path}: {one_line(e)}") from e
+        raise UsageError(f"cannot read {flag} {path}: {one_line(e)}") from e
 
 
 def _check_floor(height: int, width: int, images: int) -> None:

@@ -14,7 +14,10 @@ OVERHEAD (the kernels' scratch and the allocator's slack, measured at 60-120 MiB
 - VAE encoder (img2img), on B at H x W: K_ENCODER x (3 + 2 x the first level's channels) + 16 values per pixel.
 
 Attention is computed by scaled_dot_product_attention, whose fused kernels (flash on the CPU, flash or
-memory-efficient on CUDA) keep no tokens x tokens matrix, so nothing grows with the square of the pixels. The constants
+memory-efficient on CUDA) keep no tokens x tokens matrix, so nothing grows with the square of the pixels, nor with
+the text's length (77 tokens per window of a long prompt, ldm.networks.prompt_encoder), which adds only its keys and
+values: SD 1.5's U-Net at batch 2 measured 192 / 260 MiB with 16 windows (1232 tokens) against 177 / 245 MiB with one
+(256 / 384 px; estimates 204 / 300 MiB), so the estimate leaves the length out. The constants
 are fitted to the peak memory `python benchmarks/memory.py` measures (each phase in a fresh process on the CPU; tiny,
 bundled and SD 1.5 shapes): the estimate is 1.06-1.33x the measured peak for SD 1.5's shapes, 1.2-1.8x for the
 bundled model at 1024 px, more at small sizes where OVERHEAD dominates (benchmarks/results/memory.md; repeated runs

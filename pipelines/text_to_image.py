@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,22 +9,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from autoencoder.model import AutoencoderKL
 from ldm.diffusion.denoiser import CFGDenoiser, DiscreteVPDenoiser
-from ldm.random import SEED_SPACE, cpu_generator, randn
+from ldm.random import randn
 from ldm.diffusion.samplers import SAMPLERS, SamplingPlan
-from ldm.diffusion.sampling import FiniteWatch
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.text import TextEncoder
 from ldm.networks.feature_cache import FeatureCache
 from ldm.networks.unet import UNet
 from ldm.loading.components import Components, check_components, save_pipeline
-from pipelines.call_options import (CallOptions, OptionError, check_call_options, check_device, check_dtype, check_int,
-                                    check_strength_steps)
-from pipelines.images import from_image, to_output
+from pipelines.call_options import (CallOptions, OptionError, check_call_options, check_clip_skip, check_device,
+                                    check_dtype, check_int, check_strength_steps)
+from pipelines.conditioning import AddedConditions, added_conditions, check_size_conditioning
+from pipelines.guidance_options import check_classifier_options, classifier_guided
+from pipelines.images import to_output
+from pipelines.inpaint import check_inpainting, image_start, init_and_mask
+from pipelines.lora import LoraMixin
 from pipelines.memory import Estimate, call_bytes, check_fits
+from pipelines.sampling_run import generators as _generators, run_sampler
 from pipelines.vae_precision import run_upcasting
 from ldm.loading.sources import load_components, sampling_defaults
 
@@ -67,7 +69,7 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-class Pipeline:
+class Pipeline(LoraMixin):
     """A latent text-to-image model: `Pipeline()` is the bundled default model; `Pipeline.from_pretrained(path)`
     reads our folder, a diffusers Stable Diffusion folder or a single-file checkpoint."""
 
@@ -94,7 +96,7 @@ class Pipeline:
         elif not all(given):
             raise ValueError("pass all four components (unet, vae, text_encoder, schedule), or none for the default model")
         assert unet is not None and vae is not None and text_encoder is not None and schedule is not None
-        check_components(unet, vae, text_encoder)
+        check_components(unet, vae, text_encoder, schedule)
         self.unet, self.vae, self.text_encoder, self.schedule = unet.eval(), vae.eval(), text_encoder.eval(), schedule
         self.scheduler_config = scheduler_config
         # refuse a call whose memory estimate exceeds what the device has (pipelines.memory); False skips the check
@@ -130,9 +132,10 @@ class Pipeline:
     def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> None:
         """Write a safetensors pipeline folder that this class and diffusers' StableDiffusionPipeline both load; the
         scheduler keeps the class and the keys of the folder it was loaded from. It replaces a pipeline folder, a
-        folder of anything else only with overwrite=True."""
-        save_pipeline(path, unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, schedule=self.schedule,
-                      scheduler_config=self.scheduler_config, overwrite=overwrite)
+        folder of anything else only with overwrite=True. Fused LoRAs are saved merged (pipelines.lora)."""
+        with self.plain_layers("save_pretrained"):
+            save_pipeline(path, unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, schedule=self.schedule,
+                          scheduler_config=self.scheduler_config, overwrite=overwrite)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         """Move to a device and dtype, the VAE too: in fp16 it decodes in fp16 (as diffusers' StableDiffusionPipeline)
@@ -191,6 +194,7 @@ class Pipeline:
         check_int("num_inference_steps", steps, 1, t, note=" (this schedule's num_train_timesteps)")
         branches = self.unet.cache_branches
         check_int("cache_depth", opts.cache_depth, 0, branches - 1, note=f" (this U-Net has {branches} skip branches)")
+        check_clip_skip(opts.clip_skip, self.text_encoder)
         if img2img:
             check_strength_steps(opts.strength, steps)
         if self.memory_check:
@@ -206,9 +210,10 @@ class Pipeline:
                           "images without meaning (and, larger, a run that takes (size / trained size)^2 times "
                           "longer); height and width default to the trained size", stacklevel=4)  # the caller of pipe(...)
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(B, n, D) text embeddings (n: the tokenizer's model_max_length, CLIP's 77)."""
-        return self.text_encoder.encode(prompts).to(self.device, self.dtype)
+    def encode_prompts(self, prompts: list[str], **options: Any) -> torch.Tensor:
+        """(B, k n, D) text embeddings (n: the tokenizer's model_max_length, CLIP's 77; k windows of it, 1 for prompts
+        that fit; `options`: PromptEncoder.encode's, e.g. clip_skip, syntax)."""
+        return self.text_encoder.encode(prompts, **options).to(self.device, self.dtype)
 
     def denoiser(self, plan: SamplingPlan, cache: FeatureCache | None = None) -> DiscreteVPDenoiser:
         """The U-Net as D(x, sigma, encoder_hidden_states) for `plan` (VP input scaling, sigma -> t,
@@ -217,7 +222,10 @@ class Pipeline:
         unet, dtype = self.unet, self.dtype
         extra = {} if cache is None else {"cache": cache}
 
-        def net(x_vp: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        def net(x_vp: torch.Tensor, t: torch.Tensor, concat: torch.Tensor | None = None,
+                **cond: torch.Tensor) -> torch.Tensor:
+            if concat is not None:  # inpainting U-Nets: [latents, mask, masked-image latents] (pipelines.inpaint)
+                x_vp = torch.cat([x_vp, concat.to(x_vp)], 1)
             return unet(x_vp.to(dtype), t, **{k: v.to(dtype) for k, v in cond.items()}, **extra).float()
 
         denoiser = plan.denoiser(net)
@@ -249,7 +257,8 @@ class Pipeline:
         latents: torch.Tensor | None = None,
         num_images_per_prompt: int = 1,
         image: Any = None,
-        strength: float = 0.8,
+        mask_image: Any = None,
+        strength: float | None = None,
         output_type: OutputType = "pil",
         progress: bool = True,
         callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
@@ -258,8 +267,22 @@ class Pipeline:
         eta: float | None = None,
         cache_interval: int | None = None,
         cache_depth: int = 0,
+        clip_skip: int | None = None,
+        prompt_syntax: str = "plain",
+        original_size: tuple[int, int] | None = None,  # SDXL's micro-conditioning (pipelines.conditioning)
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,  # the SDXL refiner's (pipelines.conditioning)
+        negative_aesthetic_score: float = 2.5,
+        classifier: Any = None,  # classifier guidance (pipelines.guidance_options): a NoisyClassifier or its folder
+        classifier_scale: float = 1.0,
+        label: int | str | Sequence[int | str] | None = None,
     ) -> PipelineOutput:
-        """Generate images. `prompt` is a string or a list; `image` + `strength` makes it image-to-image.
+        """Generate images. `prompt` is a string or a list; `image` + `strength` (default 0.8) makes it image-to-image,
+        with `mask_image` inpainting (white repaints, black keeps; strength default 1.0; pipelines.inpaint).
 
         `sampler` and `num_inference_steps` left None take `self.sampling_defaults`: for the bundled model Euler at
         10 steps (the fewest network evaluations within noise of its best adherence, benchmarks/results/defaults.md),
@@ -274,6 +297,10 @@ class Pipeline:
         "karras".
         `cache_interval=N` (> 1) runs the U-Net in full every N-th network call and reuses the deep feature of skip
         branch `cache_depth` in between (DeepCache, Ma et al. 2023; ldm.networks.feature_cache); None or 1: off.
+        Prompts past 77 tokens are encoded in 75-token windows; `prompt_syntax="a1111"` reads emphasis, "(word:1.3)",
+        "[word]"; `clip_skip=k` reads the text encoder k layers before its last, as diffusers (docs/prompts.md).
+        `classifier` + `label` (a class index or name, or one per image) + `classifier_scale`: classifier guidance
+        toward the label with a noisy classifier (Dhariwal & Nichol 2021; docs/guidance.md).
 
         Every option is checked before anything runs (pipelines.call_options, whose docstring gives the ranges), then
         what depends on the model and the memory estimate (`check_call`); an error names the option, the value and
@@ -285,25 +312,33 @@ class Pipeline:
         opts = check_call_options(  # every option, before anything runs (pipelines.call_options)
             prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, guidance_interval,
             sampler, height, width, seed, num_images_per_prompt, strength, output_type, sigma_schedule, karras_sigmas,
-            eta, cache_interval, cache_depth, callback, img2img=image is not None)
+            eta, cache_interval, cache_depth, callback, img2img=image is not None, inpaint=mask_image is not None,
+            clip_skip=clip_skip, prompt_syntax=prompt_syntax)
         steps, sampler, f = opts.num_inference_steps or 0, opts.sampler or "", self.vae_scale_factor
-        init = None
+        init = mask = None
         if image is not None:
             if opts.height is not None and opts.width is not None:  # the image is resized: checked before
                 self.check_call(opts, opts.height, opts.width, steps, img2img=True)
-            init = from_image(image, opts.height, opts.width)  # (N or 1, 3, H, W) in [-1, 1]
+            init, mask = init_and_mask(image, mask_image, opts.height, opts.width)  # (N or 1, 3, H, W) in [-1, 1]
             height, width = int(init.shape[-2]), int(init.shape[-1])
         height = self.unet.config.sample_size * f if height is None else height
         width = self.unet.config.sample_size * f if width is None else width
         self.check_call(opts, height, width, steps, img2img=init is not None)  # before any network runs
+        check_inpainting(self.unet, self.vae, mask)
+        added = added_conditions(self.unet, self.text_encoder, check_size_conditioning(  # SDXL's; None for others
+            original_size, crops_coords_top_left, target_size, negative_original_size, negative_crops_coords_top_left,
+            negative_target_size, aesthetic_score, negative_aesthetic_score), height, width,
+            negative_prompt_given=negative_prompt is not None)
 
         prompts = [p for p in opts.prompts for _ in range(opts.num_images_per_prompt)]
         negatives = [n for n in opts.negatives for _ in range(opts.num_images_per_prompt)]
         n = len(prompts)
+        guide = check_classifier_options(classifier, classifier_scale, label, n, self.vae.config.latent_channels,
+                                         self.schedule.num_train_timesteps)
         if init is not None and init.shape[0] not in (1, n):
             raise ValueError(f"got {init.shape[0]} init images for {n} outputs (give one, or one per output)")
         seeds, generators = _generators(opts.seeds(), generator, n)
-        shape = (n, self.unet.config.in_channels, height // f, width // f)
+        shape = (n, self.vae.config.latent_channels, height // f, width // f)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for these settings, got {tuple(latents.shape)}")
         cache = FeatureCache(opts.cache_interval, opts.cache_depth)  # one per call: its state lives for this run only
@@ -312,40 +347,25 @@ class Pipeline:
         plan = spec.plan(self.schedule, steps, karras=opts.karras_sigmas,
                          sigma_schedule=opts.sigma_schedule)  # as its diffusers scheduler
         if init is not None:
-            kept, z0 = self._img2img_start(init, n, opts.strength, steps)
-            plan = plan.last(kept)
+            start = image_start(self.unet, self.vae, init, mask, n, opts.strength, steps, self.device)
+            plan = plan.last(start.kept)  # the last int(steps * strength) steps, as diffusers
         sigmas = plan.sigmas.float().to(self.device)
         noise = latents.to(self.device, torch.float32) if latents is not None else randn(
             shape, generators, device=self.device, dtype=torch.float32)
-        if init is not None:
-            x = z0 + noise * sigmas[0]  # q(z_t | z_0) in sigma space
-        else:
-            x = noise * plan.prior_scale  # the prior its diffusers scheduler starts from (init_noise_sigma)
+        # the prior its diffusers scheduler starts from (init_noise_sigma); from an image z0 + sigma n (ImageStart)
+        x = start.begin(noise, sigmas[0], plan.prior_scale) if init is not None else noise * plan.prior_scale
 
         base = self.denoiser(plan, cache if cache.interval > 1 else None)
         model, cond = self._guided(base, prompts, negatives, opts.guidance_scale, opts.guidance_rescale,
-                                   opts.guidance_interval)
+                                   opts.guidance_interval, added, opts.text_options)
+        if init is not None:  # inpainting: the mask conditioning, or the re-noised known region
+            model, cond = start.wrap(model, cond, noise, float(plan.sigmas[0]))
+        model = classifier_guided(model, base, guide, classifier_scale, self.device)  # None: model itself
         options: dict[str, Any] = {"cond": cond, "generator": generators}
         if opts.eta is not None:
             options["eta"] = opts.eta
-        bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc="sampling", leave=False)
-
-        watch = FiniteWatch() if self.device.type != "cpu" else None  # the CPU checks each step as it goes
-
-        def step(i: int, sigma: float, xi: torch.Tensor, x0: torch.Tensor) -> None:
-            bar.update(1)
-            if watch is not None:
-                watch(i, sigma, xi, x0)
-            if callback is not None:
-                callback(i, sigma, xi, x0)
-
-        try:
-            out = spec(model, x, sigmas, callback=step, **options, **plan.options)
-        finally:
-            bar.close()
-        if watch is not None:
-            watch.check()  # one host synchronisation for the whole loop
-        out = spec.to_output(out, sigmas[-1].item())  # DDIM with set_alpha_to_one=False ends at sigma > 0, in VP
+        out = run_sampler(spec, plan, model, x, sigmas, options, progress=progress, callback=callback)
+        out = start.finish(out) if init is not None else out  # re-noising inpainting: z0 in the known region
         if opts.output_type == "latent":
             return PipelineOutput(images=out, seeds=seeds, latents=out)
         return PipelineOutput(images=to_output(self.decode(out), opts.output_type), seeds=seeds, latents=out)
@@ -358,36 +378,22 @@ class Pipeline:
         scale: float,
         rescale: float,
         interval: tuple[float, float] | None,
+        added: AddedConditions | None = None,
+        text: dict[str, Any] | None = None,
     ) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
-        """`base` with classifier-free guidance; at scale 1 only the conditional branch is run."""
+        """`base` with classifier-free guidance; at scale 1 only the conditional branch is run. `added`: SDXL's
+        pooled embeddings and micro-conditioning, added to both branches (pipelines.conditioning). `text`: the text
+        encoder's options (CallOptions.text_options)."""
         if scale == 1.0 and rescale == 0.0:
-            return base, {"encoder_hidden_states": self.encode_prompts(prompts)}
-        c, c_negative = self.text_encoder.encode_pair(prompts, negatives)
+            cond = {"encoder_hidden_states": self.encode_prompts(prompts, **(text or {}))}
+            if added is not None:
+                added.extend(cond, prompts, **(text or {}))
+            return base, cond
+        c, c_negative = self.text_encoder.encode_pair(prompts, negatives, **(text or {}))
         cond = {"encoder_hidden_states": c.to(self.device, self.dtype)}
         uncond = {"encoder_hidden_states": c_negative.to(self.device, self.dtype)}
+        if added is not None:
+            added.extend(cond, prompts, uncond, negatives, **(text or {}))
         cfg = CFGDenoiser(base, scale, rescale, interval)
         return cfg, {"cond": cond, "uncond": uncond}
 
-    def _img2img_start(
-        self, init: torch.Tensor, n: int, strength: float, steps: int
-    ) -> tuple[int, torch.Tensor]:
-        """(steps kept, z0): encode the image (posterior mode) and keep the last floor(steps * strength) steps, as
-        diffusers does (int(steps * strength)); strength = 1 keeps them all and starts from z0 + sigma_max * noise."""
-        kept = min(int(steps * strength), steps)
-        mode = run_upcasting(self.vae, lambda vae: vae.encode(init.to(self.device, vae.dtype)).mode())
-        z0 = self.vae.scale_latents(mode).float().expand(n, -1, -1, -1)
-        return kept, z0
-
-
-def _generators(
-    seeds: list[int] | None, generator: torch.Generator | list[torch.Generator] | None, n: int
-) -> tuple[list[int], torch.Generator | list[torch.Generator]]:
-    """One CPU generator per image (the seeds given, checked by pipelines.call_options, or random ones;
-    ldm.random.cpu_generator draws distinct noise for every 64-bit seed), unless `generator` is given."""
-    if generator is not None:
-        if isinstance(generator, list) and len(generator) != n:
-            raise ValueError(f"got {len(generator)} generators for {n} images")
-        return [], generator
-    if seeds is None:
-        seeds = [random.randrange(SEED_SPACE) for _ in range(n)]
-    return seeds, [cpu_generator(s) for s in seeds]

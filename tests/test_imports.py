@@ -15,7 +15,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ldm.config",),  # plumbing: YAML <-> dataclasses (writes through ldm.io)
     ("ldm.diffusion", "ldm.networks"),  # the math; the networks
     ("autoencoder",),  # the KL-VAE, built from ldm.networks' blocks
-    ("ldm.loading",),  # a model's parts, and reading / writing them: diffusers folders, single files, the hub
+    ("ldm.loading", "ldm.lora"),  # a model's parts, and reading / writing them: diffusers folders, single files, the
+    # hub; LoRA files and peft layers (ldm.lora)
     ("ldm.training",),  # every training application and what they share
     ("ldm.shapes",),  # the synthetic world and the bundled model's recipe
     ("pipelines",),  # what a user calls

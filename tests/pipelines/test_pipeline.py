@@ -187,9 +187,10 @@ def test_bad_input_is_named(ours, kwargs, error, message):
         ours(**{"num_inference_steps": 2, "progress": False, **kwargs})
 
 
-def test_long_prompt_is_truncated_with_a_warning(ours):
-    with pytest.warns(UserWarning, match="dropped"):
-        ours("red " * 100, num_inference_steps=1, height=32, width=32, seed=0, output_type="latent", progress=False)
+def test_prompt_past_the_windows_is_truncated_with_a_warning(ours):
+    """Past 77 tokens prompts take 75-token windows (tests/networks/test_long_prompts.py), at most max_windows (16)."""
+    with pytest.warns(UserWarning, match="17 windows.*dropped"):
+        ours("red " * 1201, num_inference_steps=1, height=32, width=32, seed=0, output_type="latent", progress=False)
 
 
 def test_incompatible_components_are_refused():

@@ -1,0 +1,207 @@
+"""Text-guided super-resolution (the Stable Diffusion x4 upscaler's design; cascaded diffusion, Ho et al. 2021):
+the low-resolution image, noised to `noise_level` by the low-res schedule, is concatenated to the latents on their
+channels at every network call, and the noise level is the U-Net's class label. Same images as diffusers'
+StableDiffusionUpscalePipeline on the same weights and generator."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoencoder.model import AutoencoderKL
+from ldm.diffusion.denoiser import DiscreteVPDenoiser
+from ldm.diffusion.process import q_sample
+from ldm.diffusion.samplers import SAMPLERS, SamplingPlan
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.loading.sources import sampling_defaults
+from ldm.loading.upscaler import (DEFAULT_MAX_NOISE_LEVEL, UpscalerComponents, check_upscaler_components,
+                                  load_upscaler, save_upscaler, upscaler_vae)
+from ldm.networks.feature_cache import FeatureCache
+from ldm.networks.text import TextEncoder
+from ldm.networks.unet import UNet
+from ldm.random import randn
+from pipelines.call_options import OptionError, check_call_options, check_device, check_dtype, check_int
+from pipelines.images import from_image, to_output
+from pipelines.sampling_run import generators, run_sampler
+from pipelines.text_to_image import OutputType, Pipeline, PipelineOutput, default_device, default_dtype
+
+
+class Upscaler(Pipeline):
+    """A text-guided super-resolution stage: `Upscaler.from_pretrained(folder)` reads a diffusers
+    StableDiffusionUpscalePipeline folder (ours or theirs), `up(prompt, image=low_res)` (or calling it) upscales by
+    the VAE's factor. A Pipeline in all but the call: placement, compile, prompts, guidance and decoding are its."""
+
+    def __init__(
+        self,
+        unet: UNet,
+        vae: AutoencoderKL,
+        text_encoder: TextEncoder,
+        schedule: NoiseSchedule,
+        low_res_schedule: NoiseSchedule,
+        *,
+        max_noise_level: int = DEFAULT_MAX_NOISE_LEVEL,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        scheduler_config: dict[str, Any] | None = None,
+        low_res_scheduler_config: dict[str, Any] | None = None,
+    ) -> None:
+        """`schedule` samples; `low_res_schedule` noises the low-resolution image (diffusers' low_res_scheduler);
+        the scheduler configs they came from are kept for save_pretrained."""
+        check_upscaler_components(unet, vae, text_encoder, low_res_schedule, max_noise_level)
+        self.unet, self.text_encoder, self.schedule = unet.eval(), text_encoder.eval(), schedule
+        self.vae = upscaler_vae(vae, "the upscaler's VAE").eval()
+        self.low_res_schedule, self.max_noise_level = low_res_schedule, max_noise_level
+        self.scheduler_config, self.low_res_scheduler_config = scheduler_config, low_res_scheduler_config
+        self.sampling_defaults: dict[str, Any] = sampling_defaults("")  # DPM-Solver++(2M), 30 steps
+        self.memory_check = True
+        device = check_device(device) or default_device()
+        self.to(device, check_dtype(dtype) or default_dtype(device))
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls, path: str | Path, *, allow_pickle: bool = False, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Upscaler:
+        """Load a StableDiffusionUpscalePipeline folder (ldm.loading.upscaler)."""
+        c = load_upscaler(path, allow_pickle=allow_pickle)
+        return cls(c.unet, c.vae, c.text_encoder, c.schedule, c.low_res_schedule, max_noise_level=c.max_noise_level,
+                   device=device, dtype=dtype, scheduler_config=c.scheduler_config,
+                   low_res_scheduler_config=c.low_res_scheduler_config)
+
+    @property
+    def components(self) -> UpscalerComponents:  # type: ignore[override]
+        return UpscalerComponents(self.unet, self.vae, self.text_encoder, self.schedule, self.low_res_schedule,
+                                  self.max_noise_level, self.scheduler_config, self.low_res_scheduler_config)
+
+    def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Write a safetensors StableDiffusionUpscalePipeline folder that this class and diffusers both load."""
+        self.check_no_lora("save_pretrained")  # as Pipeline's: peft's layers would write keys no loader reads
+        save_upscaler(path, self.components, overwrite=overwrite)
+
+    def denoiser(self, plan: SamplingPlan, cache: FeatureCache | None = None) -> DiscreteVPDenoiser:
+        """D(x, sigma, encoder_hidden_states, image, class_labels): the U-Net on the VP latents with the noised
+        low-resolution `image` on their channels (diffusers: scale_model_input, then the concatenation)."""
+        unet, dtype = self.unet, self.dtype
+        extra = {} if cache is None else {"cache": cache}
+
+        def net(x_vp: torch.Tensor, t: torch.Tensor, *, image: torch.Tensor, class_labels: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+            sample = torch.cat([x_vp.to(dtype), image.to(dtype)], dim=1)  # (B, latent + 3, h, w)
+            return unet(sample, t, encoder_hidden_states.to(dtype), class_labels=class_labels, **extra).float()
+
+        denoiser = plan.denoiser(net)
+        return denoiser if self.device.type == "mps" else denoiser.to(self.device)
+
+    def check_noise_level(self, noise_level: int) -> int:
+        """An integer in [0, max_noise_level] that the U-Net has a class embedding for."""
+        level = check_int("noise_level", noise_level, 0, self.max_noise_level)
+        classes = self.unet.config.num_class_embeds or 0
+        if level >= classes:
+            raise OptionError("noise_level", level, f"below the U-Net's num_class_embeds ({classes})")
+        return level
+
+    def noised_low_res(self, image: torch.Tensor, noise_level: int, noise: torch.Tensor) -> torch.Tensor:
+        """The low-resolution image (N, 3, h, w) in [-1, 1] at `noise_level` of the low-res schedule:
+        sqrt(alphā) x + sqrt(1 - alphā) noise (Ho et al. 2020, eq. 4; diffusers' low_res_scheduler.add_noise)."""
+        t = torch.full((image.shape[0],), noise_level, dtype=torch.long)
+        return q_sample(image, t, self.low_res_schedule.alphas_cumprod().to(image.device), noise)
+
+    @torch.no_grad()
+    def __call__(  # type: ignore[override]
+        self,
+        prompt: str | list[str],
+        image: Any,
+        noise_level: int = 20,
+        num_inference_steps: int | None = None,
+        guidance_scale: float = 9.0,
+        negative_prompt: str | list[str] | None = None,
+        sampler: str | None = None,
+        seed: int | Sequence[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: OutputType = "pil",
+        progress: bool = True,
+        callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
+        guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
+        karras_sigmas: bool | None = None,
+        sigma_schedule: str | None = None,
+        eta: float | None = None,
+        cache_interval: int | None = None,
+        cache_depth: int = 0,
+    ) -> PipelineOutput:
+        """Upscale `image` (a PIL image, a list of them, a uint8 (H, W, 3) array or a (N, 3, H, W) tensor in [0, 1]:
+        one, or one per prompt) by the VAE's factor, guided by `prompt`. `noise_level` (0 .. max_noise_level, 20 as
+        diffusers): how far the low-res image is noised before conditioning (more: the model invents more detail).
+
+        The other options are Pipeline's (same names, checks and seeds); `guidance_scale` defaults to 9 as diffusers'
+        upscaler. Noise is drawn per image from its generator, the low-res image's noise first, then the latents': with
+        one image per prompt this is diffusers' order, so the same generator gives its image (within 1/255 in fp32).
+        """
+        sampler = self.sampling_defaults["sampler"] if sampler is None else sampler
+        steps = self.sampling_defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        opts = check_call_options(
+            prompt, negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, sampler=sampler, seed=seed,
+            num_images_per_prompt=num_images_per_prompt, output_type=output_type, sigma_schedule=sigma_schedule,
+            karras_sigmas=karras_sigmas, eta=eta, cache_interval=cache_interval, cache_depth=cache_depth,
+            callback=callback)
+        level = self.check_noise_level(noise_level)
+        low = from_image(image)  # (1 or one per prompt, 3, h, w) in [-1, 1]
+        if low.shape[0] not in (1, len(opts.prompts)):
+            raise ValueError(f"got {low.shape[0]} low-resolution images for {len(opts.prompts)} prompts (give one, "
+                             "or one per prompt)")
+        prompts = [p for p in opts.prompts for _ in range(opts.num_images_per_prompt)]
+        negatives = [n for n in opts.negatives for _ in range(opts.num_images_per_prompt)]
+        n, (h, w), f = len(prompts), low.shape[-2:], self.vae_scale_factor
+        low = low.expand(n, -1, -1, -1) if low.shape[0] == 1 else low.repeat_interleave(opts.num_images_per_prompt, 0)
+        with warnings.catch_warnings():  # steps, cache, memory at the output size; the size warning is ours, below
+            warnings.filterwarnings("ignore", message=".* is far from the ")
+            self.check_call(opts, h * f, w * f, opts.num_inference_steps or 0)
+        trained = self.unet.config.sample_size
+        if max(h, w) > 2 * trained or min(h, w) * 2 < trained:
+            warnings.warn(f"a {h} x {w} low-resolution image is far from the {trained} x {trained} this upscaler was "
+                          "trained at: expect artefacts", stacklevel=2)
+
+        seeds, gens = generators(opts.seeds(), generator, n)
+        low_noise = randn(low.shape, gens, device=self.device, dtype=torch.float32)  # diffusers draws it first
+        low = self.noised_low_res(low.to(self.device), level, low_noise)
+        shape = (n, self.vae.config.latent_channels, h, w)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for these settings, got {tuple(latents.shape)}")
+        spec = SAMPLERS[opts.sampler or ""]
+        plan = spec.plan(self.schedule, opts.num_inference_steps or 0, karras=opts.karras_sigmas,
+                         sigma_schedule=opts.sigma_schedule)
+        sigmas = plan.sigmas.float().to(self.device)
+        noise = latents.to(self.device, torch.float32) if latents is not None else randn(
+            shape, gens, device=self.device, dtype=torch.float32)
+        x = noise * plan.prior_scale  # the prior its diffusers scheduler starts from (init_noise_sigma)
+
+        cache = FeatureCache(opts.cache_interval, opts.cache_depth)  # one per call
+        base = self.denoiser(plan, cache if cache.interval > 1 else None)
+        model, cond = self._guided(base, prompts, negatives, opts.guidance_scale, opts.guidance_rescale,
+                                   opts.guidance_interval)
+        labels = torch.full((n,), level, dtype=torch.long, device=self.device)
+        cond = _with_low_res(cond, {"image": low.to(self.dtype), "class_labels": labels})
+        options: dict[str, Any] = {"cond": cond, "generator": gens}
+        if opts.eta is not None:
+            options["eta"] = opts.eta
+        out = run_sampler(spec, plan, model, x, sigmas, options, progress=progress, callback=callback)
+        if opts.output_type == "latent":
+            return PipelineOutput(images=out, seeds=seeds, latents=out)
+        return PipelineOutput(images=to_output(self.decode(out), opts.output_type), seeds=seeds, latents=out)
+
+    up = __call__
+
+
+def _with_low_res(cond: dict[str, Any], extra: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The denoiser's conditioning (Pipeline._guided's: one dict, or cond / uncond for guidance) with the low-res
+    image and its noise level in every branch (the same in both, as diffusers concatenates them)."""
+    if set(cond) == {"cond", "uncond"}:
+        return {"cond": {**cond["cond"], **extra}, "uncond": {**cond["uncond"], **extra}}
+    return {**cond, **extra}
