@@ -21,6 +21,7 @@ from ldm.diffusion.denoiser import (
     DiscreteVPDenoiser,
     vp_input_scale,
 )
+from ldm.loading.sources import DEFAULT_MODEL
 from ldm.networks.classifier import NoisyClassifier
 from pipelines.call_options import OptionError
 
@@ -44,9 +45,12 @@ class ClassifierLogProb(nn.Module):
 
 
 def load_classifier(classifier: NoisyClassifier | str | Path) -> NoisyClassifier:
-    """A NoisyClassifier, or one loaded from its folder (config.json + model.safetensors)."""
+    """A NoisyClassifier, or one loaded from its folder (config.json + model.safetensors); "default" is the bundled
+    model's colour classifier (pipelines/default_model/classifier, docs/default-model.md)."""
     if isinstance(classifier, NoisyClassifier):
         return classifier
+    if classifier == "default":
+        return NoisyClassifier.from_pretrained(DEFAULT_MODEL / "classifier")
     if isinstance(classifier, (str, Path)):
         return NoisyClassifier.from_pretrained(classifier)
     raise OptionError("classifier", type(classifier).__name__, "a NoisyClassifier or the folder of one")

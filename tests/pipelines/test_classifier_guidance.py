@@ -118,3 +118,22 @@ def test_log_prob_reads_the_unets_vp_input_and_timestep(ours) -> None:
     x_vp = x / (1 + sigma**2).sqrt()[:, None, None, None]
     want = classifier(x_vp, torch.tensor([100.0, 700.0])).log_softmax(1)[[0, 1], [0, 2]]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_bundled_classifier_fits_the_bundled_model_and_moves_images_toward_its_label() -> None:
+    """classifier="default" loads the shipped colour classifier, which matches the bundled model's latents and
+    schedule; one DDPM step's guided x0 differs from the unguided one and scale 0 equals it exactly."""
+    from ldm.loading.sources import DEFAULT_MODEL
+    from pipelines.guidance_options import check_classifier_options, load_classifier
+
+    clf = load_classifier("default")
+    assert clf.config.labels[0] == "red" and (DEFAULT_MODEL / "classifier" / "model.safetensors").is_file()
+    model, labels = check_classifier_options("default", 2.0, ["red", "blue"], 2, 4, 1000)
+    assert labels.tolist() == [0, 5] and model.config.in_channels == 4
+    from pipelines import Pipeline
+
+    pipe = Pipeline(device="cpu", dtype=torch.float32)
+    kw = dict(guidance_scale=1.0, sampler="ddpm", num_inference_steps=2, seed=0, output_type="latent", progress=False)
+    plain = pipe("", **kw).images
+    assert torch.equal(pipe("", classifier="default", label="red", classifier_scale=0.0, **kw).images, plain)
+    assert not torch.allclose(pipe("", classifier="default", label="red", classifier_scale=8.0, **kw).images, plain)
