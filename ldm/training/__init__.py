@@ -1,9 +1,10 @@
 """Every training application and what they share: the config dataclasses (config), captioned datasets (data) and
 their checks (data_checks), the resumable loop (loop), atomic checkpoints (checkpoint), EMA (ema), local multi-process
 launch (launch), FSDP2 sharding with full-tensor checkpoints (fsdp) and processes beside (beside); LoRA training
-(lora); the U-Net application (unet: `ldm train`, `accelerate launch -m
-ldm.training.unet`), the KL-VAE (vae), the contrastive CLIP (clip), REPA alignment (repa), learned-variance objectives (variance_objective), a noisy classifier for classifier guidance (classifier), a cascade's super-resolution stage (super_resolution), and export of a run as a
-pipeline folder (export)."""
+(lora); the U-Net application (unet: `ldm train`, `accelerate launch -m ldm.training.unet`) and its step
+(diffusion_step), the KL-VAE (vae), the contrastive CLIP (clip), REPA alignment (repa), learned-variance objectives
+(variance_objective), a noisy classifier for classifier guidance (classifier), a cascade's super-resolution stage
+(super_resolution), and export of a run as a pipeline folder (export)."""
 
 from ldm.lazy import lazy_exports
 
@@ -60,9 +61,11 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "VAEModelConfig", "VAETrainConfig", "psnr", "check_same_trainable", "build_vae", "Reconstruct", "VAEStep",
         "evaluate_psnr", "train_vae", "export_vae"
     ),
+    "diffusion_step": (
+        "timestep_weights", "dropout_mask", "DiffusionStep"
+    ),
     "unet": (
-        "load_vae", "build_components", "save_frozen", "timestep_weights", "dropout_mask", "DiffusionStep",
-        "render_grid", "text_part", "align_part", "check_fresh_run", "check_frozen", "train"
+        "load_vae", "build_components", "save_frozen", "render_grid", "text_part", "align_part", "check_fresh_run", "check_frozen", "train"
     ),
     "export": (
         "find_checkpoint", "check_same_latents", "export_lora"

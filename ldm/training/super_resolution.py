@@ -144,7 +144,7 @@ def downsample(images: torch.Tensor, size: tuple[int, int], mode: str = "bicubic
 
 
 class LowResConditioning:
-    """The step's hook (ldm.training.unet.DiffusionStep): the batch's images -> the augmented low-res input on the
+    """The step's hook (ldm.training.diffusion_step.DiffusionStep): the batch's images -> the augmented low-res input on the
     latents' channels, and the noise levels as the U-Net's class labels."""
 
     def __init__(self, sr: SuperResolutionConfig, device: torch.device) -> None:

@@ -16,7 +16,7 @@ from ldm.training.checkpoint import (latest_checkpoint, list_checkpoints, load_c
 from ldm.config import ConfigError
 from ldm.training.ema import EMA, EMAConfig, ema_decay
 from ldm.diffusion.losses import timestep_bias_weights
-from ldm.training.unet import DiffusionStep, dropout_mask
+from ldm.training.diffusion_step import DiffusionStep, dropout_mask
 from ldm.training.config import OptimConfig, TrainConfig, build_lr_scheduler, build_optimizer, load_train_config
 
 BASE = {"model": {"unet": "unet-tiny.yaml", "vae": "vae-tiny.yaml", "text": {}},
