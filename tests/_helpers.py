@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,3 +36,18 @@ def tiny_overrides(data: Path, out: Path, *extra: str) -> list[str]:
 
 def tiny_config(data: Path, out: Path, *extra: str) -> TrainConfig:
     return load_train_config(TrainConfig, ROOT / "ldm/configs/train-tiny.yaml", tiny_overrides(data, out, *extra))
+
+
+def kill_at_checkpoint(cmd: list[str], checkpoint: Path, *, timeout: float = 240) -> dict[str, str]:
+    """Run `cmd` (from the repository root) until `checkpoint` exists, then SIGKILL it; returns the environment it ran
+    in, for the resumed run. Fails naming the process's stderr if it exits first, or after `timeout` seconds."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while not checkpoint.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, f"no {checkpoint.name} within {timeout} s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return env

@@ -3,11 +3,8 @@ processes match one, and the exported file round-trips and loads in diffusers gi
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,7 @@ from ldm.training.checkpoint import list_checkpoints, load_weights_only
 from ldm.training.export import export, export_lora
 from ldm.training.lora import LoraConfig, add_lora, lora_modules
 from ldm.training.unet import train
-from tests._helpers import ROOT, STEPS, tiny_config, tiny_overrides
+from tests._helpers import ROOT, STEPS, kill_at_checkpoint, tiny_config, tiny_overrides
 from tests.training.test_train import assert_same_checkpoint
 
 # a rank-2 LoRA of the U-Net's attention and the text encoder's q/v, lr high enough to move the image within 6 steps
@@ -98,15 +95,7 @@ def test_sigkill_mid_lora_training_resumes_to_the_same_weights(lora_run, shapes,
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ldm.training.unet", "--config", str(ROOT / "ldm/configs/train-tiny.yaml"),
            *tiny_overrides(shapes, out, "run.checkpoint_every=1", *LORA)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while not (out / "checkpoints/step-00000002").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    env = kill_at_checkpoint(cmd, out / "checkpoints/step-00000002")
     done = list_checkpoints(out / "checkpoints")
     assert done and done[-1][0] < STEPS, "the run finished before it was killed"
     result = subprocess.run([*cmd, "--resume", "latest"], check=False, cwd=ROOT, env=env, capture_output=True,

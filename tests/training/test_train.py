@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import csv
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ from ldm.config import ConfigError
 from ldm.io import load_state_dict, save_state_dict
 from ldm.training.unet import build_components, render_grid, train
 from ldm.training.config import load_train_config
-from tests._helpers import STEPS, tiny_config, tiny_overrides
+from tests._helpers import STEPS, kill_at_checkpoint, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,15 +97,7 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(straight, shapes, tmp_
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "ldm.training.unet", "--config", str(ROOT / "ldm/configs/train-tiny.yaml"),
            *tiny_overrides(shapes, out, "run.checkpoint_every=1")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while not (out / "checkpoints/step-00000003").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    env = kill_at_checkpoint(cmd, out / "checkpoints/step-00000003")
     done = list_checkpoints(out / "checkpoints")
     assert done and done[-1][0] < STEPS, "the run finished before it was killed"
     for _, path in done:  # every visible checkpoint is complete and loads
