@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.measure import measure, reexec_with_mmap_threshold, write_report  # noqa: E402
+from pipelines.text_to_image import default_dtype  # noqa: E402
 
 PROMPT = "a red circle above a blue square"
 GUIDANCE = 7.5
@@ -71,8 +72,8 @@ def default_rows(args: argparse.Namespace, fast: str, folder_default: str, ours:
         Row("diffusers default", "diffusers", "float32", folder_default, 50),
         Row("diffusers best", "diffusers", fast, args.diffusers_best_sampler, args.diffusers_best_steps,
             args.diffusers_best_cache, args.cache_depth),
-        Row("ours default", "ours", "float16" if args.device == "cuda" else args.ours_default_dtype, ours_sampler,
-            ours_steps),
+        Row("ours default", "ours", args.ours_default_dtype or str(default_dtype(torch.device(args.device))).split(".")[-1],
+            ours_sampler, ours_steps),
         Row("ours best", "ours", fast, args.best_sampler, args.best_steps, args.best_cache, args.cache_depth,
             {"sigma_schedule": args.best_schedule} if args.best_schedule else {}),
     ]
@@ -274,7 +275,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--fast-dtype", default=None, help="the best rows' dtype (default bfloat16 on CPU, float16 on CUDA)")
-    p.add_argument("--ours-default-dtype", default="float32", help="our default dtype on the CPU")
+    p.add_argument("--ours-default-dtype", default=None,
+                   help="the 'ours default' row's dtype (default: the Pipeline's, pipelines.text_to_image.default_dtype: "
+                   "float16 on CUDA, bfloat16 on CPUs with native bf16, else float32)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--skip-bundled", action="store_true")
     p.add_argument("--skip-sd", action="store_true")
