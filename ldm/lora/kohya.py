@@ -30,6 +30,7 @@ from ldm.lora.base import (
     check_module,
     split_key,
 )
+from ldm.networks.text_openclip import OPENCLIP_BLOCK_MODULES
 
 if TYPE_CHECKING:
     from ldm.networks.unet_config import UNetConfig
@@ -47,10 +48,7 @@ _NAMES = (
 )  # fmt: skip
 _BY_LENGTH = sorted((n.split("_") for n in _NAMES), key=len, reverse=True)
 _COMPVIS_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "out", "label_emb")
-_OPENCLIP = [(r"model\.transformer\.resblocks\.(\d+)\.attn\.out_proj", r"encoder.layers.\1.self_attn.out_proj"),
-             (r"model\.transformer\.resblocks\.(\d+)\.mlp\.c_fc", r"encoder.layers.\1.mlp.fc1"),
-             (r"model\.transformer\.resblocks\.(\d+)\.mlp\.c_proj", r"encoder.layers.\1.mlp.fc2")]
-_OPENCLIP_IN_PROJ = re.compile(r"model\.transformer\.resblocks\.(\d+)\.attn\.in_proj")
+_OPENCLIP_BLOCK = re.compile(r"model\.transformer\.resblocks\.(\d+)\.(.+)")  # SD 2.x text encoder, A1111 names
 _UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon's CP (Tucker) decomposition",
                 "diff": "a full weight difference", "glora": "GLoRA", "oft_": "OFT"}
 
@@ -142,14 +140,14 @@ def _modules(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> l
         if name.startswith(kohya):
             module = dotted(name[len(kohya):])
             break
-    if prefix.startswith("text_encoder"):
-        if m := _OPENCLIP_IN_PROJ.fullmatch(module):
+    m = _OPENCLIP_BLOCK.fullmatch(module) if prefix.startswith("text_encoder") else None
+    if m and (ours := OPENCLIP_BLOCK_MODULES.get(m.group(2))):
+        layer = f"{prefix}.encoder.layers.{m.group(1)}."
+        if len(ours) == 3:
             if up.shape[0] % 3:
                 raise WeightsError(f"LoRA {name}: an in_proj up {tuple(up.shape)} does not split in three")
-            return [(f"{prefix}.encoder.layers.{m.group(1)}.self_attn.{p}_proj", LoraModule(down, u, alpha, name))
-                    for p, u in zip("qkv", up.chunk(3, dim=0))]
-        for pattern, ours in _OPENCLIP:
-            module = re.sub(rf"^{pattern}$", ours, module)
+            return [(layer + p, LoraModule(down, u, alpha, name)) for p, u in zip(ours, up.chunk(3, dim=0))]
+        module = f"encoder.layers.{m.group(1)}.{ours[0]}"
     return [(canonical(prefix, module), LoraModule(down, up, alpha, name))]
 
 

@@ -79,6 +79,18 @@ def _split3(t: Tensor) -> list[Tensor]:
     return [c.clone() for c in t.chunk(3, dim=0)]
 
 
+# one residual block's modules: open_clip's name -> CLIPTextModel's (attn.in_proj holds q, k, v stacked by rows);
+# the key table below and the kohya LoRA names of SD 2.x's text encoder (ldm.lora.kohya) both read it
+OPENCLIP_BLOCK_MODULES: dict[str, tuple[str, ...]] = {
+    "ln_1": ("layer_norm1",),
+    "attn.in_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn.out_proj": ("self_attn.out_proj",),
+    "ln_2": ("layer_norm2",),
+    "mlp.c_fc": ("mlp.fc1",),
+    "mlp.c_proj": ("mlp.fc2",),
+}
+
+
 def _key_table(config: CLIPTextConfig, with_projection: bool) -> list[tuple[list[str], list[str], tuple]]:
     """Rows (open_clip keys, transformers keys, open_clip shapes) for every tensor of the text tower."""
     d, f, v, c = config.hidden_size, config.intermediate_size, config.vocab_size, config.max_position_embeddings
@@ -89,19 +101,18 @@ def _key_table(config: CLIPTextConfig, with_projection: bool) -> list[tuple[list
         (["ln_final.weight", "ln_final.bias"], [tm + "final_layer_norm.weight", tm + "final_layer_norm.bias"],
          [(d,), (d,)]),
     ]
+    shapes = {"ln_1": ((d,), (d,)), "attn.in_proj": ((3 * d, d), (3 * d,)), "attn.out_proj": ((d, d), (d,)),
+              "ln_2": ((d,), (d,)), "mlp.c_fc": ((f, d), (f,)), "mlp.c_proj": ((d, f), (d,))}
     for i in range(config.num_hidden_layers):
         o, h = f"transformer.resblocks.{i}.", f"{tm}encoder.layers.{i}."
-        rows += [
-            ([o + "ln_1.weight", o + "ln_1.bias"], [h + "layer_norm1.weight", h + "layer_norm1.bias"], [(d,), (d,)]),
-            ([o + "attn.in_proj_weight"], [h + f"self_attn.{n}_proj.weight" for n in "qkv"], [(3 * d, d)]),
-            ([o + "attn.in_proj_bias"], [h + f"self_attn.{n}_proj.bias" for n in "qkv"], [(3 * d,)]),
-            ([o + "attn.out_proj.weight", o + "attn.out_proj.bias"],
-             [h + "self_attn.out_proj.weight", h + "self_attn.out_proj.bias"], [(d, d), (d,)]),
-            ([o + "ln_2.weight", o + "ln_2.bias"], [h + "layer_norm2.weight", h + "layer_norm2.bias"], [(d,), (d,)]),
-            ([o + "mlp.c_fc.weight", o + "mlp.c_fc.bias"], [h + "mlp.fc1.weight", h + "mlp.fc1.bias"], [(f, d), (f,)]),
-            ([o + "mlp.c_proj.weight", o + "mlp.c_proj.bias"], [h + "mlp.fc2.weight", h + "mlp.fc2.bias"],
-             [(d, f), (d,)]),
-        ]
+        for theirs, ours in OPENCLIP_BLOCK_MODULES.items():
+            w, b = shapes[theirs]
+            if len(ours) == 3:  # fused q/k/v: nn.MultiheadAttention's in_proj_weight / in_proj_bias parameters
+                rows += [([o + theirs + "_weight"], [h + n + ".weight" for n in ours], [w]),
+                         ([o + theirs + "_bias"], [h + n + ".bias" for n in ours], [b])]
+            else:
+                rows.append(([o + theirs + ".weight", o + theirs + ".bias"],
+                             [h + ours[0] + ".weight", h + ours[0] + ".bias"], [w, b]))
     if with_projection:
         rows.append((["text_projection"], ["text_projection.weight"], [(d, config.projection_dim)]))
     return rows
