@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from autoencoder.model import AutoencoderKL
+from ldm.diffusion.denoiser import call_with_variance
+from ldm.diffusion.variances import VarianceHead
 from ldm.loading.components import is_inpainting
 from ldm.networks.unet import UNet
 from pipelines.images import from_image
@@ -180,10 +182,15 @@ class RenoiseKnown:
         self.model, self.z0, self.noise, self.mask, self.first_sigma = model, z0, noise, mask, first_sigma
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        return self.with_variance(x, sigma, **cond)[0]
+
+    def with_variance(self, x: torch.Tensor, sigma: torch.Tensor,
+                      **cond: Any) -> tuple[torch.Tensor, VarianceHead | None]:
+        """(x0_hat, the inner model's variance head or None): a learned variance reaches DDPM through the blend."""
         s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)  # (B, 1, 1, 1)
         renoised = self.z0 + s * self.noise  # q(z_sigma | z0) with the call's own noise
         blended = self.mask * x + (1 - self.mask) * renoised
-        return self.model(torch.where(s < self.first_sigma, blended, x), sigma, **cond)
+        return call_with_variance(self.model, torch.where(s < self.first_sigma, blended, x), sigma, **cond)
 
 
 @dataclass

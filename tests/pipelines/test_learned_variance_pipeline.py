@@ -86,3 +86,23 @@ def test_an_inconsistent_unet_and_scheduler_pair_is_refused(learned_folder, tmp_
     with pytest.raises(IncompatibleComponentsError, match="returns 4 .*valid: 8"):
         Pipeline(fixed.unet, fixed.vae, fixed.text_encoder,
                  dataclasses.replace(fixed.schedule, variance_type="learned_range"), device="cpu")
+
+
+def test_inpainting_a_learned_variance_model_keeps_the_head(learned_folder) -> None:
+    """4-channel inpainting wraps the denoiser (pipelines.inpaint.RenoiseKnown): with the whole image masked at
+    strength 1 it is text-to-image, so DDPM's learned variance must reach the sampler through the wrapper (dropping
+    the head would sample with a fixed variance: a different image, checked below)."""
+    pipe = Pipeline.from_pretrained(learned_folder, device="cpu", dtype=torch.float32)
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    kw = dict(num_inference_steps=6, guidance_scale=1.0, latents=latents, height=32, width=32, output_type="np",
+              sampler="ddpm", progress=False)
+    plain = pipe(PROMPTS, generator=torch.Generator().manual_seed(2), **kw).images
+    image, mask = np.full((32, 32, 3), 128, np.uint8), np.ones((32, 32), np.float32)
+    inpainted = pipe(PROMPTS, image=image, mask_image=mask, strength=1.0, generator=torch.Generator().manual_seed(2),
+                     **kw).images
+    assert np.abs(inpainted - plain).max() <= 1e-6, f"max abs difference {np.abs(inpainted - plain).max():.2e}"
+    with torch.no_grad():  # the head matters through the wrapper: moving it moves the inpainted images
+        pipe.unet.conv_out.bias[4:] = -0.9
+    moved = pipe(PROMPTS, image=image, mask_image=mask, strength=1.0, generator=torch.Generator().manual_seed(2),
+                 **kw).images
+    assert np.abs(moved - inpainted).max() > 2 / 255
