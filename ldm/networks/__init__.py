@@ -1,5 +1,6 @@
 """The networks, in diffusers' state-dict names: building blocks (layers), the cross-attention U-Net (unet; its config: unet_config) and its
-DeepCache feature cache (feature_cache), the noisy classifier of classifier guidance (classifier), the CLIP tokenizer (tokenizer), CLIP's text transformer in transformers' names
+DeepCache feature cache (feature_cache), the noisy classifier of classifier guidance (classifier) and the noise-aware CLIP of CLIP guidance (noisy_clip), on one
+trunk (noisy_trunk), the CLIP tokenizer (tokenizer), CLIP's text transformer in transformers' names
 (clip_text), prompts -> weighted token windows (prompt_syntax) and what every text encoder shares (prompt_encoder),
 CLIP / OpenCLIP text encoders (text), SDXL's pair of them (text_sdxl) and its added U-Net conditioning
 (added_conditioning), and OpenCLIP <-> transformers weight maps (text_openclip)."""
@@ -20,8 +21,14 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "feature_cache": (
         "FeatureCache",
     ),
+    "noisy_trunk": (
+        "NoisyTrunk", "check_trunk_config", "save_folder", "load_folder"
+    ),
     "classifier": (
         "ClassifierConfig", "NoisyClassifier"
+    ),
+    "noisy_clip": (
+        "NoisyCLIPConfig", "NoisyCLIP", "pooled_text", "pooled_text_dim"
     ),
     "tokenizer": (
         "MAX_LENGTH", "TOKENIZER_FILES", "CLIPTokenizer", "build_clip_tokenizer", "save_tokenizer", "load_tokenizer"
