@@ -3,7 +3,8 @@ their checks (data_checks), the resumable loop (loop), atomic checkpoints (check
 launch (launch), FSDP2 sharding with full-tensor checkpoints (fsdp) and processes beside (beside); LoRA training
 (lora); the U-Net application (unet: `ldm train`, `accelerate launch -m ldm.training.unet`) and its step
 (diffusion_step), the KL-VAE (vae), the contrastive CLIP (clip), REPA alignment (repa), learned-variance objectives
-(variance_objective), a noisy classifier for classifier guidance (classifier), a cascade's super-resolution stage
+(variance_objective), a noisy classifier for classifier guidance (classifier) and a noise-aware CLIP for CLIP guidance
+(noisy_clip), with what they share (noisy_latents), a cascade's super-resolution stage
 (super_resolution), and export of a run as a pipeline folder (export)."""
 
 from ldm.lazy import lazy_exports
@@ -46,8 +47,14 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "variance_objective": (
         "check_objective", "objective_schedule", "VarianceObjective"
     ),
+    "noisy_latents": (
+        "folder_images", "pipeline_vae_schedule", "encode", "noisy_batch"
+    ),
     "classifier": (
         "ClassifierTrainConfig", "metadata_value", "labelled_images", "train_classifier"
+    ),
+    "noisy_clip": (
+        "NoisyCLIPTrainConfig", "contrastive_logits", "clip_loss", "retrieval_accuracy", "train_noisy_clip"
     ),
     "repa": (
         "Projector", "alignment_loss", "block_output", "captured", "PatchFeatures", "Aligner", "output_channels"

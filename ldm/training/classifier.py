@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -25,18 +24,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from autoencoder.model import AutoencoderKL
 from ldm.config import ConfigError, config_path, to_dict
-from ldm.diffusion.process import q_sample
 from ldm.io import write_json
-from ldm.loading.components import load_schedule
-from ldm.loading.sources import DEFAULT_MODEL
 from ldm.networks.classifier import ClassifierConfig, NoisyClassifier
 from ldm.random import seeded
 from ldm.training.config import load_train_config
-from ldm.training.data import resize_shorter_side, to_tensor
+from ldm.training.noisy_latents import (
+    encode,
+    folder_images,
+    metadata_value,
+    noisy_batch,
+    pipeline_vae_schedule,
+)
+
+__all__ = ["ClassifierTrainConfig", "encode", "labelled_images", "main", "metadata_value", "train_classifier"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,64 +69,26 @@ class ClassifierTrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
 
-def metadata_value(record: dict[str, Any], path: str) -> Any:
-    """The value at a dotted key path ("prompt.objects.0.color": dict keys and list indices); None when absent."""
-    node: Any = record
-    for key in path.split("."):
-        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
-            node = node[int(key)]
-        elif isinstance(node, dict) and key in node:
-            node = node[key]
-        else:
-            return None
-    return node
-
-
 def labelled_images(folder: str | Path, config: ClassifierTrainConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(images (N, 3, R, R) in [-1, 1], labels (N,), records skipped) from the folder's metadata.jsonl."""
-    folder = Path(folder)
-    meta = folder / "metadata.jsonl"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta} not found: the classifier trains on an image folder with metadata.jsonl "
-                                "(ldm.shapes.dataset.export_imagefolder writes one)")
     labels = config.model.labels
-    images, ys, skipped = [], [], 0
-    for line in meta.read_text().splitlines():
-        if config.max_records is not None and len(ys) >= config.max_records:
-            break
-        record = json.loads(line)
+
+    def label_of(record: dict[str, Any]) -> int | None:
         value = metadata_value(record, config.model.attribute)
-        if value not in labels:
-            skipped += 1
-            continue
-        with Image.open(folder / record["file_name"]) as image:
-            image = resize_shorter_side(image.convert("RGB"), config.resolution)
-            w, h = image.size
-            left, top = (w - config.resolution) // 2, (h - config.resolution) // 2
-            image = image.crop((left, top, left + config.resolution, top + config.resolution))
-        images.append(to_tensor(image))
-        ys.append(labels.index(value))
+        return labels.index(value) if value in labels else None
+
+    images, ys, skipped = folder_images(folder, config.resolution, config.max_records, label_of, "the classifier")
     if not ys:
-        raise ConfigError(f"{meta}: no record has a value of {config.model.attribute!r} among model.labels "
-                          f"{list(labels)} ({skipped} skipped)")
-    return torch.stack(images), torch.tensor(ys), skipped
-
-
-@torch.no_grad()
-def encode(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """Scaled latents of the posterior means (the latents a sampler ends at), (N, C, h, w)."""
-    return torch.cat([vae.scale_latents(vae.encode(images[i:i + batch]).mode()) for i in range(0, len(images), batch)])
+        raise ConfigError(f"{Path(folder) / 'metadata.jsonl'}: no record has a value of {config.model.attribute!r} "
+                          f"among model.labels {list(labels)} ({skipped} skipped)")
+    return images, torch.tensor(ys), skipped
 
 
 def train_classifier(config: ClassifierTrainConfig) -> dict[str, Any]:
     """Train and save the classifier; returns {"output_dir", "loss", "accuracy", "records", "skipped"} (loss and
     accuracy: the mean of the last log window, over t uniform)."""
-    folder = DEFAULT_MODEL if config.pipeline == "default" else Path(config.pipeline)
-    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
-    schedule = load_schedule(folder / "scheduler")
+    _, vae, schedule = pipeline_vae_schedule(config.pipeline, config.resolution)
     factor = vae.config.downsample_factor
-    if config.resolution % factor:
-        raise ConfigError(f"resolution {config.resolution} is not a multiple of the VAE factor {factor}")
     model_config = dataclasses.replace(config.model, in_channels=vae.config.latent_channels,
                                        sample_size=config.resolution // factor,
                                        num_train_timesteps=schedule.num_train_timesteps)
@@ -138,11 +102,8 @@ def train_classifier(config: ClassifierTrainConfig) -> dict[str, Any]:
     window: list[tuple[float, float]] = []
     model.train()
     for step in range(1, config.steps + 1):
-        idx = torch.randint(0, len(latents), (config.batch_size,), generator=g)
-        t = torch.randint(0, len(alphas_cumprod), (config.batch_size,), generator=g)
-        noise = torch.randn(latents[idx].shape, generator=g)
-        x_t = q_sample(latents[idx], t, alphas_cumprod, noise)
-        logits = model(x_t, t.float())
+        idx, x_t, t = noisy_batch(latents, alphas_cumprod, config.batch_size, g)
+        logits = model(x_t, t)
         loss = F.cross_entropy(logits, labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
