@@ -24,7 +24,7 @@ from ldm.networks.text_sdxl import SDXLTextEncoder
 
 # The scheduler class diffusers instantiates from our scheduler/ folder; its config carries our schedule.
 DEFAULT_SCHEDULER_CLASS = "EulerDiscreteScheduler"
-_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 class IncompatibleComponentsError(ValueError):
@@ -183,7 +183,7 @@ def load_pipeline_folder(
             "StableDiffusionUpscalePipeline":  # ldm.loading.upscaler
         raise ValueError(f"{folder} is an upscaler (StableDiffusionUpscalePipeline), not a text-to-image model: load "
                          "it with pipelines.Upscaler.from_pretrained, or as ldm generate --upscale FOLDER")
-    missing = [name for name in sdxl_subfolders(folder) or _SUBFOLDERS if not (folder / name).is_dir()]
+    missing = [name for name in sdxl_subfolders(folder) or PIPELINE_SUBFOLDERS if not (folder / name).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder} is incomplete: missing subfolder(s) {missing}")
     if unet_weights:

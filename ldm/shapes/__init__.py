@@ -1,7 +1,8 @@
 """The synthetic captioned-shapes world the bundled model is trained and scored on: scenes and their rendering
 (scenes), captions and the caption parser (captions), hard-negative captions (negatives), the analytic attribute
-detector (detect), imagefolder export (dataset), and the bundled model's recipe (recipe_config: the stages as data;
-recipe: `python -m ldm.shapes.recipe`)."""
+detector (detect), imagefolder export (dataset), the bundled model's recipe (recipe_config: the stages as data;
+recipe: `python -m ldm.shapes.recipe`) and its learned-variance fine-tune (learned_variance:
+`python -m ldm.shapes.learned_variance`)."""
 
 from ldm.lazy import lazy_exports
 
@@ -32,5 +33,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "stage_data", "stage_clip", "stage_vae", "stage_init", "calibration_images", "latent_scaling_factor",
         "stage_unet", "train_unet", "stage_layout", "stage_decoder", "stage_export", "parameter_counts",
         "folder_bytes", "run_recipe"
+    ),
+    "learned_variance": (
+        "widen_variance_head", "drop_variance_head", "copy_extra_parts", "write_init_folder"
     ),
 })
