@@ -33,7 +33,7 @@ CLI_FLAGS = {  # Pipeline.__call__'s option names -> the flags of `ldm generate`
     "eta": "--eta", "cache_interval": "--cache-interval", "cache_depth": "--cache-depth", "device": "--device",
     "dtype": "--dtype", "threads": "--threads", "grid_cols": "--grid-cols", "mask_image": "--mask",
     "clip_skip": "--clip-skip", "prompt_syntax": "--emphasis", "noise_level": "--noise-level",
-    "upscale_steps": "--upscale-steps",
+    "upscale_steps": "--upscale-steps", "clip_guidance_scale": "--clip-guidance", "clip_prompt": "--clip-prompt",
 }
 
 
@@ -80,12 +80,18 @@ def add_generate_parser(sub: Any, dtypes: tuple[str, ...]) -> None:
                    "1.0 with --mask)")
     g.add_argument("--mask", default=None, metavar="PATH", help="inpainting mask for --image, of its size: white "
                    "repaints, black keeps (docs/inpainting.md)")
-    g.add_argument("--upscale", default=None, metavar="FOLDER", help="then upscale each image with this "
-                   "StableDiffusionUpscalePipeline folder, e.g. the x4 upscaler (a cascade: docs/cascade.md)")
-    g.add_argument("--noise-level", type=int, default=20, help="with --upscale: the noise level of the low-res "
-                   "image, 0 to the upscaler's max_noise_level (default 20)")
+    g.add_argument("--upscale", nargs="?", const="default", default=None, metavar="FOLDER", help="then upscale each "
+                   "image with this StableDiffusionUpscalePipeline folder, e.g. the x4 upscaler; no FOLDER: the "
+                   "bundled model's 64 -> 256 stage (a cascade: docs/cascade.md)")
+    g.add_argument("--noise-level", type=int, default=None, help="with --upscale: the noise level of the low-res "
+                   "image, 0 to the upscaler's max_noise_level (default: the bundled stage's own, docs/cascade.md; "
+                   "20 for other folders)")
     g.add_argument("--upscale-steps", type=int, default=None, help="with --upscale: the upscaler's sampling steps "
-                   "(default 30)")
+                   "(default: the bundled stage's, 30 for other folders)")
+    g.add_argument("--clip-guidance", type=float, default=0.0, metavar="S", help="CLIP guidance scale with the "
+                   "model's noise-aware CLIP (its noisy_clip/ folder; docs/guidance.md), >= 0 (default 0: off)")
+    g.add_argument("--clip-prompt", default=None, help="with --clip-guidance: what it guides toward (default: the "
+                   "prompt; needed for the empty prompt)")
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="apply a LoRA file "
                    "(diffusers/peft or kohya/A1111 layout) at SCALE (default 1); repeatable (docs/lora.md)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt, .bin)")
@@ -115,6 +121,7 @@ def _generate(args: argparse.Namespace) -> int:
         check_call_options,
         check_device,
         check_dtype,
+        check_float,
         check_int,
     )
     from pipelines.memory import MemoryEstimateError
@@ -128,7 +135,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.image is None and args.mask is not None:
         raise UsageError("--mask needs --image (the image to inpaint)")
     n = check_int("num_images_per_prompt", args.num_images, 1)
-    check_int("noise_level", args.noise_level, 0)  # its upper bound is the upscaler's, checked once it is loaded
+    check_float("clip_guidance_scale", args.clip_guidance, 0.0, float("inf"))
+    if args.noise_level is not None:  # its upper bound is the upscaler's, checked once it is loaded
+        check_int("noise_level", args.noise_level, 0)
     if args.upscale_steps is not None:
         check_int("upscale_steps", args.upscale_steps, 1, 1000)
     if args.upscale is not None and args.image is not None:
@@ -156,6 +165,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from ldm.loading.sources import sampling_defaults
+    from pipelines.clip_guidance import model_folder
     from ldm.random import SEED_SPACE
     from pipelines.text_to_image import Pipeline
 
@@ -164,6 +174,7 @@ def _generate(args: argparse.Namespace) -> int:
     c = load_model(args.model, args.allow_pickle, config=args.model_config)
     pipe = Pipeline(c.unet, c.vae, c.text_encoder, c.schedule, device=device, dtype=dtype)
     pipe.sampling_defaults = sampling_defaults(args.model or "default")
+    pipe.model_folder = model_folder(args.model or "default")  # its noisy_clip/, read if --clip-guidance uses it
     for path, scale in loras:  # every key checked (pipelines.lora)
         pipe.load_lora(path, scale, allow_pickle=args.allow_pickle)
     run: Any = pipe  # with --upscale: a cascade, the base stage's batches upscaled as they are done
@@ -172,8 +183,8 @@ def _generate(args: argparse.Namespace) -> int:
         from pipelines.upscaler import Upscaler
 
         upscaler = Upscaler.from_pretrained(args.upscale, device=pipe.device, dtype=pipe.dtype)
-        run = functools.partial(Cascade(pipe, upscaler), noise_level=upscaler.check_noise_level(args.noise_level),
-                                upscale_steps=args.upscale_steps)
+        level = None if args.noise_level is None else upscaler.check_noise_level(args.noise_level)
+        run = functools.partial(Cascade(pipe, upscaler), noise_level=level, upscale_steps=args.upscale_steps)
 
     # 3. what depends on it: the size, then the batch the memory estimate allows
     trained = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -193,11 +204,13 @@ def _generate(args: argparse.Namespace) -> int:
         "cache_interval": args.cache_interval, "cache_depth": args.cache_depth, "height": args.height,
         "width": args.width, "progress": not args.no_progress, "clip_skip": opts.clip_skip,
         "prompt_syntax": opts.prompt_syntax}
+    if args.clip_guidance or args.clip_prompt is not None:  # pipelines.clip_guidance
+        kwargs.update(clip_guidance_scale=args.clip_guidance, clip_prompt=args.clip_prompt)
     if init is not None:
         kwargs.update(image=init, mask_image=mask, strength=opts.strength)
     tiles: list[Any] = []
     seeds: list[int] = []
-    with torch.inference_mode():
+    with torch.inference_mode(not args.clip_guidance):  # CLIP guidance takes a gradient
         for start in range(0, n, batch):
             seed = None if opts.seed is None else (opts.seed + start) % SEED_SPACE
             result = run(prompt, seed=seed, num_images_per_prompt=min(batch, n - start), **kwargs)

@@ -28,6 +28,14 @@ from pipelines.call_options import OptionError
 Label = int | str
 
 
+def vp_network_input(denoiser: DiscreteVPDenoiser, x: torch.Tensor,
+                     sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / sqrt(1 + sigma^2), t(sigma)): what the U-Net (and a noise-aware network guiding it) reads at sigma (B,)."""
+    s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    t = denoiser.sigma_to_t(sigma.reshape(-1).to(denoiser.train_sigmas.device)).to(x.device, x.dtype)
+    return x * vp_input_scale(s), t
+
+
 class ClassifierLogProb(nn.Module):
     """log p(y_i | x_i, sigma_i) = log_softmax(f(x / sqrt(1 + sigma^2), t(sigma)))[y_i], (B,), for labels y (B,)."""
 
@@ -36,9 +44,7 @@ class ClassifierLogProb(nn.Module):
         self.classifier, self.denoiser, self.labels = classifier, denoiser, labels
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        t = self.denoiser.sigma_to_t(sigma.reshape(-1).to(self.denoiser.train_sigmas.device)).to(x.device, x.dtype)
-        logits = self.classifier(x * vp_input_scale(s), t)  # (B, num_classes)
+        logits = self.classifier(*vp_network_input(self.denoiser, x, sigma))  # (B, num_classes)
         if self.labels.shape != (x.shape[0],):
             raise ValueError(f"got {len(self.labels)} labels for a batch of {x.shape[0]}")
         return logits.log_softmax(-1).gather(1, self.labels[:, None].to(x.device))[:, 0]

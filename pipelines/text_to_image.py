@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from autoencoder.model import AutoencoderKL
 from ldm.diffusion.denoiser import CFGDenoiser, DiscreteVPDenoiser
-from ldm.random import randn
-from ldm.diffusion.samplers import SAMPLERS, SamplingPlan
+from ldm.diffusion.samplers import SamplingPlan
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.networks.text import TextEncoder
 from ldm.networks.feature_cache import FeatureCache
@@ -22,25 +20,15 @@ from ldm.loading.components import Components, check_components, save_pipeline
 from pipelines.call_options import (CallOptions, OptionError, check_call_options, check_clip_skip, check_device,
                                     check_dtype, check_int, check_strength_steps)
 from pipelines.conditioning import AddedConditions, added_conditions, check_size_conditioning
+from pipelines.clip_guidance import check_clip_guidance, clip_guided, model_folder
 from pipelines.guidance_options import check_classifier_options, classifier_guided
-from pipelines.images import to_output
 from pipelines.inpaint import check_inpainting, image_start, init_and_mask
 from pipelines.lora import LoraMixin
 from pipelines.memory import Estimate, call_bytes, check_fits
-from pipelines.sampling_run import generators as _generators, run_sampler
+from pipelines.sampling_run import (OutputType, PipelineOutput, generators as _generators, guided_denoiser,
+                                    initial_noise, sample_to_output, sampling_plan)
 from pipelines.vae_precision import run_upcasting
 from ldm.loading.sources import load_components, sampling_defaults
-
-OutputType = Literal["pil", "np", "pt", "latent"]
-
-
-@dataclass
-class PipelineOutput:
-    """Generated images (PIL list, numpy (N, H, W, 3) or tensor (N, 3, H, W) in [0, 1], or latents) and seeds."""
-
-    images: Any
-    seeds: list[int] = field(default_factory=list)
-    latents: torch.Tensor | None = None
 
 
 def default_device() -> torch.device:
@@ -99,6 +87,7 @@ class Pipeline(LoraMixin):
         check_components(unet, vae, text_encoder, schedule)
         self.unet, self.vae, self.text_encoder, self.schedule = unet.eval(), vae.eval(), text_encoder.eval(), schedule
         self.scheduler_config = scheduler_config
+        self.model_folder = model_folder("default") if not any(given) else None  # where noisy_clip/ may be
         # refuse a call whose memory estimate exceeds what the device has (pipelines.memory); False skips the check
         self.memory_check = True
         device = check_device(device) or default_device()
@@ -123,6 +112,7 @@ class Pipeline(LoraMixin):
         pipe = cls(c.unet, c.vae, c.text_encoder, c.schedule, device=device, dtype=dtype,
                    scheduler_config=c.scheduler_config)
         pipe.sampling_defaults = sampling_defaults(path)
+        pipe.model_folder = model_folder(path)
         return pipe
 
     @property
@@ -280,6 +270,9 @@ class Pipeline(LoraMixin):
         classifier: Any = None,  # classifier guidance (pipelines.guidance_options): a NoisyClassifier or its folder
         classifier_scale: float = 1.0,
         label: int | str | Sequence[int | str] | None = None,
+        clip_guidance_scale: float = 0.0,  # CLIP guidance (pipelines.clip_guidance): 0 is off
+        noisy_clip: Any = None,  # None: the model folder's noisy_clip/; a NoisyCLIP, its folder, or "default"
+        clip_prompt: str | Sequence[str] | None = None,  # what h(c) encodes; None: the prompts
     ) -> PipelineOutput:
         """Generate images. `prompt` is a string or a list; `image` + `strength` (default 0.8) makes it image-to-image,
         with `mask_image` inpainting (white repaints, black keeps; strength default 1.0; pipelines.inpaint).
@@ -301,6 +294,8 @@ class Pipeline(LoraMixin):
         "[word]"; `clip_skip=k` reads the text encoder k layers before its last, as diffusers (docs/prompts.md).
         `classifier` + `label` (a class index or name, or one per image) + `classifier_scale`: classifier guidance
         toward the label with a noisy classifier (Dhariwal & Nichol 2021; docs/guidance.md).
+        `clip_guidance_scale` > 0: CLIP guidance toward `clip_prompt` (default: the prompts) with a noise-aware CLIP
+        (GLIDE; docs/guidance.md); composes with CFG and classifier guidance.
 
         Every option is checked before anything runs (pipelines.call_options, whose docstring gives the ranges), then
         what depends on the model and the memory estimate (`check_call`); an error names the option, the value and
@@ -314,7 +309,7 @@ class Pipeline(LoraMixin):
             sampler, height, width, seed, num_images_per_prompt, strength, output_type, sigma_schedule, karras_sigmas,
             eta, cache_interval, cache_depth, callback, img2img=image is not None, inpaint=mask_image is not None,
             clip_skip=clip_skip, prompt_syntax=prompt_syntax)
-        steps, sampler, f = opts.num_inference_steps or 0, opts.sampler or "", self.vae_scale_factor
+        steps, f = opts.num_inference_steps or 0, self.vae_scale_factor
         init = mask = None
         if image is not None:
             if opts.height is not None and opts.width is not None:  # the image is resized: checked before
@@ -335,40 +330,27 @@ class Pipeline(LoraMixin):
         n = len(prompts)
         guide = check_classifier_options(classifier, classifier_scale, label, n, self.vae.config.latent_channels,
                                          self.schedule.num_train_timesteps)
+        clip = check_clip_guidance(self, noisy_clip, clip_guidance_scale, clip_prompt, prompts)
         if init is not None and init.shape[0] not in (1, n):
             raise ValueError(f"got {init.shape[0]} init images for {n} outputs (give one, or one per output)")
         seeds, generators = _generators(opts.seeds(), generator, n)
         shape = (n, self.vae.config.latent_channels, height // f, width // f)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for these settings, got {tuple(latents.shape)}")
-        cache = FeatureCache(opts.cache_interval, opts.cache_depth)  # one per call: its state lives for this run only
-
-        spec = SAMPLERS[sampler]  # the function and its schedule facts (which timesteps, final sigma, VP output)
-        plan = spec.plan(self.schedule, steps, karras=opts.karras_sigmas,
-                         sigma_schedule=opts.sigma_schedule)  # as its diffusers scheduler
+        noise = initial_noise(latents, shape, generators, self.device)  # nothing else draws before the sampler
+        spec, plan = sampling_plan(self.schedule, opts)  # the sampler and its schedule facts, as diffusers'
         if init is not None:
             start = image_start(self.unet, self.vae, init, mask, n, opts.strength, steps, self.device)
             plan = plan.last(start.kept)  # the last int(steps * strength) steps, as diffusers
         sigmas = plan.sigmas.float().to(self.device)
-        noise = latents.to(self.device, torch.float32) if latents is not None else randn(
-            shape, generators, device=self.device, dtype=torch.float32)
         # the prior its diffusers scheduler starts from (init_noise_sigma); from an image z0 + sigma n (ImageStart)
         x = start.begin(noise, sigmas[0], plan.prior_scale) if init is not None else noise * plan.prior_scale
 
-        base = self.denoiser(plan, cache if cache.interval > 1 else None)
-        model, cond = self._guided(base, prompts, negatives, opts.guidance_scale, opts.guidance_rescale,
-                                   opts.guidance_interval, added, opts.text_options)
+        base, model, cond = guided_denoiser(self, plan, opts, prompts, negatives, added)  # DeepCache, CFG
         if init is not None:  # inpainting: the mask conditioning, or the re-noised known region
             model, cond = start.wrap(model, cond, noise, float(plan.sigmas[0]))
         model = classifier_guided(model, base, guide, classifier_scale, self.device)  # None: model itself
-        options: dict[str, Any] = {"cond": cond, "generator": generators}
-        if opts.eta is not None:
-            options["eta"] = opts.eta
-        out = run_sampler(spec, plan, model, x, sigmas, options, progress=progress, callback=callback)
-        out = start.finish(out) if init is not None else out  # re-noising inpainting: z0 in the known region
-        if opts.output_type == "latent":
-            return PipelineOutput(images=out, seeds=seeds, latents=out)
-        return PipelineOutput(images=to_output(self.decode(out), opts.output_type), seeds=seeds, latents=out)
+        model = clip_guided(model, base, clip, self.text_encoder, self.device)  # None: model itself
+        return sample_to_output(self, spec, plan, model, x, sigmas, cond, generators, opts, seeds, progress=progress,
+                                callback=callback, finish=start.finish if init is not None else None)  # re-noising
 
     def _guided(
         self,

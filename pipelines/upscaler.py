@@ -15,9 +15,9 @@ import torch
 from autoencoder.model import AutoencoderKL
 from ldm.diffusion.denoiser import DiscreteVPDenoiser
 from ldm.diffusion.process import q_sample
-from ldm.diffusion.samplers import SAMPLERS, SamplingPlan
+from ldm.diffusion.samplers import SamplingPlan
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.loading.sources import sampling_defaults
+from ldm.loading.sources import upscaler_folder, upscaler_sampling_defaults
 from ldm.loading.upscaler import (DEFAULT_MAX_NOISE_LEVEL, UpscalerComponents, check_upscaler_components,
                                   load_upscaler, save_upscaler, upscaler_vae)
 from ldm.networks.feature_cache import FeatureCache
@@ -25,15 +25,17 @@ from ldm.networks.text import TextEncoder
 from ldm.networks.unet import UNet
 from ldm.random import randn
 from pipelines.call_options import OptionError, check_call_options, check_device, check_dtype, check_int
-from pipelines.images import from_image, to_output
-from pipelines.sampling_run import generators, run_sampler
-from pipelines.text_to_image import OutputType, Pipeline, PipelineOutput, default_device, default_dtype
+from pipelines.images import from_image
+from pipelines.sampling_run import (OutputType, PipelineOutput, generators, guided_denoiser, initial_noise,
+                                    sample_to_output, sampling_plan)
+from pipelines.text_to_image import Pipeline, default_device, default_dtype
 
 
 class Upscaler(Pipeline):
     """A text-guided super-resolution stage: `Upscaler.from_pretrained(folder)` reads a diffusers
-    StableDiffusionUpscalePipeline folder (ours or theirs), `up(prompt, image=low_res)` (or calling it) upscales by
-    the VAE's factor. A Pipeline in all but the call: placement, compile, prompts, guidance and decoding are its."""
+    StableDiffusionUpscalePipeline folder (ours or theirs; "default": the bundled model's 64 -> 256 stage),
+    `up(prompt, image=low_res)` (or calling it) upscales by the VAE's factor. A Pipeline in all but the call:
+    placement, compile, prompts, guidance and decoding are its."""
 
     def __init__(
         self,
@@ -56,7 +58,9 @@ class Upscaler(Pipeline):
         self.vae = upscaler_vae(vae, "the upscaler's VAE").eval()
         self.low_res_schedule, self.max_noise_level = low_res_schedule, max_noise_level
         self.scheduler_config, self.low_res_scheduler_config = scheduler_config, low_res_scheduler_config
-        self.sampling_defaults: dict[str, Any] = sampling_defaults("")  # DPM-Solver++(2M), 30 steps
+        # what a call naming none of them uses (ldm.loading.sources.upscaler_sampling_defaults): sampler, steps,
+        # noise_level, guidance_scale; measured for the bundled stage, diffusers' x4 defaults for other folders
+        self.sampling_defaults: dict[str, Any] = upscaler_sampling_defaults("")
         self.memory_check = True
         device = check_device(device) or default_device()
         self.to(device, check_dtype(dtype) or default_dtype(device))
@@ -66,11 +70,15 @@ class Upscaler(Pipeline):
         cls, path: str | Path, *, allow_pickle: bool = False, device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> Upscaler:
-        """Load a StableDiffusionUpscalePipeline folder (ldm.loading.upscaler)."""
-        c = load_upscaler(path, allow_pickle=allow_pickle)
-        return cls(c.unet, c.vae, c.text_encoder, c.schedule, c.low_res_schedule, max_noise_level=c.max_noise_level,
-                   device=device, dtype=dtype, scheduler_config=c.scheduler_config,
-                   low_res_scheduler_config=c.low_res_scheduler_config)
+        """Load a StableDiffusionUpscalePipeline folder (ldm.loading.upscaler); "default" is the bundled model's
+        64 -> 256 stage (ldm.loading.sources.DEFAULT_UPSCALER), with its measured sampling defaults."""
+        folder = upscaler_folder(path)  # an error naming the bundled folder where it is missing
+        c = load_upscaler(folder, allow_pickle=allow_pickle)
+        up = cls(c.unet, c.vae, c.text_encoder, c.schedule, c.low_res_schedule, max_noise_level=c.max_noise_level,
+                 device=device, dtype=dtype, scheduler_config=c.scheduler_config,
+                 low_res_scheduler_config=c.low_res_scheduler_config)
+        up.sampling_defaults = upscaler_sampling_defaults(folder)
+        return up
 
     @property
     def components(self) -> UpscalerComponents:  # type: ignore[override]
@@ -115,9 +123,9 @@ class Upscaler(Pipeline):
         self,
         prompt: str | list[str],
         image: Any,
-        noise_level: int = 20,
+        noise_level: int | None = None,
         num_inference_steps: int | None = None,
-        guidance_scale: float = 9.0,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         sampler: str | None = None,
         seed: int | Sequence[int] | None = None,
@@ -136,15 +144,20 @@ class Upscaler(Pipeline):
         cache_depth: int = 0,
     ) -> PipelineOutput:
         """Upscale `image` (a PIL image, a list of them, a uint8 (H, W, 3) array or a (N, 3, H, W) tensor in [0, 1]:
-        one, or one per prompt) by the VAE's factor, guided by `prompt`. `noise_level` (0 .. max_noise_level, 20 as
-        diffusers): how far the low-res image is noised before conditioning (more: the model invents more detail).
+        one, or one per prompt) by the VAE's factor, guided by `prompt`. `noise_level` (0 .. max_noise_level): how far
+        the low-res image is noised before conditioning (more: the model invents more detail).
 
-        The other options are Pipeline's (same names, checks and seeds); `guidance_scale` defaults to 9 as diffusers'
-        upscaler. Noise is drawn per image from its generator, the low-res image's noise first, then the latents': with
-        one image per prompt this is diffusers' order, so the same generator gives its image (within 1/255 in fp32).
+        The other options are Pipeline's (same names, checks and seeds). `noise_level`, `num_inference_steps`,
+        `guidance_scale` and `sampler` left None take `self.sampling_defaults`: diffusers' upscaler's noise level 20
+        and guidance 9 with DPM-Solver++(2M) at 30 steps, or the bundled stage's measured ones (docs/cascade.md).
+        Noise is drawn per image from its generator, the low-res image's noise first, then the latents': with one
+        image per prompt this is diffusers' order, so the same generator gives its image (within 1/255 in fp32).
         """
-        sampler = self.sampling_defaults["sampler"] if sampler is None else sampler
-        steps = self.sampling_defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        d = self.sampling_defaults
+        sampler = d["sampler"] if sampler is None else sampler
+        steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        noise_level = d["noise_level"] if noise_level is None else noise_level
         opts = check_call_options(
             prompt, negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, sampler=sampler, seed=seed,
@@ -171,30 +184,15 @@ class Upscaler(Pipeline):
         seeds, gens = generators(opts.seeds(), generator, n)
         low_noise = randn(low.shape, gens, device=self.device, dtype=torch.float32)  # diffusers draws it first
         low = self.noised_low_res(low.to(self.device), level, low_noise)
-        shape = (n, self.vae.config.latent_channels, h, w)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for these settings, got {tuple(latents.shape)}")
-        spec = SAMPLERS[opts.sampler or ""]
-        plan = spec.plan(self.schedule, opts.num_inference_steps or 0, karras=opts.karras_sigmas,
-                         sigma_schedule=opts.sigma_schedule)
+        noise = initial_noise(latents, (n, self.vae.config.latent_channels, h, w), gens, self.device)
+        spec, plan = sampling_plan(self.schedule, opts)
         sigmas = plan.sigmas.float().to(self.device)
-        noise = latents.to(self.device, torch.float32) if latents is not None else randn(
-            shape, gens, device=self.device, dtype=torch.float32)
         x = noise * plan.prior_scale  # the prior its diffusers scheduler starts from (init_noise_sigma)
-
-        cache = FeatureCache(opts.cache_interval, opts.cache_depth)  # one per call
-        base = self.denoiser(plan, cache if cache.interval > 1 else None)
-        model, cond = self._guided(base, prompts, negatives, opts.guidance_scale, opts.guidance_rescale,
-                                   opts.guidance_interval)
+        _, model, cond = guided_denoiser(self, plan, opts, prompts, negatives)
         labels = torch.full((n,), level, dtype=torch.long, device=self.device)
         cond = _with_low_res(cond, {"image": low.to(self.dtype), "class_labels": labels})
-        options: dict[str, Any] = {"cond": cond, "generator": gens}
-        if opts.eta is not None:
-            options["eta"] = opts.eta
-        out = run_sampler(spec, plan, model, x, sigmas, options, progress=progress, callback=callback)
-        if opts.output_type == "latent":
-            return PipelineOutput(images=out, seeds=seeds, latents=out)
-        return PipelineOutput(images=to_output(self.decode(out), opts.output_type), seeds=seeds, latents=out)
+        return sample_to_output(self, spec, plan, model, x, sigmas, cond, gens, opts, seeds, progress=progress,
+                                callback=callback)
 
     up = __call__
 

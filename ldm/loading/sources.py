@@ -41,6 +41,45 @@ class ModelNotFoundError(FileNotFoundError):
     """No model at the given path, and it is not a reachable hub name."""
 
 
+# The bundled model's 64 -> 256 super-resolution stage (docs/cascade.md): a StableDiffusionUpscalePipeline folder
+# beside the model's parts, named "default" by Upscaler.from_pretrained, Cascade() and `ldm generate --upscale`
+DEFAULT_UPSCALER = DEFAULT_MODEL / "upscaler"
+
+# How an Upscaler samples when the call names none: for the bundled stage settings benchmarks/cascade.py sweeps
+# (provisional until its full run on the final stage, docs/cascade.md "The bundled 64 -> 256 stage"); for other
+# folders diffusers' x4-upscaler call defaults (noise level 20, guidance 9) with DPM-Solver++(2M) at 30 steps
+BUNDLED_UPSCALER_SAMPLING = {"sampler": "dpmpp_2m", "num_inference_steps": 20, "noise_level": 20, "guidance_scale": 1.0}
+UPSCALER_SAMPLING = {"sampler": "dpmpp_2m", "num_inference_steps": 30, "noise_level": 20, "guidance_scale": 9.0}
+
+
+def is_bundled_upscaler(path: str | Path) -> bool:
+    """Whether `path` names the bundled super-resolution stage ("default", or its folder)."""
+    if str(path) == "default" and not Path("default").exists():
+        return True
+    try:
+        return Path(path).expanduser().resolve() == DEFAULT_UPSCALER.resolve()
+    except OSError:
+        return False
+
+
+def upscaler_folder(path: str | Path) -> Path:
+    """The upscaler folder `path` names: "default" (unless a path of that name exists) is the bundled stage, an error
+    saying so where it is missing."""
+    if not is_bundled_upscaler(path):
+        return Path(path).expanduser()
+    if not (DEFAULT_UPSCALER / "model_index.json").is_file():
+        raise ModelNotFoundError(f"the bundled super-resolution stage is missing from {DEFAULT_UPSCALER} (no "
+                                 "model_index.json); reinstall the package, or pass an upscaler folder (a "
+                                 "StableDiffusionUpscalePipeline folder, docs/cascade.md)")
+    return DEFAULT_UPSCALER
+
+
+def upscaler_sampling_defaults(path: str | Path) -> dict[str, object]:
+    """The sampler, step count, noise level and guidance scale an Upscaler loaded from `path` uses when the call
+    names none."""
+    return dict(BUNDLED_UPSCALER_SAMPLING if is_bundled_upscaler(path) else UPSCALER_SAMPLING)
+
+
 def load_components(path: str | Path, *, allow_pickle: bool = False, config: str | Path | None = None) -> Components:
     """Load components from a pipeline folder, a single `.safetensors` (or, with allow_pickle, `.ckpt`) file, or a
     Hugging Face hub name "owner/name" (downloaded through huggingface_hub when a hub is reachable); "default" is the
