@@ -45,9 +45,9 @@ class ModelNotFoundError(FileNotFoundError):
 # beside the model's parts, named "default" by Upscaler.from_pretrained, Cascade() and `ldm generate --upscale`
 DEFAULT_UPSCALER = DEFAULT_MODEL / "upscaler"
 
-# How an Upscaler samples when the call names none: for the bundled stage settings benchmarks/cascade.py sweeps
-# (provisional until its full run on the final stage, docs/cascade.md "The bundled 64 -> 256 stage"); for other
-# folders diffusers' x4-upscaler call defaults (noise level 20, guidance 9) with DPM-Solver++(2M) at 30 steps
+# How an Upscaler samples when the call names none: for the bundled stage the settings benchmarks/cascade.py swept
+# (none outside noise of these; docs/cascade.md "The bundled 64 -> 256 stage"); for other folders diffusers'
+# x4-upscaler call defaults (noise level 20, guidance 9) with DPM-Solver++(2M) at 30 steps
 BUNDLED_UPSCALER_SAMPLING = {"sampler": "dpmpp_2m", "num_inference_steps": 20, "noise_level": 20, "guidance_scale": 1.0}
 UPSCALER_SAMPLING = {"sampler": "dpmpp_2m", "num_inference_steps": 30, "noise_level": 20, "guidance_scale": 9.0}
 
