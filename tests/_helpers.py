@@ -51,3 +51,13 @@ def kill_at_checkpoint(cmd: list[str], checkpoint: Path, *, timeout: float = 240
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return env
+
+
+def save_tiny_folder(path: Path, seed: int = 0) -> Path:
+    """The tiny text-to-image model (pipelines.tiny) written as a diffusers folder at `path`; returns it."""
+    from ldm.loading.components import save_pipeline
+    from pipelines.tiny import tiny_components
+
+    c = tiny_components(seed=seed)
+    save_pipeline(path, unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
+    return path

@@ -11,14 +11,12 @@ from diffusers import (
 from ldm.loading.components import save_pipeline
 from pipelines.text_to_image import Pipeline
 from pipelines.tiny import tiny_components
+from tests._helpers import save_tiny_folder
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    c = tiny_components(seed=0)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_pipeline(path, unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
-    return path
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

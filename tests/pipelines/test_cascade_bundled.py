@@ -9,12 +9,12 @@ from PIL import Image
 
 from ldm.diffusion.samplers import SAMPLERS
 from ldm.loading import sources
-from ldm.loading.components import save_pipeline
 from ldm.loading.upscaler import save_upscaler
 from pipelines.cascade import Cascade
 from pipelines.text_to_image import Pipeline
-from pipelines.tiny import tiny_components, tiny_upscaler_components
+from pipelines.tiny import tiny_upscaler_components
 from pipelines.upscaler import Upscaler
+from tests._helpers import save_tiny_folder
 
 PROMPT = "a red circle above a blue square"
 FAST = {"sampler": "ddim", "num_inference_steps": 2, "noise_level": 30, "guidance_scale": 1.0}
@@ -29,10 +29,7 @@ def stage_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    c = tiny_components(seed=0)
-    path = tmp_path_factory.mktemp("bundled") / "model"
-    save_pipeline(path, unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
-    return path
+    return save_tiny_folder(tmp_path_factory.mktemp("bundled") / "model")
 
 
 @pytest.fixture

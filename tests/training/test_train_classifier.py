@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from ldm.config import ConfigError, config_path
-from ldm.loading.components import save_pipeline
 from ldm.networks.classifier import NoisyClassifier
 from ldm.shapes.dataset import export_imagefolder
 from ldm.training.classifier import (
@@ -19,7 +18,7 @@ from ldm.training.classifier import (
     train_classifier,
 )
 from ldm.training.config import load_train_config
-from pipelines.tiny import tiny_components
+from tests._helpers import save_tiny_folder
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +29,7 @@ def single(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    c = tiny_components(seed=0)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_pipeline(path, unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
-    return path
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def overrides(single, tiny_folder, out, *extra):

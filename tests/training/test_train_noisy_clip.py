@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ldm.config import ConfigError, config_path
-from ldm.loading.components import save_pipeline
 from ldm.networks.noisy_clip import NoisyCLIP
 from ldm.shapes.dataset import export_imagefolder
 from ldm.training.config import load_train_config
@@ -22,7 +21,7 @@ from ldm.training.noisy_clip import (
     train_noisy_clip,
 )
 from pipelines.text_to_image import Pipeline
-from pipelines.tiny import tiny_components
+from tests._helpers import save_tiny_folder
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +32,7 @@ def shapes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    c = tiny_components(seed=0)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_pipeline(path, unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, schedule=c.schedule)
-    return path
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def overrides(data, folder, out, *extra):
