@@ -1,5 +1,5 @@
 """The bundled default model (pipelines/default_model, docs/default-model.md): it loads offline through Pipeline() and
-in diffusers, follows simple prompts, and ships safetensors only within 50 MB; its CLIP matches images to captions."""
+in diffusers, follows simple prompts, and ships safetensors only within 80 MiB (its 64 -> 256 stage included, issue 27's budget); its CLIP matches images to captions."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_bundled_folder_is_small_and_pickle_free():
     files = [p for p in DEFAULT_MODEL.rglob("*") if p.is_file()]
     assert (DEFAULT_MODEL / "model_index.json").is_file() and (DEFAULT_MODEL / "clip" / "open_clip_config.json").is_file()
     total = sum(p.stat().st_size for p in files)
-    assert total <= 50 * 2**20, f"{total / 2**20:.1f} MiB"
+    assert total <= 80 * 2**20, f"{total / 2**20:.1f} MiB"
     assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")]
     assert {p.suffix for p in files} <= {".json", ".txt", ".safetensors"}  # pyproject package-data ships all of them
 
