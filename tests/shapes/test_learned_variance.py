@@ -22,9 +22,13 @@ from tests._helpers import same_weights
 
 @pytest.fixture(scope="module")
 def init(tmp_path_factory):
+    threads = torch.get_num_threads()  # restored after the module: later tests compare runs across processes
     torch.set_num_threads(1)
-    folder = write_init_folder(tmp_path_factory.mktemp("lv") / "init")
-    return folder, load_pipeline_folder(folder), load_pipeline_folder(DEFAULT_MODEL)
+    try:
+        folder = write_init_folder(tmp_path_factory.mktemp("lv") / "init")
+        yield folder, load_pipeline_folder(folder), load_pipeline_folder(DEFAULT_MODEL)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_init_folder_widens_conv_out_and_writes_a_learned_range_ddpm_scheduler(init):
