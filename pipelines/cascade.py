@@ -62,6 +62,7 @@ class Cascade:
         upscale_steps: int | None = None,
         upscale_guidance_scale: float | None = None,
         upscale_sampler: str | None = None,
+        upscale_strength: float | None = None,
         output_type: OutputType = "pil",
         progress: bool = True,
         **base_options: Any,
@@ -69,7 +70,8 @@ class Cascade:
         """Generate with the base Pipeline (`base_options`: its call options, e.g. num_inference_steps,
         guidance_scale, sampler, height, width), blur its images by `blur_sigma` pixels (0: none), and upscale them
         with the prompt at `noise_level` (upscale_steps / upscale_guidance_scale / upscale_sampler: the Upscaler's
-        num_inference_steps / guidance_scale / sampler; None: the upscaler's `sampling_defaults`). The output's
+        num_inference_steps / guidance_scale / sampler, upscale_strength its strength: below 1 it starts from the base
+        image upsampled; None: the upscaler's `sampling_defaults`). The output's
         `latents` are the upscaler's."""
         if "output_type" in base_options or "image" in base_options:
             raise TypeError("the base stage of a cascade makes its images from the prompt (no image=, output_type=)")
@@ -86,5 +88,6 @@ class Cascade:
             low = ((gaussian_blur(low * 2 - 1, blur) + 1) / 2).clamp(0, 1)
         out = self.upscaler(prompts, image=low, negative_prompt=negatives, generator=gens, noise_level=noise_level,
                             num_inference_steps=upscale_steps, guidance_scale=upscale_guidance_scale,
-                            sampler=upscale_sampler, output_type=output_type, progress=progress)
+                            sampler=upscale_sampler, strength=upscale_strength,
+                            output_type=output_type, progress=progress)
         return PipelineOutput(images=out.images, seeds=seeds, latents=out.latents)

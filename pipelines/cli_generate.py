@@ -33,7 +33,7 @@ CLI_FLAGS = {  # Pipeline.__call__'s option names -> the flags of `ldm generate`
     "eta": "--eta", "cache_interval": "--cache-interval", "cache_depth": "--cache-depth", "device": "--device",
     "dtype": "--dtype", "threads": "--threads", "grid_cols": "--grid-cols", "mask_image": "--mask",
     "clip_skip": "--clip-skip", "prompt_syntax": "--emphasis", "noise_level": "--noise-level",
-    "upscale_steps": "--upscale-steps", "clip_guidance_scale": "--clip-guidance", "clip_prompt": "--clip-prompt",
+    "upscale_steps": "--upscale-steps", "upscale_strength": "--upscale-strength", "clip_guidance_scale": "--clip-guidance", "clip_prompt": "--clip-prompt",
 }
 
 
@@ -88,6 +88,9 @@ def add_generate_parser(sub: Any, dtypes: tuple[str, ...]) -> None:
                    "20 for other folders)")
     g.add_argument("--upscale-steps", type=int, default=None, help="with --upscale: the upscaler's sampling steps "
                    "(default: the bundled stage's, 30 for other folders)")
+    g.add_argument("--upscale-strength", type=float, default=None, metavar="S", help="with --upscale: in (0, 1]; below "
+                   "1 the upscaler starts from the image upsampled, noised to this strength (default: the bundled "
+                   "stage's, docs/cascade.md; 1.0, from noise, for other folders)")
     g.add_argument("--clip-guidance", type=float, default=0.0, metavar="S", help="CLIP guidance scale with the "
                    "model's noise-aware CLIP (its noisy_clip/ folder; docs/guidance.md), >= 0 (default 0: off)")
     g.add_argument("--clip-prompt", default=None, help="with --clip-guidance: what it guides toward (default: the "
@@ -140,6 +143,10 @@ def _generate(args: argparse.Namespace) -> int:
         check_int("noise_level", args.noise_level, 0)
     if args.upscale_steps is not None:
         check_int("upscale_steps", args.upscale_steps, 1, 1000)
+    if args.upscale_strength is not None:
+        check_float("upscale_strength", args.upscale_strength, 0.0, 1.0, low_open=True)
+    if args.upscale is None and (args.noise_level, args.upscale_steps, args.upscale_strength) != (None, None, None):
+        raise UsageError("--noise-level, --upscale-steps and --upscale-strength need --upscale")
     if args.upscale is not None and args.image is not None:
         raise UsageError("--upscale upscales generated images; --image (image-to-image) cannot be combined with it")
     opts = check_call_options(
@@ -184,7 +191,8 @@ def _generate(args: argparse.Namespace) -> int:
 
         upscaler = Upscaler.from_pretrained(args.upscale, device=pipe.device, dtype=pipe.dtype)
         level = None if args.noise_level is None else upscaler.check_noise_level(args.noise_level)
-        run = functools.partial(Cascade(pipe, upscaler), noise_level=level, upscale_steps=args.upscale_steps)
+        run = functools.partial(Cascade(pipe, upscaler), noise_level=level, upscale_steps=args.upscale_steps,
+                                upscale_strength=args.upscale_strength)
 
     # 3. what depends on it: the size, then the batch the memory estimate allows
     trained = pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from autoencoder.model import AutoencoderKL
 from ldm.diffusion.denoiser import DiscreteVPDenoiser
@@ -26,6 +27,7 @@ from ldm.networks.unet import UNet
 from ldm.random import randn
 from pipelines.call_options import OptionError, check_call_options, check_device, check_dtype, check_int
 from pipelines.images import from_image
+from pipelines.inpaint import encode
 from pipelines.sampling_run import (OutputType, PipelineOutput, generators, guided_denoiser, initial_noise,
                                     sample_to_output, sampling_plan)
 from pipelines.text_to_image import Pipeline, default_device, default_dtype
@@ -142,10 +144,14 @@ class Upscaler(Pipeline):
         eta: float | None = None,
         cache_interval: int | None = None,
         cache_depth: int = 0,
+        strength: float | None = None,
     ) -> PipelineOutput:
         """Upscale `image` (a PIL image, a list of them, a uint8 (H, W, 3) array or a (N, 3, H, W) tensor in [0, 1]:
         one, or one per prompt) by the VAE's factor, guided by `prompt`. `noise_level` (0 .. max_noise_level): how far
-        the low-res image is noised before conditioning (more: the model invents more detail).
+        the low-res image is noised before conditioning (more: the model invents more detail). `strength` in (0, 1]:
+        1 starts from the prior (diffusers' upscaler); below 1 the start is the low-res image upsampled (bicubic) and
+        encoded, noised to the sigma of the last int(steps * strength) steps, which are run (img2img's start, the
+        "hires fix" workflow): the layout and colours come from the image, the stage sharpens.
 
         The other options are Pipeline's (same names, checks and seeds). `noise_level`, `num_inference_steps`,
         `guidance_scale` and `sampler` left None take `self.sampling_defaults`: diffusers' upscaler's noise level 20
@@ -158,12 +164,13 @@ class Upscaler(Pipeline):
         steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
         noise_level = d["noise_level"] if noise_level is None else noise_level
+        strength = d.get("strength", 1.0) if strength is None else strength
         opts = check_call_options(
             prompt, negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, sampler=sampler, seed=seed,
             num_images_per_prompt=num_images_per_prompt, output_type=output_type, sigma_schedule=sigma_schedule,
             karras_sigmas=karras_sigmas, eta=eta, cache_interval=cache_interval, cache_depth=cache_depth,
-            callback=callback)
+            callback=callback, strength=strength, img2img=True)
         level = self.check_noise_level(noise_level)
         low = from_image(image)  # (1 or one per prompt, 3, h, w) in [-1, 1]
         if low.shape[0] not in (1, len(opts.prompts)):
@@ -183,11 +190,16 @@ class Upscaler(Pipeline):
 
         seeds, gens = generators(opts.seeds(), generator, n)
         low_noise = randn(low.shape, gens, device=self.device, dtype=torch.float32)  # diffusers draws it first
-        low = self.noised_low_res(low.to(self.device), level, low_noise)
+        clean, low = low, self.noised_low_res(low.to(self.device), level, low_noise)
         noise = initial_noise(latents, (n, self.vae.config.latent_channels, h, w), gens, self.device)
         spec, plan = sampling_plan(self.schedule, opts)
-        sigmas = plan.sigmas.float().to(self.device)
-        x = noise * plan.prior_scale  # the prior its diffusers scheduler starts from (init_noise_sigma)
+        if opts.strength < 1:  # from the upsampled image: the last int(steps * strength) steps
+            plan = plan.last(int(opts.num_inference_steps * opts.strength))  # type: ignore[operator]
+            sigmas = plan.sigmas.float().to(self.device)
+            x = upsampled_latents(self.vae, clean, f, self.device) + noise * sigmas[0]  # q(z_t | z_0), sigma space
+        else:
+            sigmas = plan.sigmas.float().to(self.device)
+            x = noise * plan.prior_scale  # the prior its diffusers scheduler starts from (init_noise_sigma)
         _, model, cond = guided_denoiser(self, plan, opts, prompts, negatives)
         labels = torch.full((n,), level, dtype=torch.long, device=self.device)
         cond = _with_low_res(cond, {"image": low.to(self.dtype), "class_labels": labels})
@@ -195,6 +207,13 @@ class Upscaler(Pipeline):
                                 callback=callback)
 
     up = __call__
+
+
+def upsampled_latents(vae: AutoencoderKL, low: torch.Tensor, factor: int, device: torch.device) -> torch.Tensor:
+    """The start of a strength < 1 call: the low-res images (N, 3, h, w) in [-1, 1], upsampled by `factor`
+    (bicubic, antialiased, clamped) and encoded to scaled latents (the posterior's mode, pipelines.inpaint.encode)."""
+    high = F.interpolate(low.float(), scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
+    return encode(vae, high, device)
 
 
 def _with_low_res(cond: dict[str, Any], extra: dict[str, torch.Tensor]) -> dict[str, Any]:
