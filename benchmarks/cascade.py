@@ -136,16 +136,18 @@ def upscale(up: Any, prompts: list[str], images: np.ndarray, settings: dict[str,
 
 
 def sweep_settings(quick: bool, defaults: dict[str, Any]) -> list[dict[str, Any]]:
-    """The stage's settings tried: the defaults, then one change at a time (noise level, guidance, steps)."""
-    base = {k: defaults[k] for k in ("noise_level", "guidance_scale", "num_inference_steps", "sampler")}
-    changes = [{"noise_level": 0}, {"noise_level": 100}, {"guidance_scale": 3.0}] if quick else [
+    """The stage's settings tried: the defaults, then one change at a time (strength, noise level, guidance, steps)."""
+    base = {k: defaults[k] for k in ("noise_level", "guidance_scale", "num_inference_steps", "sampler", "strength")}
+    changes = [{"strength": 1.0}, {"noise_level": 0}, {"noise_level": 100}] if quick else [
+        {"strength": 1.0}, {"strength": 0.6}, {"strength": 0.4}, {"strength": 0.25}, {"strength": 0.15},
         {"noise_level": 0}, {"noise_level": 50}, {"noise_level": 100}, {"noise_level": 200},
-        {"guidance_scale": 3.0}, {"num_inference_steps": 10}, {"num_inference_steps": 30}]
+        {"guidance_scale": 3.0}, {"num_inference_steps": 10}, {"num_inference_steps": 40}]
     return [base] + [{**base, **c} for c in changes if any(base[k] != v for k, v in c.items())]
 
 
 def _setting(s: dict[str, Any]) -> str:
-    return f"{s['sampler']} {s['num_inference_steps']}, noise {s['noise_level']}, guidance {s['guidance_scale']:g}"
+    return (f"{s['sampler']} {s['num_inference_steps']}, strength {s['strength']:g}, noise {s['noise_level']}, "
+            f"guidance {s['guidance_scale']:g}")
 
 
 def _row(name: str, r: dict[str, Any]) -> str:
@@ -180,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", default=str(DEFAULT_UPSCALER), help="the stage (trained with blur augmentation)")
     parser.add_argument("--ablation", default=None, help="the same stage trained without blur (blur_prob=0)")
+    parser.add_argument("--blur-equal", default=None, help="the blur stage at the ablation's step count, where the "
+                        "stage itself trained on (default: the stage is the ablation's equal)")
     parser.add_argument("--base", default="default", help="the base text-to-image model (default: bundled)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer prompts, renders and settings")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sweep of the stage's settings")
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = {"device": "cpu", "dtype": torch.float32}
     pipe = Pipeline(**opts) if args.base == "default" else Pipeline.from_pretrained(args.base, **opts)
     stages = {"stage": Upscaler.from_pretrained(args.stage, **opts)}
+    if args.blur_equal is not None:
+        stages["blur stage, equal steps"] = Upscaler.from_pretrained(args.blur_equal, **opts)
     if args.ablation is not None:
         stages["no-blur stage"] = Upscaler.from_pretrained(args.ablation, **opts)
     defaults = upscaler_sampling_defaults("default")  # the bundled stage's settings, for every stage
@@ -241,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = _report(args, q, sets, base_gen, defaults, results, sweep, timing, n_true, time.perf_counter() - t0)
     write_text("\n".join(lines) + "\n", args.out)
-    data = {"stage": _shown(args.stage), "ablation": args.ablation and _shown(args.ablation), "quick": q,
+    data = {"stage": _shown(args.stage), "ablation": args.ablation and _shown(args.ablation),
+            "blur_equal": args.blur_equal and _shown(args.blur_equal), "quick": q,
             "base_sampling": base_gen, "stage_settings": defaults, "prompts": {k: len(v) for k, v in sets.items()},
             "true_renders": n_true, "results": results, "sweep": sweep, "s_per_image": timing,
             "wall_s": time.perf_counter() - t0}
@@ -270,8 +277,10 @@ def _report(args: argparse.Namespace, q: bool, sets: dict[str, list[str]], base_
     """The markdown report (its first two lines: the title and a blank line)."""
     base = results["base"]
     lines = [f"# The 64 -> 256 cascade ({'quick' if q else 'full'} run of benchmarks/cascade.py)", "",
-             f"Stage: `{_shown(args.stage)}`" + (f"; without blur (ablation): `{_shown(args.ablation)}`"
-                                                 if args.ablation else "") + f". Base model: `{args.base}` "
+             f"Stage: `{_shown(args.stage)}`" + (f"; with blur at the ablation's step count: "
+                                                 f"`{_shown(args.blur_equal)}`" if args.blur_equal else "")
+             + (f"; without blur (ablation): `{_shown(args.ablation)}`" if args.ablation else "")
+             + f". Base model: `{args.base}` "
              f"({base_gen['sampler']} {base_gen['steps']} steps, guidance {base_gen['guidance']:g}), prompt i "
              f"from seed i. Stage settings: {_setting(defaults)}; image i from seed {UPSCALE_SEED} + i (the same "
              "noise for every stage). Prompts (quality.py's sets): " + ", ".join(f"{k} {len(v)}" for k, v in

@@ -154,8 +154,9 @@ class Upscaler(Pipeline):
         "hires fix" workflow): the layout and colours come from the image, the stage sharpens.
 
         The other options are Pipeline's (same names, checks and seeds). `noise_level`, `num_inference_steps`,
-        `guidance_scale` and `sampler` left None take `self.sampling_defaults`: diffusers' upscaler's noise level 20
-        and guidance 9 with DPM-Solver++(2M) at 30 steps, or the bundled stage's measured ones (docs/cascade.md).
+        `guidance_scale`, `sampler` and `strength` left None take `self.sampling_defaults`: diffusers' upscaler's
+        noise level 20 and guidance 9 with DPM-Solver++(2M) at 30 steps from the prior (strength 1), or the bundled
+        stage's measured ones (docs/cascade.md).
         Noise is drawn per image from its generator, the low-res image's noise first, then the latents': with one
         image per prompt this is diffusers' order, so the same generator gives its image (within 1/255 in fp32).
         """
@@ -164,7 +165,7 @@ class Upscaler(Pipeline):
         steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
         noise_level = d["noise_level"] if noise_level is None else noise_level
-        strength = d.get("strength", 1.0) if strength is None else strength
+        strength = d["strength"] if strength is None else strength
         opts = check_call_options(
             prompt, negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, sampler=sampler, seed=seed,

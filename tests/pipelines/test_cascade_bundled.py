@@ -17,7 +17,7 @@ from pipelines.upscaler import Upscaler
 from tests._helpers import save_tiny_folder
 
 PROMPT = "a red circle above a blue square"
-FAST = {"sampler": "ddim", "num_inference_steps": 2, "noise_level": 30, "guidance_scale": 1.0}
+FAST = {"sampler": "ddim", "num_inference_steps": 4, "noise_level": 30, "guidance_scale": 1.0, "strength": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,9 @@ def low_res() -> torch.Tensor:
 def test_the_shipped_defaults_are_valid_settings():
     d = sources.BUNDLED_UPSCALER_SAMPLING
     assert set(d) == set(sources.UPSCALER_SAMPLING) == {"sampler", "num_inference_steps", "noise_level",
-                                                         "guidance_scale"}
+                                                         "guidance_scale", "strength"}
     assert d["sampler"] in SAMPLERS and 1 <= d["num_inference_steps"] <= 1000 and 0 <= d["noise_level"] <= 350
+    assert 0 < d["strength"] <= 1 and int(d["num_inference_steps"] * d["strength"]) >= 1
     assert sources.DEFAULT_UPSCALER == sources.DEFAULT_MODEL / "upscaler"
 
 
@@ -61,16 +62,16 @@ def test_default_upscaler_is_the_bundled_folder_with_its_defaults(bundled):
     implicit = up(PROMPT, image=low_res(), seed=1, output_type="latent", progress=False).images
     explicit = up(PROMPT, image=low_res(), seed=1, output_type="latent", progress=False, **FAST).images
     assert torch.equal(implicit, explicit)
-    other = up(PROMPT, image=low_res(), seed=1, output_type="latent", progress=False,
-               **{**FAST, "noise_level": 200}).images
-    assert (other - implicit).abs().max() > 1e-3  # the comparison above can fail
+    for change in ({"noise_level": 200}, {"strength": 1.0}):  # the comparison above can fail
+        other = up(PROMPT, image=low_res(), seed=1, output_type="latent", progress=False, **{**FAST, **change}).images
+        assert (other - implicit).abs().max() > 1e-3
 
 
 def test_other_folders_keep_diffusers_call_defaults(stage_folder, tmp_path):
     save_upscaler(tmp_path / "other", tiny_upscaler_components(seed=0))
     up = Upscaler.from_pretrained(tmp_path / "other", device="cpu", dtype=torch.float32)
     assert up.sampling_defaults == {"sampler": "dpmpp_2m", "num_inference_steps": 30, "noise_level": 20,
-                                    "guidance_scale": 9.0}
+                                    "guidance_scale": 9.0, "strength": 1.0}
 
 
 def test_cascade_without_arguments_is_the_bundled_pair(bundled):
