@@ -20,7 +20,7 @@ Writes benchmarks/results/cascade.md and .json, and with --docs the "Cascade (64
 docs/quality.md (replacing the section if present, else appending it).
 
     ldm export runs/sr-shapes-256-noblur ./sr-noblur                     # the ablation's stage (blur_prob=0)
-    python benchmarks/cascade.py --ablation ./sr-noblur --docs           # full run (15-25 min on one thread)
+    python benchmarks/cascade.py --blur-equal ./sr-4000 --ablation ./sr-noblur --docs   # full run (10 min, one thread)
     python benchmarks/cascade.py --quick --stage ./sr-blur --ablation ./sr-noblur   # a smoke run (about 7 min)
 """
 
@@ -176,6 +176,7 @@ def replace_section(text: str, heading: str, body: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     from ldm.io import write_text
     from ldm.loading.sources import DEFAULT_UPSCALER, upscaler_sampling_defaults
+    from pipelines.call_options import check_float
     from pipelines.text_to_image import Pipeline
     from pipelines.upscaler import Upscaler
 
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", action="store_true", help="also write the section of docs/quality.md")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cascade.md"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cascade.json"))
+    parser.add_argument("--strength", type=float, default=None, help="the stages' strength in the main tables "
+                        "(default: the bundled stage's; 1: from the prior, as CDM and diffusers' upscaler)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -202,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation is not None:
         stages["no-blur stage"] = Upscaler.from_pretrained(args.ablation, **opts)
     defaults = upscaler_sampling_defaults("default")  # the bundled stage's settings, for every stage
+    if args.strength is not None:
+        defaults["strength"] = check_float("strength", args.strength, 0.0, 1.0, low_open=True)
     sets = {k: v[:n] for (k, v), n in zip(prompt_sets(8, 8).items() if q else prompt_sets(16, 16).items(),
                                           (6, 3, 6, 3) if q else (16, 8, 16, 8))}
     prompts = [p for v in sets.values() for p in v]
