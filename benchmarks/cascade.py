@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", default=str(DEFAULT_UPSCALER), help="the stage (trained with blur augmentation)")
     parser.add_argument("--ablation", default=None, help="the same stage trained without blur (blur_prob=0)")
-    parser.add_argument("--blur-equal", default=None, help="the blur stage at the ablation's step count, where the "
-                        "stage itself trained on (default: the stage is the ablation's equal)")
+    parser.add_argument("--blur-equal", default=None, help="the blur stage at the ablation's step count, when "
+                        "--stage trained longer (default: none; --stage is then the ablation's equal)")
     parser.add_argument("--base", default="default", help="the base text-to-image model (default: bundled)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer prompts, renders and settings")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sweep of the stage's settings")

@@ -33,7 +33,8 @@ CLI_FLAGS = {  # Pipeline.__call__'s option names -> the flags of `ldm generate`
     "eta": "--eta", "cache_interval": "--cache-interval", "cache_depth": "--cache-depth", "device": "--device",
     "dtype": "--dtype", "threads": "--threads", "grid_cols": "--grid-cols", "mask_image": "--mask",
     "clip_skip": "--clip-skip", "prompt_syntax": "--emphasis", "noise_level": "--noise-level",
-    "upscale_steps": "--upscale-steps", "upscale_strength": "--upscale-strength", "clip_guidance_scale": "--clip-guidance", "clip_prompt": "--clip-prompt",
+    "upscale_steps": "--upscale-steps", "upscale_strength": "--upscale-strength",
+    "clip_guidance_scale": "--clip-guidance", "clip_prompt": "--clip-prompt",
 }
 
 

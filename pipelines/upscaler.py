@@ -27,7 +27,7 @@ from ldm.networks.unet import UNet
 from ldm.random import randn
 from pipelines.call_options import OptionError, check_call_options, check_device, check_dtype, check_int
 from pipelines.images import from_image
-from pipelines.inpaint import encode
+from pipelines.inpaint import ImageStart, encode
 from pipelines.sampling_run import (OutputType, PipelineOutput, generators, guided_denoiser, initial_noise,
                                     sample_to_output, sampling_plan)
 from pipelines.text_to_image import Pipeline, default_device, default_dtype
@@ -194,13 +194,14 @@ class Upscaler(Pipeline):
         clean, low = low, self.noised_low_res(low.to(self.device), level, low_noise)
         noise = initial_noise(latents, (n, self.vae.config.latent_channels, h, w), gens, self.device)
         spec, plan = sampling_plan(self.schedule, opts)
-        if opts.strength < 1:  # from the upsampled image: the last int(steps * strength) steps
-            plan = plan.last(int(opts.num_inference_steps * opts.strength))  # type: ignore[operator]
-            sigmas = plan.sigmas.float().to(self.device)
-            x = upsampled_latents(self.vae, clean, f, self.device) + noise * sigmas[0]  # q(z_t | z_0), sigma space
-        else:
-            sigmas = plan.sigmas.float().to(self.device)
-            x = noise * plan.prior_scale  # the prior its diffusers scheduler starts from (init_noise_sigma)
+        # strength < 1: image-to-image's start (pipelines.inpaint.ImageStart) from the upsampled image
+        start = ImageStart(int(opts.num_inference_steps * opts.strength), opts.strength,  # type: ignore[operator]
+                           upsampled_latents(self.vae, clean, f, self.device)) if opts.strength < 1 else None
+        if start is not None:
+            plan = plan.last(start.kept)  # the last int(steps * strength) steps
+        sigmas = plan.sigmas.float().to(self.device)
+        # the prior its diffusers scheduler starts from (init_noise_sigma), or z0 + sigma * noise
+        x = start.begin(noise, sigmas[0], plan.prior_scale) if start is not None else noise * plan.prior_scale
         _, model, cond = guided_denoiser(self, plan, opts, prompts, negatives)
         labels = torch.full((n,), level, dtype=torch.long, device=self.device)
         cond = _with_low_res(cond, {"image": low.to(self.dtype), "class_labels": labels})

@@ -46,8 +46,9 @@ class ModelNotFoundError(FileNotFoundError):
 DEFAULT_UPSCALER = DEFAULT_MODEL / "upscaler"
 
 # How an Upscaler samples when the call names none: for the bundled stage the settings benchmarks/cascade.py swept
-# (none outside noise of these; docs/cascade.md "The bundled 64 -> 256 stage"); for other folders diffusers'
-# x4-upscaler call defaults (noise level 20, guidance 9) with DPM-Solver++(2M) at 30 steps
+# (strength decides; the others move nothing outside noise: docs/cascade.md "The bundled 64 -> 256 stage"); for other
+# folders diffusers' x4-upscaler call defaults (noise level 20, guidance 9, from the prior) with DPM-Solver++(2M) at
+# 30 steps
 BUNDLED_UPSCALER_SAMPLING = {"sampler": "dpmpp_2m", "num_inference_steps": 20, "noise_level": 20, "guidance_scale": 1.0,
                              "strength": 0.4}
 UPSCALER_SAMPLING = {"sampler": "dpmpp_2m", "num_inference_steps": 30, "noise_level": 20, "guidance_scale": 9.0,
