@@ -27,7 +27,7 @@ from ldm.networks.unet import UNet
 from ldm.random import randn
 from pipelines.call_options import OptionError, check_call_options, check_device, check_dtype, check_int
 from pipelines.images import from_image
-from pipelines.inpaint import ImageStart, encode
+from pipelines.inpaint import image_start
 from pipelines.sampling_run import (OutputType, PipelineOutput, generators, guided_denoiser, initial_noise,
                                     sample_to_output, sampling_plan)
 from pipelines.text_to_image import Pipeline, default_device, default_dtype
@@ -194,9 +194,9 @@ class Upscaler(Pipeline):
         clean, low = low, self.noised_low_res(low.to(self.device), level, low_noise)
         noise = initial_noise(latents, (n, self.vae.config.latent_channels, h, w), gens, self.device)
         spec, plan = sampling_plan(self.schedule, opts)
-        # strength < 1: image-to-image's start (pipelines.inpaint.ImageStart) from the upsampled image
-        start = ImageStart(int(opts.num_inference_steps * opts.strength), opts.strength,  # type: ignore[operator]
-                           upsampled_latents(self.vae, clean, f, self.device)) if opts.strength < 1 else None
+        # strength < 1: image-to-image's start (pipelines.inpaint.image_start) from the upsampled image
+        start = image_start(self.unet, self.vae, upsampled(clean, f), None, n, opts.strength,
+                            opts.num_inference_steps or 0, self.device) if opts.strength < 1 else None
         if start is not None:
             plan = plan.last(start.kept)  # the last int(steps * strength) steps
         sigmas = plan.sigmas.float().to(self.device)
@@ -211,11 +211,10 @@ class Upscaler(Pipeline):
     up = __call__
 
 
-def upsampled_latents(vae: AutoencoderKL, low: torch.Tensor, factor: int, device: torch.device) -> torch.Tensor:
-    """The start of a strength < 1 call: the low-res images (N, 3, h, w) in [-1, 1], upsampled by `factor`
-    (bicubic, antialiased, clamped) and encoded to scaled latents (the posterior's mode, pipelines.inpaint.encode)."""
-    high = F.interpolate(low.float(), scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
-    return encode(vae, high, device)
+def upsampled(low: torch.Tensor, factor: int) -> torch.Tensor:
+    """The init image of a strength < 1 call: the low-res images (N, 3, h, w) in [-1, 1], upsampled by `factor`
+    (bicubic) and clamped to [-1, 1] (bicubic overshoots at edges)."""
+    return F.interpolate(low.float(), scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def _with_low_res(cond: dict[str, Any], extra: dict[str, torch.Tensor]) -> dict[str, Any]:
